@@ -1,0 +1,33 @@
+//! loyalty-cdc: a loyalty program fed by database change streams.
+//!
+//! The data flow and the promises each stage keeps are in DESIGN.md; each
+//! module below owns one stage (and the tables of that stage):
+//!
+//! - [`config`]: typed configuration, file + `LOYALTY__…` environment, validated.
+//! - [`connect`]: connecting to PostgreSQL and MySQL/MariaDB, and explaining
+//!   why a connection failed.
+//! - [`source`]: the source databases; per kind, the prerequisites for
+//!   change capture.
+//! - [`ledger`]: the ledger database and its versioned schema.
+//! - [`preflight`]: `loyalty-cdc check`, every prerequisite with its fix.
+
+pub mod config;
+pub mod connect;
+pub mod ledger;
+pub mod preflight;
+pub mod source;
+
+/// How the caller should react to an error. Every module's error type maps
+/// each of its variants to one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// May go away by itself (server restarting, network blip): retry with
+    /// backoff.
+    Transient,
+    /// Stays until an operator acts, but only for this source or table: park
+    /// it and keep the rest running.
+    Definite,
+    /// The configuration or the environment is wrong: stop at start and say
+    /// what to change.
+    Config,
+}

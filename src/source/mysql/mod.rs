@@ -1,0 +1,10 @@
+//! MySQL and MariaDB sources, read through the row-based binlog.
+//!
+//! - `preflight.rs`: what the server and user must provide (log_bin, ROW
+//!   format, FULL row image and metadata, replication privileges, a free
+//!   `server_id`).
+//!
+//! The binlog client, schema tracking and snapshot arrive with the MySQL /
+//! MariaDB source issue.
+
+pub mod preflight;

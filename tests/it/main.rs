@@ -1,0 +1,11 @@
+//! Integration tests against the real local PostgreSQL and MariaDB (made
+//! ready by `docker/setup-local-databases.sh`). One binary, one module per
+//! area, so the suite links once.
+
+mod support;
+
+mod check;
+mod config;
+mod migrate;
+mod schemas;
+mod setup_script;

@@ -1,0 +1,101 @@
+//! Ledger migrations on a real PostgreSQL database.
+
+use loyalty_cdc::config::DatabaseUrl;
+use loyalty_cdc::ledger;
+
+use crate::support::{run_cli, PgDatabase};
+
+const LEDGER_TABLES: [&str; 8] = [
+    "balances",
+    "ledger_entries",
+    "member_identifiers",
+    "members",
+    "outbox",
+    "quarantine",
+    "refinery_schema_history",
+    "source_positions",
+];
+
+async fn tables(db: &PgDatabase) -> Vec<String> {
+    db.client()
+        .await
+        .query(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn migrate_creates_the_ledger_tables_and_a_second_run_applies_nothing() {
+    let db = PgDatabase::create("ledger").await;
+    let config = format!("[ledger]\nurl = \"{}\"\n", db.url());
+
+    let first = run_cli(&config, &["migrate"], &[]).await;
+    assert_eq!(first.code, 0, "{}", first.output());
+    assert_eq!(
+        first.stdout,
+        "applied ledger migration V1__ledger_foundation\nledger schema is current\n"
+    );
+    assert_eq!(tables(&db).await, LEDGER_TABLES);
+
+    let second = run_cli(&config, &["migrate"], &[]).await;
+    assert_eq!(second.code, 0, "{}", second.output());
+    assert_eq!(
+        second.stdout,
+        "ledger schema is current; nothing to apply\n"
+    );
+    assert_eq!(tables(&db).await, LEDGER_TABLES);
+}
+
+#[tokio::test]
+async fn concurrent_migrations_apply_each_version_once() {
+    let db = PgDatabase::create("ledger").await;
+    let url = DatabaseUrl::try_from(db.url()).unwrap();
+    let migrate_once = || async {
+        let mut client = loyalty_cdc::connect::postgres(&url, None).await.unwrap();
+        ledger::migrate(&mut client).await.unwrap()
+    };
+    let (a, b) = tokio::join!(migrate_once(), migrate_once());
+    let applied: Vec<i32> = a.iter().chain(b.iter()).map(|m| m.version).collect();
+    assert_eq!(applied, [1], "one of the two applied V1, the other nothing");
+    let status = ledger::schema_status(&db.client().await).await.unwrap();
+    assert!(status.is_current(), "{status:?}");
+}
+
+#[tokio::test]
+async fn the_ledger_refuses_a_second_booking_of_the_same_effect() {
+    let db = PgDatabase::create("ledger").await;
+    let url = DatabaseUrl::try_from(db.url()).unwrap();
+    let mut client = loyalty_cdc::connect::postgres(&url, None).await.unwrap();
+    ledger::migrate(&mut client).await.unwrap();
+    let member: i64 = client
+        .query_one(
+            "INSERT INTO members (created_at) VALUES (now()) RETURNING member_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let book = "INSERT INTO ledger_entries (member_id, kind, points, source, order_ref, effect_key, occurred_at)
+                VALUES ($1, 'earn_pending', 120, 'pos', '42', 'pos:order:42:earn', now())";
+    client.execute(book, &[&member]).await.unwrap();
+    let again = client.execute(book, &[&member]).await.unwrap_err();
+    assert_eq!(
+        again.code(),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+    );
+    let total: i64 = client
+        .query_one(
+            "SELECT sum(points)::bigint FROM ledger_entries WHERE member_id = $1",
+            &[&member],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, 120);
+}
