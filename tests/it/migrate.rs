@@ -99,3 +99,30 @@ async fn the_ledger_refuses_a_second_booking_of_the_same_effect() {
         .get(0);
     assert_eq!(total, 120);
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_and_never_carry_bound_values() {
+    let db = PgDatabase::create("ledger").await;
+    let config = format!("[ledger]\nurl = \"{}\"\n", db.url());
+    let run = run_cli(
+        &config,
+        &["--log-format", "json", "migrate"],
+        &[("RUST_LOG", "debug")],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.output());
+    let lines: Vec<serde_json::Value> = run
+        .stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "applying migration: V1__ledger_foundation"),
+        "{}",
+        run.stderr
+    );
+    // tokio-postgres logs statement parameters at debug; they carry PII.
+    assert!(!run.stderr.contains("with parameters"), "{}", run.stderr);
+}
