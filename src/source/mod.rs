@@ -1,15 +1,91 @@
 //! Source databases. One sub-module per database kind; each owns how that
 //! kind is read and what it needs to be readable (its `preflight`).
 //!
-//! The common transaction and position types arrive with the first reader
-//! (see the PostgreSQL source issue).
+//! - `change.rs`: typed column values, tables, row changes (common to all kinds).
+//! - `txn.rs`: whole transactions, positions, the spill-to-disk memory bound.
+//! - this file: the [`TxnConsumer`] contract between a reader and whatever
+//!   applies its transactions (the ledger).
 
+pub mod change;
 pub mod mysql;
 pub mod postgres;
+pub mod txn;
 
 use std::fmt;
+use std::future::Future;
 
 use serde::{Deserialize, Serialize};
+
+pub use change::{Change, Column, Op, ReplicaIdentity, Row, Table, Value};
+pub use txn::{Changes, Lsn, Phase, Position, SourceTxn, TxnKind};
+
+use crate::ErrorClass;
+
+/// Receives one source's transactions from its reader.
+///
+/// The contract, which every reader keeps and every consumer may rely on:
+///
+/// - **Whole transactions, in commit order.** All changes of one source
+///   transaction arrive in one [`SourceTxn`], in source order; transactions
+///   arrive in the order the source committed them.
+/// - **Snapshot first.** A new source delivers its snapshot as
+///   [`TxnKind::Snapshot`] chunks (phase [`Phase::Snapshot`]), then one
+///   [`TxnKind::SnapshotDone`] whose position is where streaming starts.
+///   If the reader stops before `SnapshotDone` is durable, the next start
+///   copies the snapshot again from the beginning (under a new position):
+///   the consumer must treat snapshot rows idempotently (orders are
+///   idempotent by source and order reference).
+/// - **Duplicates only at or below the durable position.** Positions strictly
+///   increase within a run. After a restart or reconnect the reader resumes
+///   from [`TxnConsumer::durable_position`] and itself skips what is at or
+///   below it; a consumer that re-checks positions is still right to do so.
+/// - **Confirmation follows durability.** The reader confirms a position to
+///   the source server (and so lets it discard the log) only up to what the
+///   consumer has reported durable: the return value of
+///   [`apply`](TxnConsumer::apply) and [`flush`](TxnConsumer::flush).
+///   A consumer that batches returns a lower position than the one it was
+///   just given; that is allowed.
+pub trait TxnConsumer: Send {
+    /// The position up to which this source's effects are durable, stored
+    /// in the same transaction as those effects; `None` if nothing is.
+    fn durable_position(
+        &mut self,
+    ) -> impl Future<Output = Result<Option<Position>, ConsumerError>> + Send;
+
+    /// Takes one whole transaction. Returns the durable position afterwards.
+    fn apply(
+        &mut self,
+        txn: SourceTxn,
+    ) -> impl Future<Output = Result<Option<Position>, ConsumerError>> + Send;
+
+    /// Makes everything taken so far durable and returns that position. The
+    /// reader calls it when the stream goes quiet and before reconnecting.
+    fn flush(&mut self) -> impl Future<Output = Result<Option<Position>, ConsumerError>> + Send;
+}
+
+/// The consumer could not take or store a transaction.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ConsumerError {
+    pub class: ErrorClass,
+    pub message: String,
+}
+
+impl ConsumerError {
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            class: ErrorClass::Transient,
+            message: message.into(),
+        }
+    }
+
+    pub fn definite(message: impl Into<String>) -> Self {
+        Self {
+            class: ErrorClass::Definite,
+            message: message.into(),
+        }
+    }
+}
 
 /// Which kind of database a source is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]

@@ -1,9 +1,552 @@
 //! PostgreSQL sources, read through logical replication (`pgoutput`).
 //!
-//! - `preflight.rs`: what the server and role must provide (wal_level,
-//!   REPLICATION, free slots and WAL senders, a usable slot).
+//! - `preflight.rs`: what the server and role must provide (`check`).
+//! - `catalog.rs`: slot, publication, table shapes and lag, over an
+//!   ordinary connection.
+//! - `snapshot.rs`: the initial copy inside the slot's exported snapshot.
+//! - `stream.rs`: replication events → whole transactions → the consumer,
+//!   and the consumer's durable position → the server.
+//! - `pgoutput.rs`: the wire decoder; `value.rs`: text → typed values.
+//! - `progress.rs`: positions and clocks for status, metrics and lag.
 //!
-//! The replication client, decoder and snapshot arrive with the PostgreSQL
-//! source issue.
+//! Transport: `pgwire-replication` (pinned), because tokio-postgres has no
+//! replication mode. It answers keepalives from its own task even while we
+//! are slow, reports to the server exactly the LSN we give it
+//! (`update_applied_lsn`, monotonic), refuses a missing slot instead of
+//! creating one, and runs commands on the replication session before
+//! streaming (which we need to create the slot with an exported snapshot).
+//! It decodes only Begin/Commit/Message; everything else is ours.
+//!
+//! # Why no change is lost or doubled
+//!
+//! Positions are commit **end** LSNs. PostgreSQL decodes and sends a
+//! transaction iff its commit record lies at or after the start position,
+//! in commit order, and never sends anything below the slot's
+//! `confirmed_flush_lsn`. The consumer stores the position of every
+//! transaction in the same database transaction as its effects, and we
+//! confirm to the server only positions the consumer reported durable.
+//!
+//! **First start (nothing durable).** We create the slot on a replication
+//! session with `SNAPSHOT 'export'`. The server returns its consistent point
+//! `C` and a snapshot that sees exactly the transactions committed before
+//! `C`. We import that snapshot (`SET TRANSACTION SNAPSHOT`) before the
+//! session runs any other command, copy every table in it, and hand the rows
+//! over at `snapshot@C`; then `SnapshotDone` at `C`. Streaming starts at `C`
+//! and yields exactly the transactions committed after `C`. Every
+//! transaction is therefore either in the snapshot or in the stream, never
+//! both and never neither. Writes made during the copy commit after `C` and
+//! arrive through the stream.
+//!
+//! **Snapshot interrupted.** If we stop before `SnapshotDone` is durable, the
+//! stored phase is still `Snapshot` (or nothing). The next start drops the
+//! slot it had created — nothing of it was confirmed or relied on — and runs
+//! the whole snapshot again under a new consistent point. Rows the consumer
+//! already took are delivered again; the contract
+//! ([`crate::source::TxnConsumer`]) says snapshot rows must be taken
+//! idempotently (orders are idempotent by source and order reference).
+//!
+//! **Restart or reconnect while streaming at durable position `P`.** We
+//! start replication at `P`. The server resends from its confirmed flush
+//! position, which is at most `P` (we never confirmed beyond durability,
+//! except the idle rule below): transactions at or below `P` may come again
+//! and we skip them (`position <= applied`); the first one above `P` is the
+//! first not yet applied, because commit order is position order.
+//!
+//! **Idle confirmation.** A keepalive (or our own non-transactional
+//! heartbeat message) at WAL position `K` means every transaction committed
+//! below `K` has been sent before it. When no transaction is open and
+//! everything applied is durable, nothing below `K` is owed to the consumer,
+//! so confirming `K` loses nothing. Without it an idle slot, or one whose
+//! tables are quiet while others write, would pin WAL forever.
+//!
+//! **What we never do.** Recreate a missing slot while a streaming position
+//! is stored (the changes between `P` and a new slot's consistent point
+//! would be skipped silently): that is [`PgSourceError::SlotMissing`], and
+//! an operator decides to resnapshot.
+//!
+//! # Memory
+//!
+//! One source holds at most: the transport's event buffer
+//! ([`ReaderOptions::buffer_events`] messages, each one row or one
+//! transaction boundary), one open transaction's changes up to
+//! [`ReaderOptions::txn_memory_budget`] (the rest is spilled to an unlinked
+//! temporary file), and during the snapshot one chunk
+//! ([`snapshot::CHUNK_ROWS`] rows or [`snapshot::CHUNK_BYTES`]).
 
+pub mod catalog;
+pub mod pgoutput;
 pub mod preflight;
+pub mod progress;
+pub mod snapshot;
+pub mod stream;
+pub mod value;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, SslMode, TlsConfig};
+use tokio_util::sync::CancellationToken;
+
+pub use catalog::TableSpec;
+pub use progress::{ProgressSnapshot, ReaderState, SourceProgress};
+
+use crate::config::{DatabaseUrl, Secret, SourceSettings};
+use crate::connect::{self, ConnectError, APPLICATION_NAME};
+use crate::source::txn::{
+    Changes, Lsn, Phase, Position, SourceTxn, TxnKind, DEFAULT_TXN_MEMORY_BUDGET,
+};
+use crate::source::{ConsumerError, TxnConsumer};
+use crate::ErrorClass;
+
+/// Events buffered between the transport and the decoder. Each is one row
+/// change or boundary; 1024 keeps the pipe full without holding much.
+pub const DEFAULT_BUFFER_EVENTS: usize = 1024;
+/// How often the flushed position reaches the server once it moved. One
+/// small message a second: cheap, and WAL is released promptly.
+pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// Backoff bounds for reconnecting after a transient error.
+const RECONNECT_INITIAL: Duration = Duration::from_millis(250);
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// How one reader runs.
+#[derive(Debug, Clone)]
+pub struct ReaderOptions {
+    /// The tables to capture (from the mapping).
+    pub tables: Vec<TableSpec>,
+    /// Copy existing rows on first start (default). Without it the source
+    /// starts with the changes after the slot's creation.
+    pub snapshot: bool,
+    /// In-memory budget of one transaction's changes before spilling.
+    pub txn_memory_budget: usize,
+    /// Emit a heartbeat message this often (for databases that are quiet
+    /// for long stretches); `None` relies on the server's keepalives.
+    pub heartbeat_interval: Option<Duration>,
+    pub status_interval: Duration,
+    pub buffer_events: usize,
+    /// Stop (cleanly) once a commit at or beyond this LSN is applied.
+    pub stop_at: Option<Lsn>,
+}
+
+impl ReaderOptions {
+    pub fn new(tables: Vec<TableSpec>) -> Self {
+        Self {
+            tables,
+            snapshot: true,
+            txn_memory_budget: DEFAULT_TXN_MEMORY_BUDGET,
+            heartbeat_interval: None,
+            status_interval: DEFAULT_STATUS_INTERVAL,
+            buffer_events: DEFAULT_BUFFER_EVENTS,
+            stop_at: None,
+        }
+    }
+}
+
+/// Why a PostgreSQL source stopped or must reconnect.
+#[derive(Debug, thiserror::Error)]
+pub enum PgSourceError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("query on the source failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("replication stream: {message}")]
+    Replication { message: String, class: ErrorClass },
+    #[error("the replication stream ended unexpectedly")]
+    StreamEnded,
+    #[error("replication slot `{slot}` does not exist, but position {position} is stored for this source; recreating it would skip every change since. Fix: if those changes can be given up, delete the stored position (DELETE FROM source_positions WHERE source = '<name>') and restart to resnapshot; orders already booked are not booked twice")]
+    SlotMissing { slot: String, position: Position },
+    #[error("replication slot `{slot}` was invalidated by the server (max_slot_wal_keep_size): the WAL it needed is gone. Fix: SELECT pg_drop_replication_slot('{slot}'); delete the stored position (DELETE FROM source_positions WHERE source = '<name>') and restart to resnapshot")]
+    SlotInvalidated { slot: String },
+    #[error("replication slot `{slot}` cannot be used: {detail}. Fix: configure another slot name, or drop it (SELECT pg_drop_replication_slot('{slot}')) and resnapshot")]
+    SlotUnusable { slot: String, detail: String },
+    #[error("replication slot `{slot}` is in use by process {pid}; is another loyalty-cdc reading this source?")]
+    SlotBusy { slot: String, pid: i32 },
+    #[error("publication `{publication}` does not exist. Fix: {create}; or delete the stored position to let loyalty-cdc create it and resnapshot")]
+    PublicationMissing { publication: String, create: String },
+    #[error("publication `{publication}` does not publish {}. Fix: {fix}", missing.join(", "))]
+    PublicationIncomplete {
+        publication: String,
+        missing: Vec<String>,
+        fix: String,
+    },
+    #[error(
+        "table `{table}` does not exist in the source database; correct the mapping's table list"
+    )]
+    TableMissing { table: String },
+    #[error("replica identity: {}", problems.join("; "))]
+    ReplicaIdentity { problems: Vec<String> },
+    #[error("{0}")]
+    Setup(String),
+    #[error("a change names relation {relation_id}, which the stream never described")]
+    UnknownRelation { relation_id: u32 },
+    #[error("replication protocol: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Decode(#[from] pgoutput::DecodeError),
+    #[error("spilling a large transaction to disk: {0}")]
+    Spill(std::io::Error),
+    #[error("consumer: {0}")]
+    Consumer(#[from] ConsumerError),
+}
+
+impl PgSourceError {
+    /// Transient errors are retried with backoff; the others stop this
+    /// source with their message.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Connect(error) => error.class(),
+            Self::Query(error) => match error.code() {
+                // The server's own errors at setup (a permission, a missing
+                // object) do not fix themselves; lost connections do.
+                Some(code) if code.code().starts_with("42") || code.code().starts_with("28") => {
+                    ErrorClass::Config
+                }
+                _ => ErrorClass::Transient,
+            },
+            Self::Replication { class, .. } => *class,
+            Self::StreamEnded | Self::SlotBusy { .. } | Self::Spill(_) => ErrorClass::Transient,
+            Self::SlotMissing { .. }
+            | Self::SlotInvalidated { .. }
+            | Self::SlotUnusable { .. }
+            | Self::PublicationMissing { .. }
+            | Self::PublicationIncomplete { .. }
+            | Self::TableMissing { .. }
+            | Self::ReplicaIdentity { .. }
+            | Self::Setup(_)
+            | Self::UnknownRelation { .. }
+            | Self::Protocol(_)
+            | Self::Decode(_) => ErrorClass::Definite,
+            Self::Consumer(error) => error.class,
+        }
+    }
+}
+
+fn classify_wire(error: PgWireError, slot: &str) -> PgSourceError {
+    let message = error.to_string();
+    let class = if error.is_auth() || error.is_tls() {
+        ErrorClass::Config
+    } else if error.is_io() || error.is_transient() {
+        ErrorClass::Transient
+    } else if message.contains("does not exist") && message.contains(slot) {
+        return PgSourceError::SlotUnusable {
+            slot: slot.into(),
+            detail: message,
+        };
+    } else if message.contains("can no longer get changes") || message.contains("invalidated") {
+        return PgSourceError::SlotInvalidated { slot: slot.into() };
+    } else if error.is_message_too_large() {
+        ErrorClass::Definite
+    } else {
+        // Server errors mid-stream are mostly shutdowns and restarts
+        // ("terminating connection due to administrator command").
+        ErrorClass::Transient
+    };
+    PgSourceError::Replication { message, class }
+}
+
+impl From<PgWireError> for PgSourceError {
+    fn from(error: PgWireError) -> Self {
+        classify_wire(error, "\u{0}")
+    }
+}
+
+/// Reads one PostgreSQL source.
+pub struct PostgresSource {
+    name: Arc<str>,
+    url: DatabaseUrl,
+    password: Option<Secret>,
+    slot: String,
+    publication: String,
+    options: ReaderOptions,
+    progress: SourceProgress,
+}
+
+impl PostgresSource {
+    pub fn new(settings: &SourceSettings, options: ReaderOptions) -> Self {
+        Self {
+            name: Arc::from(settings.name.as_str()),
+            url: settings.url.clone(),
+            password: settings.password.clone(),
+            slot: settings.slot_name(),
+            publication: settings.publication_name(),
+            options,
+            progress: SourceProgress::default(),
+        }
+    }
+
+    pub fn progress(&self) -> SourceProgress {
+        self.progress.clone()
+    }
+
+    pub fn slot(&self) -> &str {
+        &self.slot
+    }
+
+    /// Runs until `shutdown` (or the stop LSN): snapshots a new source,
+    /// streams, reconnects with backoff after transient errors, and returns
+    /// the first error of any other class.
+    pub async fn run<C: TxnConsumer>(
+        &self,
+        consumer: &mut C,
+        shutdown: &CancellationToken,
+    ) -> Result<(), PgSourceError> {
+        let mut backoff = backoff::ExponentialBackoffBuilder::new()
+            .with_initial_interval(RECONNECT_INITIAL)
+            .with_max_interval(RECONNECT_MAX)
+            .with_max_elapsed_time(None)
+            .build();
+        loop {
+            let applied_before = self.progress.snapshot().transactions_applied;
+            let outcome = self.run_once(consumer, shutdown).await;
+            match outcome {
+                Ok(()) => {
+                    self.progress.set_state(ReaderState::Stopped);
+                    return Ok(());
+                }
+                Err(error)
+                    if error.class() == ErrorClass::Transient && !shutdown.is_cancelled() =>
+                {
+                    if self.progress.snapshot().transactions_applied > applied_before {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_backoff().unwrap_or(RECONNECT_MAX);
+                    tracing::warn!(source = %self.name, %error, delay_ms = delay.as_millis() as u64, "source connection lost; reconnecting");
+                    self.progress.reconnecting(error.to_string());
+                    // What was applied becomes durable, so the next session
+                    // resumes after it instead of replaying it.
+                    if let Err(error) = consumer.flush().await {
+                        tracing::warn!(source = %self.name, %error, "flush before reconnect failed");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => {
+                            self.progress.set_state(ReaderState::Stopped);
+                            return Ok(());
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(source = %self.name, %error, "source stopped");
+                    self.progress
+                        .set_state(ReaderState::Failed(error.to_string()));
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    async fn run_once<C: TxnConsumer>(
+        &self,
+        consumer: &mut C,
+        shutdown: &CancellationToken,
+    ) -> Result<(), PgSourceError> {
+        let mut query = connect::postgres(&self.url, self.password.as_ref()).await?;
+        query
+            .batch_execute("SET DateStyle = 'ISO, MDY'; SET TimeZone = 'UTC'; SET IntervalStyle = 'iso_8601'; SET extra_float_digits = 3")
+            .await?;
+        let database = self.url.database().unwrap_or_default().to_string();
+        let durable = consumer.durable_position().await?;
+        let (mut client, start) = match durable {
+            Some(position) if position.phase == Phase::Stream => {
+                let state = catalog::slot_state(&query, &self.slot)
+                    .await?
+                    .ok_or_else(|| PgSourceError::SlotMissing {
+                        slot: self.slot.clone(),
+                        position,
+                    })?;
+                catalog::verify_slot(&self.slot, &state, &database)?;
+                catalog::verify_publication(&query, &self.publication, &self.options.tables)
+                    .await?;
+                self.check_replica_identity(&query).await?;
+                let mut client = ReplicationClient::connect(self.replication_config(position.lsn)?)
+                    .await
+                    .map_err(|e| classify_wire(e, &self.slot))?;
+                client
+                    .wait_started()
+                    .await
+                    .map_err(|e| classify_wire(e, &self.slot))?;
+                tracing::info!(source = %self.name, slot = %self.slot, %position, "resuming stream");
+                (client, position)
+            }
+            _ => {
+                self.create_slot_and_snapshot(&mut query, &database, consumer)
+                    .await?
+            }
+        };
+        let context = stream::StreamContext {
+            query: &query,
+            source: &self.name,
+            options: &self.options,
+            progress: &self.progress,
+            shutdown,
+        };
+        let ended = stream::stream(&mut client, context, start, consumer).await;
+        // Let the transport send its last status update and close cleanly.
+        let _ = client.shutdown().await;
+        ended.map(|_| ())
+    }
+
+    /// First start, or a snapshot that did not finish: (re)create the slot
+    /// with an exported snapshot, copy, and start streaming at its
+    /// consistent point.
+    async fn create_slot_and_snapshot<C: TxnConsumer>(
+        &self,
+        query: &mut tokio_postgres::Client,
+        database: &str,
+        consumer: &mut C,
+    ) -> Result<(ReplicationClient, Position), PgSourceError> {
+        self.progress.set_state(ReaderState::Snapshotting);
+        if let Some(state) = catalog::slot_state(query, &self.slot).await? {
+            if let Some(pid) = state.active_pid {
+                return Err(PgSourceError::SlotBusy {
+                    slot: self.slot.clone(),
+                    pid,
+                });
+            }
+            catalog::verify_slot(&self.slot, &state, database)?;
+            tracing::warn!(source = %self.name, slot = %self.slot, "nothing of this source is durable but its slot exists: an earlier snapshot was interrupted; dropping the slot and starting the snapshot again");
+            catalog::drop_slot(query, &self.slot).await?;
+        }
+        catalog::ensure_publication(query, &self.publication, &self.options.tables).await?;
+        self.check_replica_identity(query).await?;
+
+        let mut client = ReplicationClient::connect_gated(self.replication_config(Lsn(0))?)
+            .await
+            .map_err(|e| classify_wire(e, &self.slot))?;
+        let mode = if self.options.snapshot {
+            "export"
+        } else {
+            "nothing"
+        };
+        let rows = client
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{mode}')",
+                self.slot
+            ))
+            .await
+            .map_err(|e| classify_wire(e, &self.slot))?;
+        let column = |index: usize| -> Option<String> {
+            rows.first()?
+                .get(index)?
+                .as_ref()
+                .map(|bytes| String::from_utf8_lossy(bytes).into_owned())
+        };
+        let consistent_point: Lsn =
+            column(1)
+                .and_then(|text| text.parse().ok())
+                .ok_or_else(|| {
+                    PgSourceError::Protocol(
+                        "CREATE_REPLICATION_SLOT returned no consistent point".into(),
+                    )
+                })?;
+        tracing::info!(source = %self.name, slot = %self.slot, %consistent_point, snapshot = self.options.snapshot, "created replication slot");
+
+        let snapshot_ts = if self.options.snapshot {
+            let snapshot_name = column(2).ok_or_else(|| {
+                PgSourceError::Protocol("CREATE_REPLICATION_SLOT exported no snapshot".into())
+            })?;
+            let report = snapshot::copy_tables(
+                query,
+                &self.name,
+                &snapshot_name,
+                &self.options.tables,
+                Position::snapshot(consistent_point),
+                consumer,
+            )
+            .await?;
+            tracing::info!(source = %self.name, tables = report.tables, rows = report.rows, "snapshot complete");
+            report.taken_at
+        } else {
+            chrono::Utc::now()
+        };
+        let start = Position::stream(consistent_point);
+        consumer
+            .apply(SourceTxn {
+                source: Arc::clone(&self.name),
+                kind: TxnKind::SnapshotDone,
+                position: start,
+                commit_ts: snapshot_ts,
+                changes: Changes::default(),
+            })
+            .await?;
+        consumer.flush().await?;
+        client
+            .start()
+            .await
+            .map_err(|e| classify_wire(e, &self.slot))?;
+        client
+            .wait_started()
+            .await
+            .map_err(|e| classify_wire(e, &self.slot))?;
+        Ok((client, start))
+    }
+
+    async fn check_replica_identity(
+        &self,
+        query: &tokio_postgres::Client,
+    ) -> Result<(), PgSourceError> {
+        let mut problems = Vec::new();
+        for spec in &self.options.tables {
+            let table = catalog::describe_table(query, spec).await?;
+            problems.extend(catalog::replica_identity_problems(spec, &table));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(PgSourceError::ReplicaIdentity { problems })
+        }
+    }
+
+    fn replication_config(&self, start: Lsn) -> Result<ReplicationConfig, PgSourceError> {
+        let url = self.url.expose();
+        let decode = |text: &str| {
+            percent_encoding::percent_decode_str(text)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let password = match self.password.as_ref().and_then(Secret::expose) {
+            Some(secret) => secret.to_string(),
+            None => url.password().map(decode).unwrap_or_default(),
+        };
+        let param = |name: &str| {
+            url.query_pairs()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        };
+        let root_cert = param("sslrootcert").map(std::path::PathBuf::from);
+        let tls = match param("sslmode").as_deref() {
+            None | Some("prefer") | Some("allow") => TlsConfig {
+                mode: SslMode::Prefer,
+                ..TlsConfig::default()
+            },
+            Some("disable") => TlsConfig::disabled(),
+            Some("require") => TlsConfig::require(),
+            Some("verify-ca") => TlsConfig::verify_ca(root_cert),
+            Some("verify-full") => TlsConfig::verify_full(root_cert),
+            Some(other) => {
+                return Err(PgSourceError::Setup(format!(
+                    "sslmode `{other}` in the source URL is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                )))
+            }
+        };
+        let mut config = ReplicationConfig::new(
+            url.host_str().unwrap_or("localhost"),
+            decode(url.username()),
+            password,
+            self.url.database().unwrap_or_default(),
+            self.slot.clone(),
+            self.publication.clone(),
+        )
+        .with_port(url.port().unwrap_or(5432))
+        .with_tls(tls)
+        .with_start_lsn(pgwire_replication::Lsn(start.0))
+        .with_options(value::SESSION_OPTIONS)
+        .with_application_name(APPLICATION_NAME)
+        .with_status_interval(self.options.status_interval)
+        .with_buffer_size(self.options.buffer_events);
+        if let Some(stop) = self.options.stop_at {
+            config = config.with_stop_lsn(pgwire_replication::Lsn(stop.0));
+        }
+        Ok(config)
+    }
+}

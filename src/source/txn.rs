@@ -1,0 +1,409 @@
+//! Whole source transactions and where they stand in their source.
+//!
+//! A transaction's changes are kept in memory up to a byte budget; past it
+//! they are spilled to an unlinked temporary file and read back in order, so
+//! a transaction of millions of rows costs the budget in memory, not its
+//! size.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::change::{Change, Op, Row, Table};
+
+/// Default in-memory budget of one transaction's changes. 64 MiB holds about
+/// 200k typical order rows, far beyond any ordinary sale, while a bulk
+/// UPDATE of millions of rows goes to disk.
+pub const DEFAULT_TXN_MEMORY_BUDGET: usize = 64 * 1024 * 1024;
+
+/// A PostgreSQL WAL position (log sequence number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+impl FromStr for Lsn {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (high, low) = text
+            .split_once('/')
+            .ok_or_else(|| format!("`{text}` is not an LSN (expected e.g. 0/16B3748)"))?;
+        let parse = |part: &str| {
+            u32::from_str_radix(part, 16)
+                .map_err(|_| format!("`{text}` is not an LSN (expected e.g. 0/16B3748)"))
+        };
+        Ok(Lsn((u64::from(parse(high)?) << 32) | u64::from(parse(low)?)))
+    }
+}
+
+/// Whether a source is still being copied or is streaming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// The initial snapshot is being copied; it is consistent as of the
+    /// position's offset. An interrupted snapshot is started again.
+    Snapshot,
+    /// Everything up to and including the offset has been applied.
+    Stream,
+}
+
+/// Where a source stands. Ordered within one source: by offset, and at one
+/// offset the snapshot comes before the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    /// PostgreSQL: the end LSN of the last applied commit (or the slot's
+    /// consistent point while and right after snapshotting).
+    pub lsn: Lsn,
+    pub phase: Phase,
+}
+
+impl Position {
+    pub fn stream(lsn: Lsn) -> Self {
+        Self {
+            lsn,
+            phase: Phase::Stream,
+        }
+    }
+
+    pub fn snapshot(lsn: Lsn) -> Self {
+        Self {
+            lsn,
+            phase: Phase::Snapshot,
+        }
+    }
+}
+
+/// Stored as `0/16B3748` (streaming) or `snapshot@0/16B3748`.
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.phase {
+            Phase::Snapshot => write!(f, "snapshot@{}", self.lsn),
+            Phase::Stream => write!(f, "{}", self.lsn),
+        }
+    }
+}
+
+impl FromStr for Position {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.strip_prefix("snapshot@") {
+            Some(lsn) => Ok(Position::snapshot(lsn.parse()?)),
+            None => Ok(Position::stream(text.parse()?)),
+        }
+    }
+}
+
+/// What kind of transaction this is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxnKind {
+    /// Rows copied by the initial snapshot (all `Op::Insert`), one chunk of
+    /// one table.
+    Snapshot,
+    /// The snapshot is complete (no changes): from here on the source
+    /// streams. Its position is the first streaming position.
+    SnapshotDone,
+    /// A committed source transaction.
+    Stream {
+        /// PostgreSQL transaction id.
+        xid: u32,
+    },
+}
+
+/// One whole source transaction.
+#[derive(Debug)]
+pub struct SourceTxn {
+    /// The configured source name.
+    pub source: Arc<str>,
+    pub kind: TxnKind,
+    pub position: Position,
+    /// Commit time at the source (snapshot: the snapshot's time). Business
+    /// time: ledger effects use it, never the wall clock.
+    pub commit_ts: DateTime<Utc>,
+    pub changes: Changes,
+}
+
+/// The changes of one transaction, in source order: in memory, or partly
+/// spilled to disk past the budget.
+#[derive(Debug, Default)]
+pub struct Changes {
+    spilled: Option<Spill>,
+    memory: Vec<Change>,
+    len: usize,
+}
+
+#[derive(Debug)]
+struct Spill {
+    file: std::fs::File,
+    tables: Vec<Arc<Table>>,
+    changes: usize,
+}
+
+/// One spilled change: the table by index into the spill's table list.
+#[derive(Serialize, Deserialize)]
+struct SpilledChange {
+    table: usize,
+    op: Op,
+    before: Option<Row>,
+    after: Option<Row>,
+}
+
+/// Reading spilled changes back failed (disk error, or a corrupted file).
+#[derive(Debug, thiserror::Error)]
+#[error("reading spilled transaction changes: {0}")]
+pub struct SpillError(String);
+
+impl Changes {
+    pub fn from_vec(changes: Vec<Change>) -> Self {
+        Self {
+            len: changes.len(),
+            spilled: None,
+            memory: changes,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether part of the transaction went to disk.
+    pub fn is_spilled(&self) -> bool {
+        self.spilled.is_some()
+    }
+
+    /// Visits every change in order. Spilled changes are read back one at a
+    /// time, so this never holds more than the budget.
+    pub fn for_each(&mut self, mut visit: impl FnMut(Change)) -> Result<(), SpillError> {
+        if let Some(spill) = &mut self.spilled {
+            spill
+                .file
+                .seek(SeekFrom::Start(0))
+                .map_err(|e| SpillError(e.to_string()))?;
+            let mut reader = BufReader::new(&spill.file);
+            let mut line = String::new();
+            for _ in 0..spill.changes {
+                line.clear();
+                reader
+                    .read_line(&mut line)
+                    .map_err(|e| SpillError(e.to_string()))?;
+                let spilled: SpilledChange =
+                    serde_json::from_str(&line).map_err(|e| SpillError(e.to_string()))?;
+                let table =
+                    spill.tables.get(spilled.table).cloned().ok_or_else(|| {
+                        SpillError(format!("unknown table index {}", spilled.table))
+                    })?;
+                visit(Change {
+                    table,
+                    op: spilled.op,
+                    before: spilled.before,
+                    after: spilled.after,
+                });
+            }
+        }
+        for change in &self.memory {
+            visit(change.clone());
+        }
+        Ok(())
+    }
+
+    /// All changes in memory. Only for transactions known to be small
+    /// (tests, snapshot chunks); large ones use [`Changes::for_each`].
+    pub fn to_vec(&mut self) -> Result<Vec<Change>, SpillError> {
+        let mut all = Vec::with_capacity(self.len);
+        self.for_each(|change| all.push(change))?;
+        Ok(all)
+    }
+}
+
+/// The spill file being written, and the tables seen so far: each change
+/// names its table by index, the index found by the `Arc`'s address (every
+/// change of one table shares one `Arc`).
+#[derive(Debug)]
+struct SpillWriter {
+    writer: BufWriter<std::fs::File>,
+    indexes: HashMap<usize, usize>,
+    tables: Vec<Arc<Table>>,
+}
+
+/// Collects one transaction's changes within a memory budget.
+#[derive(Debug)]
+pub struct ChangesBuilder {
+    budget: usize,
+    used: usize,
+    memory: Vec<Change>,
+    spill: Option<SpillWriter>,
+    spilled: usize,
+}
+
+impl ChangesBuilder {
+    pub fn new(budget: usize) -> Self {
+        Self {
+            budget,
+            used: 0,
+            memory: Vec::new(),
+            spill: None,
+            spilled: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.spilled + self.memory.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held in memory now (approximate).
+    pub fn memory_used(&self) -> usize {
+        self.used
+    }
+
+    pub fn push(&mut self, change: Change) -> std::io::Result<()> {
+        self.used += change.approx_size();
+        self.memory.push(change);
+        if self.used > self.budget {
+            self.spill_memory()?;
+        }
+        Ok(())
+    }
+
+    fn spill_memory(&mut self) -> std::io::Result<()> {
+        if self.spill.is_none() {
+            // Unlinked at creation: nothing is left behind after a crash.
+            let file = tempfile::tempfile()?;
+            self.spill = Some(SpillWriter {
+                writer: BufWriter::with_capacity(1 << 20, file),
+                indexes: HashMap::new(),
+                tables: Vec::new(),
+            });
+        }
+        let Some(SpillWriter {
+            writer,
+            indexes,
+            tables,
+        }) = &mut self.spill
+        else {
+            unreachable!("spill file created above");
+        };
+        for change in self.memory.drain(..) {
+            let key = Arc::as_ptr(&change.table) as usize;
+            let table = *indexes.entry(key).or_insert_with(|| {
+                tables.push(Arc::clone(&change.table));
+                tables.len() - 1
+            });
+            serde_json::to_writer(
+                &mut *writer,
+                &SpilledChange {
+                    table,
+                    op: change.op,
+                    before: change.before,
+                    after: change.after,
+                },
+            )?;
+            writer.write_all(b"\n")?;
+            self.spilled += 1;
+        }
+        self.used = 0;
+        Ok(())
+    }
+
+    pub fn finish(self) -> std::io::Result<Changes> {
+        let len = self.len();
+        let spilled = match self.spill {
+            None => None,
+            Some(SpillWriter { writer, tables, .. }) => Some(Spill {
+                file: writer.into_inner().map_err(|e| e.into_error())?,
+                tables,
+                changes: self.spilled,
+            }),
+        };
+        Ok(Changes {
+            spilled,
+            memory: self.memory,
+            len,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::change::{Column, ReplicaIdentity, Value};
+
+    #[test]
+    fn lsn_round_trips_through_its_text_form() {
+        let lsn: Lsn = "16/B374D848".parse().unwrap();
+        assert_eq!(lsn.0, 0x16_B374_D848);
+        assert_eq!(lsn.to_string(), "16/B374D848");
+        assert!("16B374D848".parse::<Lsn>().is_err());
+    }
+
+    #[test]
+    fn positions_order_snapshot_before_stream_at_one_lsn() {
+        let at = Lsn(100);
+        assert!(Position::snapshot(at) < Position::stream(at));
+        assert!(Position::stream(at) < Position::snapshot(Lsn(101)));
+        assert_eq!(
+            "snapshot@0/64".parse::<Position>().unwrap(),
+            Position::snapshot(at)
+        );
+        assert_eq!(Position::stream(at).to_string(), "0/64");
+    }
+
+    #[test]
+    fn a_transaction_over_budget_spills_and_reads_back_in_order() {
+        let table = Arc::new(Table {
+            schema: "public".into(),
+            name: "t".into(),
+            columns: vec![Column {
+                name: "v".into(),
+                type_oid: 25,
+                is_key: true,
+            }],
+            replica_identity: ReplicaIdentity::Default,
+        });
+        let mut builder = ChangesBuilder::new(10_000);
+        for i in 0..1000 {
+            builder
+                .push(Change {
+                    table: Arc::clone(&table),
+                    op: Op::Insert,
+                    before: None,
+                    after: Some(Row(vec![Value::Text(format!("row {i}"))])),
+                })
+                .unwrap();
+            assert!(builder.memory_used() <= 10_000 + 1000);
+        }
+        let mut changes = builder.finish().unwrap();
+        assert!(changes.is_spilled());
+        assert_eq!(changes.len(), 1000);
+        let all = changes.to_vec().unwrap();
+        let texts: Vec<String> = all
+            .iter()
+            .map(|c| match c.after_value("v") {
+                Some(Value::Text(t)) => t.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            texts,
+            (0..1000).map(|i| format!("row {i}")).collect::<Vec<_>>()
+        );
+        // Readable twice.
+        assert_eq!(changes.to_vec().unwrap().len(), 1000);
+    }
+}
