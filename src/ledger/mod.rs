@@ -2,9 +2,11 @@
 //!
 //! - `schema.rs`: the versioned schema (`migrations/`, applied with refinery)
 //!   and its status.
+//! - `positions.rs`: where each source stands (`source_positions`).
 //!
 //! Only this module writes ledger tables; other modules pass it types.
 
+pub mod positions;
 mod schema;
 
 pub use schema::{migrate, schema_status, MigrateError, MigrationApplied, SchemaStatus};

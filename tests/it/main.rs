@@ -7,5 +7,6 @@ mod support;
 mod check;
 mod config;
 mod migrate;
+mod pg_source;
 mod schemas;
 mod setup_script;

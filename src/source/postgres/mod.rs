@@ -381,7 +381,19 @@ impl PostgresSource {
             shutdown,
         };
         let ended = stream::stream(&mut client, context, start, consumer).await;
-        // Let the transport send its last status update and close cleanly.
+        if ended.is_ok() {
+            // The transport closes without a last status update: wait until
+            // the final confirmed position has reached the server, so a clean
+            // stop leaves the slot exactly at what is durable.
+            let deadline = tokio::time::Instant::now()
+                + self.options.status_interval * 2
+                + Duration::from_secs(1);
+            while client.feedback_pending_since().is_some()
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let _ = client.shutdown().await;
         ended.map(|_| ())
     }
@@ -543,7 +555,10 @@ impl PostgresSource {
         .with_options(value::SESSION_OPTIONS)
         .with_application_name(APPLICATION_NAME)
         .with_status_interval(self.options.status_interval)
-        .with_buffer_size(self.options.buffer_events);
+        .with_buffer_size(self.options.buffer_events)
+        // Observing feedback makes `feedback_pending_since` tell whether the
+        // last confirmed position has reached the server (see `run_once`).
+        .with_feedback_observer(pgwire_replication::FeedbackObserver::new(|_| {}));
         if let Some(stop) = self.options.stop_at {
             config = config.with_stop_lsn(pgwire_replication::Lsn(stop.0));
         }

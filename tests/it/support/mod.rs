@@ -17,6 +17,8 @@
 
 #![allow(dead_code)] // each test module uses a different part
 
+pub mod sink;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
