@@ -354,6 +354,7 @@ async fn idle_point<C: TxnConsumer>(
     durable: &mut Position,
     wal_end: Lsn,
 ) -> Result<(), PgSourceError> {
+    tracing::trace!(%wal_end, open = open.is_some(), %applied, durable = %durable, "idle point");
     if open.is_some() {
         return Ok(());
     }

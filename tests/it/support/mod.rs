@@ -17,6 +17,7 @@
 
 #![allow(dead_code)] // each test module uses a different part
 
+pub mod reader;
 pub mod sink;
 
 use std::path::PathBuf;
@@ -25,6 +26,20 @@ use std::sync::Once;
 
 use mysql_async::prelude::Queryable;
 use tokio_postgres::NoTls;
+
+/// Logs of the code under test, shown for failing tests when
+/// `LCDC_TEST_LOG` is set (e.g. `LCDC_TEST_LOG=loyalty_cdc=debug`).
+pub fn init_logging() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        if let Ok(filter) = std::env::var("LCDC_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
 
 /// Prefix of everything the tests create; leftovers of killed runs are
 /// recognised by it (and by the pid after it).
@@ -102,6 +117,7 @@ pub async fn mysql_connect(url: &str) -> mysql_async::Conn {
 /// Drops what killed test processes left behind (their pid is gone), once
 /// per test process.
 async fn sweep_leftovers() {
+    init_logging();
     static SWEEP: Once = Once::new();
     let mut first = false;
     SWEEP.call_once(|| first = true);

@@ -17,6 +17,7 @@ use loyalty_cdc::source::{
 use super::PgDatabase;
 
 pub struct PgSink {
+    url: String,
     client: tokio_postgres::Client,
     source: String,
     /// Source transactions per database commit.
@@ -43,6 +44,7 @@ impl PgSink {
             .await
             .expect("create captured");
         Self {
+            url: db.url(),
             client,
             source: source.into(),
             batch,
@@ -52,6 +54,20 @@ impl PgSink {
             fail_after: None,
             applied: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// A new connection if the server closed ours (a restart): whatever the
+    /// open batch held was rolled back with it.
+    async fn reconnect_if_closed(&mut self) -> Result<(), ConsumerError> {
+        if self.client.is_closed() {
+            let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| ConsumerError::transient(e.to_string()))?;
+            tokio::spawn(connection);
+            self.client = client;
+            self.in_batch = 0;
+        }
+        Ok(())
     }
 
     async fn commit(&mut self) -> Result<(), ConsumerError> {
@@ -108,6 +124,7 @@ fn image(row: &Option<loyalty_cdc::source::Row>, change: &Change) -> Option<Stri
 
 impl TxnConsumer for PgSink {
     async fn durable_position(&mut self) -> Result<Option<Position>, ConsumerError> {
+        self.reconnect_if_closed().await?;
         ledger::positions::load(&self.client, &self.source)
             .await
             .map_err(|e| ConsumerError::transient(e.to_string()))
@@ -122,6 +139,7 @@ impl TxnConsumer for PgSink {
                 return Err(ConsumerError::definite("sink told to fail"));
             }
         }
+        self.reconnect_if_closed().await?;
         if self.in_batch == 0 {
             self.client
                 .batch_execute("BEGIN")
