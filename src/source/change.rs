@@ -29,7 +29,7 @@ pub enum Value {
     /// float4, float8.
     Float(f64),
     /// numeric that fits a decimal (28 significant digits); others stay text.
-    Numeric(Decimal),
+    Numeric(#[serde(with = "decimal_text")] Decimal),
     /// text, varchar, char, name, enum labels, and any type without a typed
     /// form here (its text output, unchanged).
     Text(String),
@@ -39,10 +39,45 @@ pub enum Value {
     TimestampTz(DateTime<Utc>),
     Date(NaiveDate),
     /// json, jsonb.
-    Json(serde_json::Value),
+    Json(#[serde(with = "json_text")] serde_json::Value),
     Uuid(uuid::Uuid),
     /// bytea.
     Bytes(Vec<u8>),
+}
+
+// Decimals and JSON documents are (de)serialized as their text, so that
+// formats without self-description (the spill file's postcard) can read
+// them back: their own serde impls ask for "any" type on the way in.
+mod decimal_text {
+    use rust_decimal::Decimal;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Decimal, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(value)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Decimal, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Decimal::from_str_exact(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+mod json_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        value: &serde_json::Value,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(value)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<serde_json::Value, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        serde_json::from_str(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 impl Value {

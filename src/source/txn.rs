@@ -3,11 +3,13 @@
 //! A transaction's changes are kept in memory up to a byte budget; past it
 //! they are spilled to an unlinked temporary file and read back in order, so
 //! a transaction of millions of rows costs the budget in memory, not its
-//! size.
+//! size. Spilled changes are length-prefixed postcard records: compact and
+//! quick to write and read, which matters when a bulk update streams past
+//! at the walsender's full speed.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -192,15 +194,19 @@ impl Changes {
                 .file
                 .seek(SeekFrom::Start(0))
                 .map_err(|e| SpillError(e.to_string()))?;
-            let mut reader = BufReader::new(&spill.file);
-            let mut line = String::new();
+            let mut reader = BufReader::with_capacity(1 << 20, &spill.file);
+            let mut record = Vec::new();
             for _ in 0..spill.changes {
-                line.clear();
+                let mut len = [0u8; 4];
                 reader
-                    .read_line(&mut line)
+                    .read_exact(&mut len)
+                    .map_err(|e| SpillError(e.to_string()))?;
+                record.resize(u32::from_le_bytes(len) as usize, 0);
+                reader
+                    .read_exact(&mut record)
                     .map_err(|e| SpillError(e.to_string()))?;
                 let spilled: SpilledChange =
-                    serde_json::from_str(&line).map_err(|e| SpillError(e.to_string()))?;
+                    postcard::from_bytes(&record).map_err(|e| SpillError(e.to_string()))?;
                 let table =
                     spill.tables.get(spilled.table).cloned().ok_or_else(|| {
                         SpillError(format!("unknown table index {}", spilled.table))
@@ -236,6 +242,8 @@ struct SpillWriter {
     writer: BufWriter<std::fs::File>,
     indexes: HashMap<usize, usize>,
     tables: Vec<Arc<Table>>,
+    /// Reused buffer of one encoded record.
+    scratch: Vec<u8>,
 }
 
 /// Collects one transaction's changes within a memory budget.
@@ -289,12 +297,14 @@ impl ChangesBuilder {
                 writer: BufWriter::with_capacity(1 << 20, file),
                 indexes: HashMap::new(),
                 tables: Vec::new(),
+                scratch: Vec::new(),
             });
         }
         let Some(SpillWriter {
             writer,
             indexes,
             tables,
+            scratch,
         }) = &mut self.spill
         else {
             unreachable!("spill file created above");
@@ -305,16 +315,21 @@ impl ChangesBuilder {
                 tables.push(Arc::clone(&change.table));
                 tables.len() - 1
             });
-            serde_json::to_writer(
-                &mut *writer,
+            let record = postcard::to_extend(
                 &SpilledChange {
                     table,
                     op: change.op,
                     before: change.before,
                     after: change.after,
                 },
-            )?;
-            writer.write_all(b"\n")?;
+                std::mem::take(scratch),
+            )
+            .map_err(std::io::Error::other)?;
+            let len = u32::try_from(record.len()).map_err(std::io::Error::other)?;
+            writer.write_all(&len.to_le_bytes())?;
+            writer.write_all(&record)?;
+            *scratch = record;
+            scratch.clear();
             self.spilled += 1;
         }
         self.used = 0;
@@ -405,5 +420,49 @@ mod tests {
         );
         // Readable twice.
         assert_eq!(changes.to_vec().unwrap().len(), 1000);
+    }
+
+    #[test]
+    fn every_value_kind_survives_the_spill_file() {
+        let values = vec![
+            Value::Null,
+            Value::UnchangedToast,
+            Value::Absent,
+            Value::Bool(true),
+            Value::Int(-7),
+            Value::Float(0.1),
+            Value::Numeric("1234.50".parse().unwrap()),
+            Value::Text("café\n".into()),
+            Value::Timestamp("2026-11-25T10:00:00.25".parse().unwrap()),
+            Value::TimestampTz("2026-11-25T04:30:00Z".parse().unwrap()),
+            Value::Date("2026-02-28".parse().unwrap()),
+            Value::Json(serde_json::json!({"k": [1, "two", null]})),
+            Value::Uuid("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11".parse().unwrap()),
+            Value::Bytes(vec![0, 255]),
+        ];
+        let table = Arc::new(Table {
+            schema: "public".into(),
+            name: "every".into(),
+            columns: (0..values.len())
+                .map(|i| Column {
+                    name: format!("c{i}"),
+                    type_oid: 0,
+                    is_key: i == 0,
+                })
+                .collect(),
+            replica_identity: ReplicaIdentity::Full,
+        });
+        let change = Change {
+            table: Arc::clone(&table),
+            op: Op::Update,
+            before: Some(Row(values.clone())),
+            after: Some(Row(values)),
+        };
+        // A budget of one byte spills every change.
+        let mut builder = ChangesBuilder::new(1);
+        builder.push(change.clone()).unwrap();
+        let mut changes = builder.finish().unwrap();
+        assert!(changes.is_spilled());
+        assert_eq!(changes.to_vec().unwrap(), vec![change]);
     }
 }

@@ -388,7 +388,8 @@ impl PostgresSource {
             let deadline = tokio::time::Instant::now()
                 + self.options.status_interval * 2
                 + Duration::from_secs(1);
-            while client.feedback_pending_since().is_some()
+            while client.is_running()
+                && client.feedback_pending_since().is_some()
                 && tokio::time::Instant::now() < deadline
             {
                 tokio::time::sleep(Duration::from_millis(20)).await;

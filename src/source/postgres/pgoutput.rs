@@ -471,6 +471,52 @@ mod tests {
         assert!(decode(full).is_ok());
     }
 
+    /// A stable stand-in for the fuzz target (`fuzz/`), run on every test
+    /// run: random bytes, and random mutations of valid messages, never
+    /// panic.
+    #[test]
+    fn random_and_mutated_messages_never_panic() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut valid = BytesMut::new();
+        valid.put_u8(b'U');
+        valid.put_u32(9);
+        valid.put_u8(b'O');
+        valid.put_i16(2);
+        text(&mut valid, "old");
+        valid.put_u8(b'u');
+        valid.put_u8(b'N');
+        valid.put_i16(2);
+        text(&mut valid, "new");
+        valid.put_u8(b'n');
+        let valid = valid.freeze();
+        for round in 0..100_000 {
+            let bytes: Vec<u8> = if round % 2 == 0 {
+                let len = (next() % 64) as usize;
+                let tags = b"BCORYIUDTMx";
+                let mut random: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                if let Some(first) = random.first_mut() {
+                    *first = tags[(next() % tags.len() as u64) as usize];
+                }
+                random
+            } else {
+                let mut mutated = valid.to_vec();
+                for _ in 0..1 + next() % 3 {
+                    let at = (next() % mutated.len() as u64) as usize;
+                    mutated[at] = next() as u8;
+                }
+                mutated.truncate((next() % (mutated.len() as u64 + 1)) as usize);
+                mutated
+            };
+            let _ = decode(Bytes::from(bytes));
+        }
+    }
+
     #[test]
     fn huge_counts_are_refused_before_allocating() {
         let mut t = BytesMut::new();
