@@ -235,6 +235,8 @@ async fn run_ours(db_url: &str, slot: &str, end: &str, expected_changes: u64) ->
         slot: Some(slot.into()),
         publication: Some(PUBLICATION.into()),
         server_id: None,
+        snapshot: true,
+        heartbeat_seconds: None,
     };
     let mut options = ReaderOptions::new(vec![TableSpec::parse("bench_line")]);
     options.stop_at = Some(end.parse().unwrap());

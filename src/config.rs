@@ -133,12 +133,26 @@ pub struct SourceSettings {
     /// PostgreSQL only: publication name (default `loyalty_<name>`).
     #[serde(default)]
     pub publication: Option<String>,
+    /// Copy the existing rows of the mapped tables on the source's first
+    /// start (default true). Without it the program starts with the changes
+    /// made after loyalty-cdc first connected.
+    #[serde(default = "default_snapshot")]
+    pub snapshot: bool,
+    /// PostgreSQL only: emit a heartbeat message this often (seconds) so a
+    /// server that is quiet for long stretches still lets the slot advance.
+    /// Default: none (the server's keepalives suffice while anything writes).
+    #[serde(default)]
+    pub heartbeat_seconds: Option<u64>,
     /// MySQL/MariaDB only: the replica `server_id` this reader announces.
     /// It must differ from the server's own and from every other replica of
     /// that server (a duplicate kicks the other reader off). Default: derived
     /// from the source name, in 1000000000..1999999999.
     #[serde(default)]
     pub server_id: Option<u64>,
+}
+
+fn default_snapshot() -> bool {
+    true
 }
 
 impl SourceSettings {

@@ -196,6 +196,7 @@ name = "shop"
 kind = "mysql"
 url = "mysql://h/"
 slot = "s"
+heartbeat_seconds = 5
 password = { env = "LCDC_TEST_SURELY_UNSET_VARIABLE" }
 
 [program]
@@ -220,6 +221,7 @@ listen = "0.0.0.0:8787"
             "sources[0].server_id",
             "sources[1].url",
             "sources[1].password",
+            "sources[1].heartbeat_seconds",
             "sources[1].slot",
             "program.tiers[0].threshold",
             "program.tiers[1].threshold",

@@ -129,6 +129,15 @@ pub struct ReaderOptions {
 }
 
 impl ReaderOptions {
+    /// Options for a configured source capturing `tables`.
+    pub fn for_source(settings: &SourceSettings, tables: Vec<TableSpec>) -> Self {
+        Self {
+            snapshot: settings.snapshot,
+            heartbeat_interval: settings.heartbeat_seconds.map(Duration::from_secs),
+            ..Self::new(tables)
+        }
+    }
+
     pub fn new(tables: Vec<TableSpec>) -> Self {
         Self {
             tables,

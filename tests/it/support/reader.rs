@@ -25,6 +25,8 @@ pub fn source_settings(db: &PgDatabase, name: &str) -> SourceSettings {
         slot: Some(unique_name("slot")),
         publication: Some(unique_name("pub")),
         server_id: None,
+        snapshot: true,
+        heartbeat_seconds: None,
     }
 }
 
