@@ -628,6 +628,12 @@ impl Settings {
             }
             match source.kind {
                 SourceKind::Postgres => {
+                    if source.heartbeat_seconds == Some(0) {
+                        problem(
+                            key("heartbeat_seconds"),
+                            "0 is not an interval; use 1 or more, or leave it out".into(),
+                        );
+                    }
                     if source.server_id.is_some() {
                         problem(
                             key("server_id"),
@@ -653,6 +659,12 @@ impl Settings {
                     }
                 }
                 SourceKind::Mysql => {
+                    if source.heartbeat_seconds.is_some() {
+                        problem(
+                            key("heartbeat_seconds"),
+                            "only PostgreSQL sources take heartbeat_seconds (MySQL/MariaDB heartbeats are part of the binlog protocol); remove it".into(),
+                        );
+                    }
                     for (field, value) in
                         [("slot", &source.slot), ("publication", &source.publication)]
                     {
