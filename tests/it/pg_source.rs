@@ -663,3 +663,70 @@ async fn a_table_without_a_key_and_a_missing_publication_are_reported() {
         "{error:?}"
     );
 }
+
+#[tokio::test]
+async fn without_a_snapshot_only_later_changes_arrive_and_a_heartbeat_moves_a_quiet_slot() {
+    let src = PgDatabase::create("nosnap").await;
+    let sink_db = PgDatabase::create("sink").await;
+    src.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10);",
+        )
+        .await
+        .unwrap();
+    let mut settings = source_settings(&src, "pos");
+    settings.snapshot = false;
+    settings.heartbeat_seconds = Some(1);
+    let options = loyalty_cdc::source::postgres::ReaderOptions {
+        status_interval: Duration::from_millis(100),
+        ..loyalty_cdc::source::postgres::ReaderOptions::for_source(
+            &settings,
+            vec![loyalty_cdc::source::postgres::TableSpec::parse("t")],
+        )
+    };
+    let running = start(
+        PostgresSource::new(&settings, options),
+        PgSink::new(&sink_db, "pos", 1).await,
+    );
+    running.streaming().await;
+    src.client()
+        .await
+        .batch_execute("INSERT INTO t VALUES (11)")
+        .await
+        .unwrap();
+    wait_count(&sink_db, "AND kind = 'stream'", 1).await;
+    assert_eq!(
+        count(&sink_db, "AND kind = 'snapshot'").await,
+        0,
+        "no rows copied"
+    );
+    let stored = loyalty_cdc::ledger::positions::load(&sink_db.client().await, "pos")
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Nothing writes now but the reader's own heartbeat: the slot still moves.
+    let slot = settings.slot_name();
+    let mut advanced = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let confirmed: loyalty_cdc::source::Lsn =
+            confirmed_flush(&slot).await.unwrap().parse().unwrap();
+        if confirmed > stored.lsn {
+            advanced = true;
+            break;
+        }
+    }
+    assert!(
+        advanced,
+        "the heartbeat did not move the slot past {}",
+        stored.lsn
+    );
+    let lag = loyalty_cdc::source::postgres::catalog::lag_bytes(&src.client().await, &slot)
+        .await
+        .unwrap()
+        .expect("the slot exists");
+    assert!(lag >= 0, "lag {lag}");
+    running.stop().await.0.unwrap();
+}

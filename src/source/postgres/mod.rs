@@ -230,13 +230,15 @@ impl PgSourceError {
     }
 }
 
+/// Classifies a transport error; `slot` names the slot when the error came
+/// from opening it, so "does not exist" can be told apart.
 fn classify_wire(error: PgWireError, slot: &str) -> PgSourceError {
     let message = error.to_string();
     let class = if error.is_auth() || error.is_tls() {
         ErrorClass::Config
     } else if error.is_io() || error.is_transient() {
         ErrorClass::Transient
-    } else if message.contains("does not exist") && message.contains(slot) {
+    } else if !slot.is_empty() && message.contains("does not exist") && message.contains(slot) {
         return PgSourceError::SlotUnusable {
             slot: slot.into(),
             detail: message,
@@ -255,7 +257,7 @@ fn classify_wire(error: PgWireError, slot: &str) -> PgSourceError {
 
 impl From<PgWireError> for PgSourceError {
     fn from(error: PgWireError) -> Self {
-        classify_wire(error, "\u{0}")
+        classify_wire(error, "")
     }
 }
 
