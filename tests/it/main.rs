@@ -7,6 +7,7 @@ mod support;
 mod check;
 mod config;
 mod migrate;
+mod mysql_binlog;
 mod pg_source;
 mod schemas;
 mod setup_script;

@@ -3,8 +3,11 @@
 //! - `preflight.rs`: what the server and user must provide (log_bin, ROW
 //!   format, FULL row image and metadata, replication privileges, a free
 //!   `server_id`).
+//! - `gtid.rs`: MariaDB GTIDs and GTID lists (positions), and the MariaDB
+//!   events that carry them.
 //!
 //! The binlog client, schema tracking and snapshot arrive with the MySQL /
 //! MariaDB source issue.
 
+pub mod gtid;
 pub mod preflight;
