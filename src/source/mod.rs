@@ -48,6 +48,10 @@ use crate::ErrorClass;
 pub trait TxnConsumer: Send {
     /// The position up to which this source's effects are durable, stored
     /// in the same transaction as those effects; `None` if nothing is.
+    ///
+    /// The reader calls it at the start of every session (first start,
+    /// reconnect after any error): the consumer must drop whatever it took
+    /// but did not make durable, because the session re-sends it.
     fn durable_position(
         &mut self,
     ) -> impl Future<Output = Result<Option<Position>, ConsumerError>> + Send;

@@ -124,7 +124,8 @@ pub struct ReaderOptions {
     pub heartbeat_interval: Option<Duration>,
     pub status_interval: Duration,
     pub buffer_events: usize,
-    /// Stop (cleanly) once a commit at or beyond this LSN is applied.
+    /// Stop (cleanly) once a transaction committing at or beyond this LSN
+    /// has been applied and confirmed (benchmarks, bounded replays).
     pub stop_at: Option<Lsn>,
 }
 
@@ -186,6 +187,11 @@ pub enum PgSourceError {
     ReplicaIdentity { problems: Vec<String> },
     #[error("{0}")]
     Setup(String),
+    #[error("importing the slot's exported snapshot `{name}` failed: {error}; the next attempt creates the slot afresh")]
+    SnapshotImport {
+        name: String,
+        error: tokio_postgres::Error,
+    },
     #[error("a change names relation {relation_id}, which the stream never described")]
     UnknownRelation { relation_id: u32 },
     #[error("replication protocol: {0}")]
@@ -213,6 +219,12 @@ impl PgSourceError {
                 _ => ErrorClass::Transient,
             },
             Self::Replication { class, .. } => *class,
+            Self::SnapshotImport { error, .. } => match error.code() {
+                Some(code) if code.code().starts_with("42") || code.code().starts_with("28") => {
+                    ErrorClass::Config
+                }
+                _ => ErrorClass::Transient,
+            },
             Self::StreamEnded | Self::SlotBusy { .. } | Self::Spill(_) => ErrorClass::Transient,
             Self::SlotMissing { .. }
             | Self::SlotInvalidated { .. }
@@ -230,35 +242,57 @@ impl PgSourceError {
     }
 }
 
-/// Classifies a transport error; `slot` names the slot when the error came
-/// from opening it, so "does not exist" can be told apart.
+/// The SQLSTATE the transport appends to server errors ("… (SQLSTATE 42601)").
+fn sqlstate(message: &str) -> Option<&str> {
+    let code = message.rsplit_once("(SQLSTATE ")?.1.strip_suffix(')')?;
+    (code.len() == 5).then_some(code)
+}
+
+/// Classifies a transport error; `slot` names the slot, so errors about it
+/// can say which.
 fn classify_wire(error: PgWireError, slot: &str) -> PgSourceError {
     let message = error.to_string();
-    let class = if error.is_auth() || error.is_tls() {
-        ErrorClass::Config
-    } else if error.is_io() || error.is_transient() {
-        ErrorClass::Transient
-    } else if !slot.is_empty() && message.contains("does not exist") && message.contains(slot) {
+    let about_slot = message.contains("replication slot");
+    if about_slot && message.contains("does not exist") {
         return PgSourceError::SlotUnusable {
             slot: slot.into(),
             detail: message,
         };
-    } else if message.contains("can no longer get changes") || message.contains("invalidated") {
+    }
+    if about_slot
+        && (message.contains("can no longer get changes") || message.contains("invalidated"))
+    {
         return PgSourceError::SlotInvalidated { slot: slot.into() };
+    }
+    let class = if error.is_auth() || error.is_tls() {
+        ErrorClass::Config
+    } else if error.is_io() || error.is_transient() {
+        ErrorClass::Transient
     } else if error.is_message_too_large() {
         ErrorClass::Definite
     } else {
-        // Server errors mid-stream are mostly shutdowns and restarts
-        // ("terminating connection due to administrator command").
-        ErrorClass::Transient
+        match sqlstate(&message) {
+            // Authorization (no pg_hba line for replication, no REPLICATION
+            // attribute), syntax or access rule, missing database, wrong
+            // wal_level, unsupported feature: retrying cannot help.
+            Some(code)
+                if code.starts_with("28")
+                    || code.starts_with("42")
+                    || code.starts_with("3D")
+                    || code == "55000"
+                    || code == "0A000" =>
+            {
+                ErrorClass::Config
+            }
+            // The rest of what a server says mid-stream is mostly shutdowns
+            // and restarts (57P01 …), too many connections (53300) or a slot
+            // still held by a dying session (55006): worth retrying.
+            Some(_) => ErrorClass::Transient,
+            // The transport's own protocol and internal errors.
+            None => ErrorClass::Definite,
+        }
     };
     PgSourceError::Replication { message, class }
-}
-
-impl From<PgWireError> for PgSourceError {
-    fn from(error: PgWireError) -> Self {
-        classify_wire(error, "")
-    }
 }
 
 /// Reads one PostgreSQL source.
@@ -314,9 +348,13 @@ impl PostgresSource {
                     self.progress.set_state(ReaderState::Stopped);
                     return Ok(());
                 }
-                Err(error)
-                    if error.class() == ErrorClass::Transient && !shutdown.is_cancelled() =>
-                {
+                Err(_) if shutdown.is_cancelled() => {
+                    // Stopped mid-snapshot or mid-reconnect: nothing
+                    // half-done was confirmed; the next start resumes.
+                    self.progress.set_state(ReaderState::Stopped);
+                    return Ok(());
+                }
+                Err(error) if error.class() == ErrorClass::Transient => {
                     if self.progress.snapshot().transactions_applied > applied_before {
                         backoff.reset();
                     }
@@ -324,9 +362,13 @@ impl PostgresSource {
                     tracing::warn!(source = %self.name, %error, delay_ms = delay.as_millis() as u64, "source connection lost; reconnecting");
                     self.progress.reconnecting(error.to_string());
                     // What was applied becomes durable, so the next session
-                    // resumes after it instead of replaying it.
-                    if let Err(error) = consumer.flush().await {
-                        tracing::warn!(source = %self.name, %error, "flush before reconnect failed");
+                    // resumes after it instead of replaying it — unless the
+                    // consumer itself failed: then the next session starts
+                    // from what it had made durable (see the contract).
+                    if !matches!(error, PgSourceError::Consumer(_)) {
+                        if let Err(error) = consumer.flush().await {
+                            tracing::warn!(source = %self.name, %error, "flush before reconnect failed");
+                        }
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -380,12 +422,13 @@ impl PostgresSource {
                 (client, position)
             }
             _ => {
-                self.create_slot_and_snapshot(&mut query, &database, consumer)
+                self.create_slot_and_snapshot(&mut query, &database, consumer, shutdown)
                     .await?
             }
         };
         let context = stream::StreamContext {
             query: &query,
+            slot: &self.slot,
             source: &self.name,
             options: &self.options,
             progress: &self.progress,
@@ -418,6 +461,7 @@ impl PostgresSource {
         query: &mut tokio_postgres::Client,
         database: &str,
         consumer: &mut C,
+        shutdown: &CancellationToken,
     ) -> Result<(ReplicationClient, Position), PgSourceError> {
         self.progress.set_state(ReaderState::Snapshotting);
         if let Some(state) = catalog::slot_state(query, &self.slot).await? {
@@ -437,14 +481,15 @@ impl PostgresSource {
         let mut client = ReplicationClient::connect_gated(self.replication_config(Lsn(0))?)
             .await
             .map_err(|e| classify_wire(e, &self.slot))?;
+        // The pre-15 spelling, which every server from 10 on accepts.
         let mode = if self.options.snapshot {
-            "export"
+            "EXPORT_SNAPSHOT"
         } else {
-            "nothing"
+            "NOEXPORT_SNAPSHOT"
         };
         let rows = client
             .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{mode}')",
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {mode}",
                 self.slot
             ))
             .await
@@ -476,6 +521,7 @@ impl PostgresSource {
                 &self.options.tables,
                 Position::snapshot(consistent_point),
                 consumer,
+                shutdown,
             )
             .await?;
             tracing::info!(source = %self.name, tables = report.tables, rows = report.rows, "snapshot complete");
@@ -553,8 +599,15 @@ impl PostgresSource {
                 )))
             }
         };
-        let mut config = ReplicationConfig::new(
-            url.host_str().unwrap_or("localhost"),
+        // `host_str` keeps an IPv6 address's brackets, which a socket
+        // address does not take.
+        let host = match url.host() {
+            Some(url::Host::Ipv6(address)) => address.to_string(),
+            Some(host) => host.to_string(),
+            None => "localhost".into(),
+        };
+        let config = ReplicationConfig::new(
+            host,
             decode(url.username()),
             password,
             self.url.database().unwrap_or_default(),
@@ -571,9 +624,59 @@ impl PostgresSource {
         // Observing feedback makes `feedback_pending_since` tell whether the
         // last confirmed position has reached the server (see `run_once`).
         .with_feedback_observer(pgwire_replication::FeedbackObserver::new(|_| {}));
-        if let Some(stop) = self.options.stop_at {
-            config = config.with_stop_lsn(pgwire_replication::Lsn(stop.0));
-        }
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class_of(error: PgWireError) -> (ErrorClass, String) {
+        let error = classify_wire(error, "loyalty_pos");
+        (error.class(), error.to_string())
+    }
+
+    #[test]
+    fn server_errors_are_classified_by_their_sqlstate() {
+        let server = |m: &str| PgWireError::Server(m.to_string());
+        let (class, _) = class_of(server(
+            "must be superuser or replication role to start walsender (SQLSTATE 42501)",
+        ));
+        assert_eq!(class, ErrorClass::Config);
+        let (class, _) = class_of(server(
+            "no pg_hba.conf entry for replication connection (SQLSTATE 28000)",
+        ));
+        assert_eq!(class, ErrorClass::Config);
+        let (class, _) = class_of(server(
+            "terminating connection due to administrator command (SQLSTATE 57P01)",
+        ));
+        assert_eq!(class, ErrorClass::Transient);
+        let (class, _) = class_of(server(
+            "replication slot \"loyalty_pos\" is active for PID 42 (SQLSTATE 55006)",
+        ));
+        assert_eq!(class, ErrorClass::Transient);
+        let (class, _) = class_of(PgWireError::Protocol("unexpected message".into()));
+        assert_eq!(class, ErrorClass::Definite);
+    }
+
+    #[test]
+    fn a_missing_publication_is_not_mistaken_for_a_missing_slot() {
+        let (class, text) = class_of(PgWireError::Server(
+            "publication \"loyalty_pos\" does not exist (SQLSTATE 42704)".into(),
+        ));
+        assert_eq!(class, ErrorClass::Config);
+        assert!(
+            text.starts_with("replication stream: publication"),
+            "{text}"
+        );
+        let (class, text) = class_of(PgWireError::Server(
+            "replication slot \"loyalty_pos\" does not exist (SQLSTATE 42704)".into(),
+        ));
+        assert_eq!(class, ErrorClass::Definite);
+        assert!(
+            text.starts_with("replication slot `loyalty_pos` cannot be used"),
+            "{text}"
+        );
     }
 }

@@ -15,6 +15,7 @@ use bytes::{Buf, BytesMut};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
 
 use super::catalog::{self, TableSpec};
 use super::preflight::quote_identifier;
@@ -49,6 +50,7 @@ pub async fn copy_tables<C: TxnConsumer>(
     tables: &[TableSpec],
     position: Position,
     consumer: &mut C,
+    shutdown: &CancellationToken,
 ) -> Result<SnapshotReport, PgSourceError> {
     let txn = client.transaction().await?;
     txn.batch_execute(&format!(
@@ -56,11 +58,9 @@ pub async fn copy_tables<C: TxnConsumer>(
         snapshot_name.replace('\'', "''")
     ))
     .await
-    .map_err(|error| {
-        PgSourceError::Setup(format!(
-            "cannot import the slot's snapshot `{snapshot_name}`: {}",
-            catalog::db_message(&error)
-        ))
+    .map_err(|error| PgSourceError::SnapshotImport {
+        name: snapshot_name.to_string(),
+        error,
     })?;
     // Business time of snapshot rows: when the snapshot was taken.
     let snapshot_ts: DateTime<Utc> = txn.query_one("SELECT now()", &[]).await?.get(0);
@@ -95,6 +95,9 @@ pub async fn copy_tables<C: TxnConsumer>(
         let stream = txn.copy_out(copy.as_str()).await?;
         futures_util::pin_mut!(stream);
         let mut buffer = BytesMut::new();
+        // Bytes of `buffer` already searched for a newline: a row wider
+        // than one network chunk is scanned once, not once per chunk.
+        let mut scanned = 0usize;
         let mut chunk: Vec<Change> = Vec::new();
         let mut chunk_bytes = 0usize;
         let mut table_rows = 0u64;
@@ -103,9 +106,10 @@ pub async fn copy_tables<C: TxnConsumer>(
             if let Some(bytes) = &more {
                 buffer.extend_from_slice(bytes);
             }
-            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                let line = buffer.split_to(end);
+            while let Some(found) = buffer[scanned..].iter().position(|b| *b == b'\n') {
+                let line = buffer.split_to(scanned + found);
                 buffer.advance(1);
+                scanned = 0;
                 let row = parse_copy_line(&line, &table).map_err(|problem| {
                     PgSourceError::Setup(format!("snapshot of `{spec}`: {problem}"))
                 })?;
@@ -119,6 +123,11 @@ pub async fn copy_tables<C: TxnConsumer>(
                 chunk.push(change);
                 table_rows += 1;
                 if chunk.len() >= CHUNK_ROWS || chunk_bytes >= CHUNK_BYTES {
+                    if shutdown.is_cancelled() {
+                        return Err(PgSourceError::Setup(
+                            "stopped during the snapshot; the next start copies again".into(),
+                        ));
+                    }
                     hand_over(
                         consumer,
                         source,
@@ -130,6 +139,7 @@ pub async fn copy_tables<C: TxnConsumer>(
                     chunk_bytes = 0;
                 }
             }
+            scanned = buffer.len();
             progress.rows(report.rows + table_rows, spec);
             if more.is_none() {
                 break;

@@ -175,6 +175,8 @@ pub enum StreamEnd {
 pub struct StreamContext<'a> {
     /// An ordinary connection to the source (heartbeats).
     pub query: &'a tokio_postgres::Client,
+    /// The slot being read, for errors about it.
+    pub slot: &'a str,
     pub source: &'a Arc<str>,
     pub options: &'a ReaderOptions,
     pub progress: &'a SourceProgress,
@@ -191,6 +193,7 @@ pub async fn stream<C: TxnConsumer>(
 ) -> Result<StreamEnd, PgSourceError> {
     let StreamContext {
         query,
+        slot,
         source,
         options,
         progress,
@@ -221,7 +224,7 @@ pub async fn stream<C: TxnConsumer>(
                     .await?;
                 continue;
             }
-            event = client.recv() => event?,
+            event = client.recv() => event.map_err(|e| super::classify_wire(e, slot))?,
         };
         let Some(event) = event else {
             return Err(PgSourceError::StreamEnded);
@@ -282,6 +285,12 @@ pub async fn stream<C: TxnConsumer>(
                 if let Some(returned) = returned {
                     confirm(client, progress, &mut durable, returned);
                 }
+                if options.stop_at.is_some_and(|stop| position.lsn >= stop) {
+                    if let Some(flushed) = consumer.flush().await? {
+                        confirm(client, progress, &mut durable, flushed);
+                    }
+                    return Ok(StreamEnd::StopLsnReached);
+                }
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 idle_point(
@@ -314,12 +323,10 @@ pub async fn stream<C: TxnConsumer>(
             // Transactional messages belong to their transaction; nothing
             // maps them today.
             ReplicationEvent::Message { .. } => {}
-            ReplicationEvent::StoppedAt { .. } => {
-                if let Some(flushed) = consumer.flush().await? {
-                    confirm(client, progress, &mut durable, flushed);
-                }
-                return Ok(StreamEnd::StopLsnReached);
-            }
+            // We never give the transport a stop LSN (it would stop before
+            // the transaction that reaches it, and without sending the last
+            // confirmation); stopping is ours, after a commit, above.
+            ReplicationEvent::StoppedAt { .. } => return Ok(StreamEnd::StopLsnReached),
         }
     }
 }

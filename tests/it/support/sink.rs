@@ -125,6 +125,14 @@ fn image(row: &Option<loyalty_cdc::source::Row>, change: &Change) -> Option<Stri
 impl TxnConsumer for PgSink {
     async fn durable_position(&mut self) -> Result<Option<Position>, ConsumerError> {
         self.reconnect_if_closed().await?;
+        // A new session re-sends what was not durable: drop it.
+        if self.in_batch > 0 {
+            self.client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(|e| ConsumerError::transient(e.to_string()))?;
+            self.in_batch = 0;
+        }
         ledger::positions::load(&self.client, &self.source)
             .await
             .map_err(|e| ConsumerError::transient(e.to_string()))
