@@ -667,7 +667,7 @@ mod tests {
         ));
         assert_eq!(class, ErrorClass::Config);
         assert!(
-            text.starts_with("replication stream: publication"),
+            text.starts_with("replication stream: server error: publication"),
             "{text}"
         );
         let (class, text) = class_of(PgWireError::Server(
