@@ -216,7 +216,12 @@ pub async fn stream<C: TxnConsumer>(
                 }
                 return Ok(StreamEnd::Shutdown);
             }
-            _ = async { heartbeat.as_mut().expect("guarded").tick().await }, if heartbeat.is_some() => {
+            _ = async {
+                match heartbeat.as_mut() {
+                    Some(interval) => interval.tick().await,
+                    None => std::future::pending().await,
+                }
+            } => {
                 // A non-transactional message gives a quiet database a WAL
                 // position of its own to confirm.
                 query
