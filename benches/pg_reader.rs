@@ -37,7 +37,7 @@ struct NullConsumer {
 impl TxnConsumer for NullConsumer {
     async fn durable_position(&mut self) -> Result<Option<Position>, ConsumerError> {
         // Stream from the slot's own start (its confirmed_flush_lsn).
-        Ok(Some(self.last.unwrap_or(Position::stream(Lsn(0)))))
+        Ok(Some(self.last.clone().unwrap_or(Position::stream(Lsn(0)))))
     }
 
     async fn apply(&mut self, mut txn: SourceTxn) -> Result<Option<Position>, ConsumerError> {
@@ -50,11 +50,11 @@ impl TxnConsumer for NullConsumer {
             .map_err(|e| ConsumerError::definite(e.to_string()))?;
         self.changes += seen;
         self.last = Some(txn.position);
-        Ok(self.last)
+        Ok(self.last.clone())
     }
 
     async fn flush(&mut self) -> Result<Option<Position>, ConsumerError> {
-        Ok(self.last)
+        Ok(self.last.clone())
     }
 }
 

@@ -59,7 +59,7 @@ struct Checker {
 
 impl TxnConsumer for Checker {
     async fn durable_position(&mut self) -> Result<Option<Position>, ConsumerError> {
-        Ok(self.durable)
+        Ok(self.durable.clone())
     }
 
     async fn apply(&mut self, mut txn: SourceTxn) -> Result<Option<Position>, ConsumerError> {
@@ -77,11 +77,11 @@ impl TxnConsumer for Checker {
             self.id_sum = sum;
         }
         self.durable = Some(txn.position);
-        Ok(self.durable)
+        Ok(self.durable.clone())
     }
 
     async fn flush(&mut self) -> Result<Option<Position>, ConsumerError> {
-        Ok(self.durable)
+        Ok(self.durable.clone())
     }
 }
 

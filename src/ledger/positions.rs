@@ -55,7 +55,7 @@ pub async fn store(
     client: &impl GenericClient,
     source: &str,
     kind: SourceKind,
-    position: Position,
+    position: &Position,
     commit_ts: DateTime<Utc>,
 ) -> Result<(), tokio_postgres::Error> {
     let state = match position.phase {

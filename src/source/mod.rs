@@ -17,7 +17,7 @@ use std::future::Future;
 use serde::{Deserialize, Serialize};
 
 pub use change::{Change, Column, Op, ReplicaIdentity, Row, Table, Value};
-pub use txn::{Changes, Lsn, Phase, Position, SourceTxn, TxnKind};
+pub use txn::{BinlogOffset, Changes, Lsn, Offset, Phase, Position, SourceTxn, TxnKind};
 
 use crate::ErrorClass;
 

@@ -7,6 +7,7 @@
 //! quick to write and read, which matters when a bulk update streams past
 //! at the walsender's full speed.
 
+use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -17,6 +18,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::change::{Change, Op, Row, Table};
+use super::mysql::gtid::GtidList;
 
 /// Default in-memory budget of one transaction's changes. 64 MiB holds about
 /// 200k typical order rows, far beyond any ordinary sale, while a bulk
@@ -58,38 +60,135 @@ pub enum Phase {
     Stream,
 }
 
-/// Where a source stands. Ordered within one source: by offset, and at one
-/// offset the snapshot comes before the stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Position {
+/// A place in a MySQL/MariaDB binlog: the coordinates on the server read
+/// from, and (MariaDB) the GTID state there, which stays valid across a
+/// failover to another server where the coordinates do not.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BinlogOffset {
+    /// Binlog file name, e.g. `mariadb-bin.000012`.
+    pub file: String,
+    /// Byte offset of the next event in that file.
+    pub pos: u64,
+    /// MariaDB GTID state at this point, if GTIDs are in use.
+    pub gtids: Option<GtidList>,
+}
+
+impl BinlogOffset {
+    /// Binlog files are numbered in order (`name.000012`): compare the
+    /// number, then the offset within the file.
+    fn key(&self) -> (u64, u64) {
+        let sequence = self
+            .file
+            .rsplit_once('.')
+            .and_then(|(_, n)| n.parse().ok())
+            .unwrap_or(0);
+        (sequence, self.pos)
+    }
+}
+
+/// The offset part of a position, in the source kind's own terms.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Offset {
     /// PostgreSQL: the end LSN of the last applied commit (or the slot's
     /// consistent point while and right after snapshotting).
-    pub lsn: Lsn,
+    Lsn(Lsn),
+    /// MySQL/MariaDB: where the next transaction starts.
+    Binlog(BinlogOffset),
+}
+
+/// Where a source stands. Ordered within one source: by offset, and at one
+/// offset the snapshot comes before the stream. Positions of different
+/// source kinds are not comparable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Position {
+    pub offset: Offset,
     pub phase: Phase,
 }
 
+impl PartialOrd for Position {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        let by_offset = match (&self.offset, &other.offset) {
+            (Offset::Lsn(a), Offset::Lsn(b)) => a.cmp(b),
+            (Offset::Binlog(a), Offset::Binlog(b)) => a.key().cmp(&b.key()),
+            _ => return None,
+        };
+        Some(by_offset.then(self.phase.cmp(&other.phase)))
+    }
+}
+
 impl Position {
+    /// A PostgreSQL streaming position.
     pub fn stream(lsn: Lsn) -> Self {
         Self {
-            lsn,
+            offset: Offset::Lsn(lsn),
             phase: Phase::Stream,
         }
     }
 
+    /// A PostgreSQL snapshot position.
     pub fn snapshot(lsn: Lsn) -> Self {
         Self {
-            lsn,
+            offset: Offset::Lsn(lsn),
             phase: Phase::Snapshot,
+        }
+    }
+
+    /// The LSN of a PostgreSQL position.
+    pub fn lsn(&self) -> Option<Lsn> {
+        match self.offset {
+            Offset::Lsn(lsn) => Some(lsn),
+            Offset::Binlog(_) => None,
         }
     }
 }
 
-/// Stored as `0/16B3748` (streaming) or `snapshot@0/16B3748`.
+/// PostgreSQL `0/16B3748`; MySQL/MariaDB `mariadb-bin.000012:4567`, with
+/// the GTID state after a `;` (`…:4567;0-1-100,1-2-57`).
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Offset::Lsn(lsn) => write!(f, "{lsn}"),
+            Offset::Binlog(binlog) => {
+                write!(f, "{}:{}", binlog.file, binlog.pos)?;
+                match &binlog.gtids {
+                    Some(gtids) => write!(f, ";{gtids}"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+impl FromStr for Offset {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if !text.contains(':') {
+            return Ok(Offset::Lsn(text.parse()?));
+        }
+        let (coordinates, gtids) = match text.split_once(';') {
+            Some((coordinates, gtids)) => (coordinates, Some(gtids.parse()?)),
+            None => (text, None),
+        };
+        let (file, pos) = coordinates
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{text}` is not a binlog position (expected file:pos)"))?;
+        Ok(Offset::Binlog(BinlogOffset {
+            file: file.to_string(),
+            pos: pos
+                .parse()
+                .map_err(|_| format!("`{text}` is not a binlog position (expected file:pos)"))?,
+            gtids,
+        }))
+    }
+}
+
+/// Stored as the offset (streaming) or `snapshot@` and the offset.
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.phase {
-            Phase::Snapshot => write!(f, "snapshot@{}", self.lsn),
-            Phase::Stream => write!(f, "{}", self.lsn),
+            Phase::Snapshot => write!(f, "snapshot@{}", self.offset),
+            Phase::Stream => write!(f, "{}", self.offset),
         }
     }
 }
@@ -98,10 +197,14 @@ impl FromStr for Position {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text.strip_prefix("snapshot@") {
-            Some(lsn) => Ok(Position::snapshot(lsn.parse()?)),
-            None => Ok(Position::stream(text.parse()?)),
-        }
+        let (phase, offset) = match text.strip_prefix("snapshot@") {
+            Some(offset) => (Phase::Snapshot, offset),
+            None => (Phase::Stream, text),
+        };
+        Ok(Position {
+            offset: offset.parse()?,
+            phase,
+        })
     }
 }
 
@@ -365,6 +468,22 @@ mod tests {
         assert_eq!(lsn.0, 0x16_B374_D848);
         assert_eq!(lsn.to_string(), "16/B374D848");
         assert!("16B374D848".parse::<Lsn>().is_err());
+    }
+
+    #[test]
+    fn binlog_positions_round_trip_and_order_by_file_number_then_offset() {
+        let a: Position = "mariadb-bin.000009:900;0-1-100,1-2-57".parse().unwrap();
+        let b: Position = "mariadb-bin.000010:4".parse().unwrap();
+        assert_eq!(a.to_string(), "mariadb-bin.000009:900;0-1-100,1-2-57");
+        assert!(a < b);
+        let snapshot: Position = "snapshot@mariadb-bin.000010:4".parse().unwrap();
+        assert!(snapshot < b && snapshot.phase == Phase::Snapshot);
+        assert_eq!(
+            a.partial_cmp(&Position::stream(Lsn(1))),
+            None,
+            "kinds do not compare"
+        );
+        assert!("mariadb-bin.000010:x".parse::<Position>().is_err());
     }
 
     #[test]

@@ -243,9 +243,9 @@ async fn a_restart_after_confirmed_position_replays_nothing_at_or_below_it() {
     let confirmed: loyalty_cdc::source::Lsn =
         confirmed_flush(&slot).await.unwrap().parse().unwrap();
     assert!(
-        confirmed >= stored.lsn,
+        confirmed >= stored.lsn().unwrap(),
         "confirmed {confirmed} < durable {}",
-        stored.lsn
+        stored.lsn().unwrap()
     );
 
     for id in 6..=7 {
@@ -713,7 +713,7 @@ async fn without_a_snapshot_only_later_changes_arrive_and_a_heartbeat_moves_a_qu
         tokio::time::sleep(Duration::from_millis(100)).await;
         let confirmed: loyalty_cdc::source::Lsn =
             confirmed_flush(&slot).await.unwrap().parse().unwrap();
-        if confirmed > stored.lsn {
+        if confirmed > stored.lsn().unwrap() {
             advanced = true;
             break;
         }
@@ -721,7 +721,7 @@ async fn without_a_snapshot_only_later_changes_arrive_and_a_heartbeat_moves_a_qu
     assert!(
         advanced,
         "the heartbeat did not move the slot past {}",
-        stored.lsn
+        stored.lsn().unwrap()
     );
     let lag = loyalty_cdc::source::postgres::catalog::lag_bytes(&src.client().await, &slot)
         .await

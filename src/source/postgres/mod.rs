@@ -405,13 +405,18 @@ impl PostgresSource {
                     .await?
                     .ok_or_else(|| PgSourceError::SlotMissing {
                         slot: self.slot.clone(),
-                        position,
+                        position: position.clone(),
                     })?;
                 catalog::verify_slot(&self.slot, &state, &database)?;
                 catalog::verify_publication(&query, &self.publication, &self.options.tables)
                     .await?;
                 self.check_replica_identity(&query).await?;
-                let mut client = ReplicationClient::connect(self.replication_config(position.lsn)?)
+                let lsn = position.lsn().ok_or_else(|| {
+                    PgSourceError::Setup(format!(
+                        "the stored position `{position}` of this source is not a PostgreSQL position; was the source's kind changed? Give the source a new name to start it afresh"
+                    ))
+                })?;
+                let mut client = ReplicationClient::connect(self.replication_config(lsn)?)
                     .await
                     .map_err(|e| classify_wire(e, &self.slot))?;
                 client
@@ -534,7 +539,7 @@ impl PostgresSource {
             .apply(SourceTxn {
                 source: Arc::clone(&self.name),
                 kind: TxnKind::SnapshotDone,
-                position: start,
+                position: start.clone(),
                 commit_ts: snapshot_ts,
                 changes: Changes::default(),
             })

@@ -102,7 +102,7 @@ impl SourceProgress {
     pub fn snapshot(&self) -> ProgressSnapshot {
         self.with(|i| ProgressSnapshot {
             state: i.state.clone(),
-            applied: i.applied,
+            applied: i.applied.clone(),
             confirmed: i.confirmed,
             last_commit_ts: i.last_commit_ts,
             changes_applied: i.changes_applied,

@@ -131,7 +131,7 @@ pub async fn copy_tables<C: TxnConsumer>(
                     hand_over(
                         consumer,
                         source,
-                        position,
+                        &position,
                         snapshot_ts,
                         std::mem::take(&mut chunk),
                     )
@@ -151,7 +151,7 @@ pub async fn copy_tables<C: TxnConsumer>(
             )));
         }
         if !chunk.is_empty() {
-            hand_over(consumer, source, position, snapshot_ts, chunk).await?;
+            hand_over(consumer, source, &position, snapshot_ts, chunk).await?;
         }
         tracing::info!(source = %source, table = %spec, rows = table_rows, "snapshot: table copied");
         report.rows += table_rows;
@@ -165,7 +165,7 @@ pub async fn copy_tables<C: TxnConsumer>(
 async fn hand_over<C: TxnConsumer>(
     consumer: &mut C,
     source: &Arc<str>,
-    position: Position,
+    position: &Position,
     commit_ts: DateTime<Utc>,
     chunk: Vec<Change>,
 ) -> Result<(), PgSourceError> {
@@ -173,7 +173,7 @@ async fn hand_over<C: TxnConsumer>(
         .apply(SourceTxn {
             source: Arc::clone(source),
             kind: TxnKind::Snapshot,
-            position,
+            position: position.clone(),
             commit_ts,
             changes: Changes::from_vec(chunk),
         })

@@ -202,9 +202,9 @@ pub async fn stream<C: TxnConsumer>(
     let mut relations = RelationCache::default();
     let mut open: Option<OpenTxn> = None;
     // Highest position handed to the consumer, and highest it made durable.
-    let mut applied = start;
+    progress.set_streaming(start.clone());
+    let mut applied = start.clone();
     let mut durable = start;
-    progress.set_streaming(start);
     let mut heartbeat = options.heartbeat_interval.map(tokio::time::interval);
 
     loop {
@@ -280,17 +280,20 @@ pub async fn stream<C: TxnConsumer>(
                     .apply(SourceTxn {
                         source: Arc::clone(source),
                         kind: TxnKind::Stream { xid: txn.xid },
-                        position,
+                        position: position.clone(),
                         commit_ts,
                         changes,
                     })
                     .await?;
+                progress.applied(position.clone(), commit_ts, rows);
                 applied = position;
-                progress.applied(position, commit_ts, rows);
                 if let Some(returned) = returned {
                     confirm(client, progress, &mut durable, returned);
                 }
-                if options.stop_at.is_some_and(|stop| position.lsn >= stop) {
+                if options
+                    .stop_at
+                    .is_some_and(|stop| end_lsn.as_u64() >= stop.0)
+                {
                     if let Some(flushed) = consumer.flush().await? {
                         confirm(client, progress, &mut durable, flushed);
                     }
@@ -303,7 +306,7 @@ pub async fn stream<C: TxnConsumer>(
                     consumer,
                     progress,
                     &open,
-                    applied,
+                    &applied,
                     &mut durable,
                     Lsn(wal_end.as_u64()),
                 )
@@ -319,7 +322,7 @@ pub async fn stream<C: TxnConsumer>(
                     consumer,
                     progress,
                     &open,
-                    applied,
+                    &applied,
                     &mut durable,
                     Lsn(lsn.as_u64()),
                 )
@@ -344,10 +347,13 @@ fn confirm(
     durable: &mut Position,
     position: Position,
 ) {
+    // A position that is not an LSN cannot come from this reader's
+    // transactions; there is nothing to confirm with it.
+    let Some(lsn) = position.lsn() else { return };
     if position.phase == Phase::Stream && position > *durable {
         *durable = position;
-        client.update_applied_lsn(pgwire_replication::Lsn(position.lsn.0));
-        progress.confirmed(position.lsn);
+        client.update_applied_lsn(pgwire_replication::Lsn(lsn.0));
+        progress.confirmed(lsn);
     }
 }
 
@@ -362,7 +368,7 @@ async fn idle_point<C: TxnConsumer>(
     consumer: &mut C,
     progress: &SourceProgress,
     open: &Option<OpenTxn>,
-    applied: Position,
+    applied: &Position,
     durable: &mut Position,
     wal_end: Lsn,
 ) -> Result<(), PgSourceError> {
@@ -370,13 +376,13 @@ async fn idle_point<C: TxnConsumer>(
     if open.is_some() {
         return Ok(());
     }
-    if applied > *durable {
+    if applied > durable {
         if let Some(flushed) = consumer.flush().await? {
             confirm(client, progress, durable, flushed);
         }
     }
     progress.touch();
-    if *durable >= applied && wal_end > durable.lsn {
+    if &*durable >= applied && durable.lsn().is_some_and(|confirmed| wal_end > confirmed) {
         client.update_applied_lsn(pgwire_replication::Lsn(wal_end.0));
         progress.confirmed(wal_end);
     }

@@ -74,12 +74,12 @@ impl PgSink {
         if self.in_batch == 0 {
             return Ok(());
         }
-        let (position, commit_ts) = self.last.expect("a transaction was applied");
+        let (position, commit_ts) = self.last.clone().expect("a transaction was applied");
         ledger::positions::store(
             &self.client,
             &self.source,
             SourceKind::Postgres,
-            position,
+            &position,
             commit_ts,
         )
         .await
@@ -187,17 +187,17 @@ impl TxnConsumer for PgSink {
             )
             .await
             .map_err(|e| ConsumerError::transient(e.to_string()))?;
-        self.last = Some((txn.position, txn.commit_ts));
+        self.last = Some((txn.position.clone(), txn.commit_ts));
         self.in_batch += 1;
         self.applied.fetch_add(1, Ordering::SeqCst);
         if self.in_batch >= self.batch {
             self.commit().await?;
         }
-        Ok(self.durable)
+        Ok(self.durable.clone())
     }
 
     async fn flush(&mut self) -> Result<Option<Position>, ConsumerError> {
         self.commit().await?;
-        Ok(self.durable)
+        Ok(self.durable.clone())
     }
 }
