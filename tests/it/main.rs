@@ -8,6 +8,7 @@ mod check;
 mod config;
 mod migrate;
 mod mysql_binlog;
+mod mysql_source;
 mod pg_source;
 mod schemas;
 mod setup_script;

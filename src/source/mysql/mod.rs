@@ -6,10 +6,12 @@
 //! - `gtid.rs`: MariaDB GTIDs and GTID lists (positions), and the MariaDB
 //!   events that carry them.
 //! - `rows.rs`: row images decoded by a plan built once per TABLE_MAP.
+//! - `reader.rs`: the binlog reader (streaming and resume; snapshot next).
 //!
 //! The binlog client, schema tracking and snapshot arrive with the MySQL /
 //! MariaDB source issue.
 
 pub mod gtid;
 pub mod preflight;
+pub mod reader;
 pub mod rows;

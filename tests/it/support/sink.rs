@@ -18,6 +18,8 @@ use super::PgDatabase;
 
 pub struct PgSink {
     url: String,
+    /// Which kind of source feeds it (stored with the position).
+    pub kind: SourceKind,
     client: tokio_postgres::Client,
     source: String,
     /// Source transactions per database commit.
@@ -45,6 +47,7 @@ impl PgSink {
             .expect("create captured");
         Self {
             url: db.url(),
+            kind: SourceKind::Postgres,
             client,
             source: source.into(),
             batch,
@@ -75,15 +78,9 @@ impl PgSink {
             return Ok(());
         }
         let (position, commit_ts) = self.last.clone().expect("a transaction was applied");
-        ledger::positions::store(
-            &self.client,
-            &self.source,
-            SourceKind::Postgres,
-            &position,
-            commit_ts,
-        )
-        .await
-        .map_err(|e| ConsumerError::transient(e.to_string()))?;
+        ledger::positions::store(&self.client, &self.source, self.kind, &position, commit_ts)
+            .await
+            .map_err(|e| ConsumerError::transient(e.to_string()))?;
         self.client
             .batch_execute("COMMIT")
             .await
