@@ -275,3 +275,88 @@ async fn a_restart_resumes_by_file_and_position_without_gtids() {
         "each order once"
     );
 }
+
+#[tokio::test]
+async fn a_snapshot_with_concurrent_writes_yields_every_row_exactly_once() {
+    let shop = MyDatabase::create("snap").await;
+    let sink_db = PgDatabase::create("sink").await;
+    let mut conn = shop.conn().await;
+    conn.query_drop("CREATE TABLE t (id INT PRIMARY KEY, state VARCHAR(20) NOT NULL)")
+        .await
+        .unwrap();
+    conn.query_drop("INSERT INTO t SELECT seq, 'paid' FROM seq_1_to_30000")
+        .await
+        .unwrap();
+    let settings = settings(&shop);
+    let source = MysqlSource::new(&settings, &["t"]);
+    let mut sink = PgSink::new(&sink_db, "shop", 1).await;
+    sink.kind = SourceKind::Mysql;
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let handle = tokio::spawn(async move { (source.run(&mut sink, &token).await, sink) });
+    // Write before, during and after the copy, until the reader streams.
+    let sink_client = sink_db.client().await;
+    let mut i = 0;
+    loop {
+        let streaming = loyalty_cdc::ledger::positions::load(&sink_client, "shop")
+            .await
+            .unwrap()
+            .is_some_and(|p| p.phase == loyalty_cdc::source::Phase::Stream);
+        if streaming && i >= 200 {
+            break;
+        }
+        conn.query_drop(format!(
+            "BEGIN; INSERT INTO t VALUES ({}, 'draft'); UPDATE t SET state = 'done' WHERE id = {}; DELETE FROM t WHERE id = {}; COMMIT;",
+            30_001 + i,
+            i + 1,
+            15_000 + i
+        ))
+        .await
+        .unwrap();
+        i += 1;
+        assert!(i < 100_000, "the reader never finished its snapshot");
+    }
+    conn.query_drop("INSERT INTO t VALUES (0, 'marker')")
+        .await
+        .unwrap();
+    wait_count(&sink_db, "AND kind = 'stream' AND id = '0'", 1).await;
+    shutdown.cancel();
+    let (outcome, _) = handle.await.unwrap();
+    outcome.unwrap();
+
+    sink_client
+        .batch_execute(
+            "CREATE TABLE mirror (id int PRIMARY KEY, state text);
+             DO $$ DECLARE r record; BEGIN
+               FOR r IN SELECT * FROM captured WHERE op <> 'none' ORDER BY seq LOOP
+                 IF r.op = 'delete' THEN DELETE FROM mirror WHERE id = r.id::int;
+                 ELSE INSERT INTO mirror VALUES (r.id::int, r.after->'state'->>'Text')
+                      ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state; END IF;
+               END LOOP; END $$;",
+        )
+        .await
+        .unwrap();
+    let mirror: Vec<(i32, String)> = sink_client
+        .query("SELECT id, state FROM mirror ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let truth: Vec<(i32, String)> = conn
+        .query("SELECT id, state FROM t ORDER BY id")
+        .await
+        .unwrap();
+    assert_eq!(mirror.len(), truth.len());
+    assert!(mirror == truth, "mirror differs from the source table");
+    let doubled: i64 = sink_client
+        .query_one(
+            "SELECT count(*) FROM (SELECT id FROM captured WHERE op = 'insert' GROUP BY id HAVING count(*) > 1) d",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(doubled, 0, "no row both copied and streamed as inserted");
+    assert!(count(&sink_db, "AND kind = 'snapshot'").await >= 30_000 - 200);
+}

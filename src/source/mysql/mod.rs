@@ -6,7 +6,8 @@
 //! - `gtid.rs`: MariaDB GTIDs and GTID lists (positions), and the MariaDB
 //!   events that carry them.
 //! - `rows.rs`: row images decoded by a plan built once per TABLE_MAP.
-//! - `reader.rs`: the binlog reader (streaming and resume; snapshot next).
+//! - `reader.rs`: the binlog reader: streaming and resume.
+//! - `snapshot.rs`: the lock-free consistent snapshot (MariaDB).
 //!
 //! The binlog client, schema tracking and snapshot arrive with the MySQL /
 //! MariaDB source issue.
@@ -15,3 +16,4 @@ pub mod gtid;
 pub mod preflight;
 pub mod reader;
 pub mod rows;
+pub mod snapshot;

@@ -2,10 +2,10 @@
 //! transactions for the consumer, and resumes from the consumer's durable
 //! position.
 //!
-//! **State of this module.** Streaming and resume work (MariaDB GTID or
-//! file:pos). Not yet: the initial snapshot (a new source starts at the
-//! server's current position), DDL parking, purge detection before
-//! streaming, heartbeats, progress figures. See the MySQL source issue.
+//! **State of this module.** Snapshot (MariaDB, `snapshot.rs`), streaming
+//! and resume (MariaDB GTID or file:pos) work. Not yet: the MySQL 8
+//! snapshot, DDL parking, purge detection before streaming, heartbeats,
+//! progress figures. See the MySQL source issue.
 //!
 //! # Why nothing is lost or doubled on restart
 //!
@@ -116,6 +116,8 @@ pub struct MysqlSource {
     /// `(database, table)` pairs to capture.
     tables: Vec<(String, String)>,
     txn_memory_budget: usize,
+    /// Copy existing rows on first start.
+    snapshot: bool,
 }
 
 /// A transaction being collected.
@@ -144,6 +146,7 @@ impl MysqlSource {
                 })
                 .collect(),
             txn_memory_budget: DEFAULT_TXN_MEMORY_BUDGET,
+            snapshot: settings.snapshot,
         }
     }
 
@@ -198,11 +201,21 @@ impl MysqlSource {
                 Offset::Binlog(offset) => offset,
                 Offset::Lsn(_) => return Err(MysqlSourceError::PositionKind(position)),
             },
-            // First start. The snapshot is not built yet: the source starts
-            // at the server's current position, recorded as SnapshotDone.
+            // First start, or a snapshot that did not finish: copy the
+            // tables in a consistent read view (or, without a snapshot, start
+            // at the server's current position), then stream from there.
             _ => {
-                let start = self.current_position().await?;
-                tracing::info!(source = %self.name, position = %Offset::Binlog(start.clone()), "new source starts at the server's current binlog position");
+                let start = if self.snapshot {
+                    let mut conn = connect::mysql(&self.url, self.password.as_ref()).await?;
+                    let start =
+                        super::snapshot::copy_tables(&mut conn, &self.name, &self.tables, consumer)
+                            .await?;
+                    let _ = conn.disconnect().await;
+                    start
+                } else {
+                    self.current_position().await?
+                };
+                tracing::info!(source = %self.name, position = %Offset::Binlog(start.clone()), "streaming starts");
                 consumer
                     .apply(SourceTxn {
                         source: Arc::clone(&self.name),
