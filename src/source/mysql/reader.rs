@@ -4,8 +4,8 @@
 //!
 //! **State of this module.** Snapshot (MariaDB, `snapshot.rs`), streaming
 //! and resume (MariaDB GTID or file:pos) work. Not yet: the MySQL 8
-//! snapshot, DDL parking, purge detection before streaming, heartbeats,
-//! progress figures. See the MySQL source issue.
+//! snapshot, DDL parking, progress and lag figures. See the MySQL source
+//! issue.
 //!
 //! # Why nothing is lost or doubled on restart
 //!
@@ -46,7 +46,14 @@ use crate::ErrorClass;
 /// Binlog event type codes this reader acts on or knowingly passes over.
 mod event {
     pub const QUERY: u8 = 2;
+    /// Written when the server stops: the file ends here.
+    pub const STOP: u8 = 3;
     pub const ROTATE: u8 = 4;
+    /// Context of statement-based events (auto-increment, RAND(), user
+    /// variables): nothing to read from them with row-based logging.
+    pub const INTVAR: u8 = 5;
+    pub const RAND: u8 = 13;
+    pub const USER_VAR: u8 = 14;
     pub const FORMAT_DESCRIPTION: u8 = 15;
     pub const XID: u8 = 16;
     pub const TABLE_MAP: u8 = 19;
@@ -66,6 +73,9 @@ mod event {
     pub const MARIADB_GTID_LIST: u8 = 0xa3;
 }
 
+/// How often the server sends a heartbeat on an idle binlog stream.
+pub const HEARTBEAT_PERIOD: Duration = Duration::from_secs(2);
+
 /// Backoff bounds for reconnecting after a transient error.
 const RECONNECT_INITIAL: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
@@ -83,10 +93,15 @@ pub enum MysqlSourceError {
     Rows(#[from] RowDecodeError),
     #[error("binlog event: {0}")]
     Event(String),
+    /// The server closed the stream (a shutdown or restart): reconnect.
+    #[error("the server ended the binlog stream")]
+    StreamEnded,
     #[error("spilling a large transaction to disk: {0}")]
     Spill(std::io::Error),
     #[error("consumer: {0}")]
     Consumer(#[from] ConsumerError),
+    #[error("the binlog at the stored position {position} is gone from the server ({detail}); the changes since cannot be read. Fix: delete the stored position (DELETE FROM source_positions WHERE source = '<name>') and restart to resnapshot (orders already booked are not booked twice), and keep binlogs longer (binlog_expire_logs_seconds) than loyalty-cdc may be stopped")]
+    BinlogPurged { position: String, detail: String },
 }
 
 /// ER_MASTER_FATAL_ERROR_READING_BINLOG: the requested position is gone
@@ -100,8 +115,10 @@ impl MysqlSourceError {
             Self::Server(mysql_async::Error::Server(server)) if server.code == ER_BINLOG_GONE => {
                 ErrorClass::Definite
             }
-            Self::Server(_) | Self::Spill(_) => ErrorClass::Transient,
-            Self::PositionKind(_) | Self::Rows(_) | Self::Event(_) => ErrorClass::Definite,
+            Self::Server(_) | Self::Spill(_) | Self::StreamEnded => ErrorClass::Transient,
+            Self::PositionKind(_) | Self::Rows(_) | Self::Event(_) | Self::BinlogPurged { .. } => {
+                ErrorClass::Definite
+            }
             Self::Consumer(error) => error.class,
         }
     }
@@ -267,6 +284,15 @@ impl MysqlSource {
         // MariaDB: GTID events as such (not disguised as BEGIN), and resume
         // by GTID state when we have one.
         let _ = conn.query_drop("SET @mariadb_slave_capability = 4").await;
+        // Heartbeats while the binlog is idle: a quiet stream is told from a
+        // stalled one, and the server's dump thread notices a reader that
+        // went away within one period (until it does, it holds its binlog
+        // file against PURGE).
+        conn.query_drop(format!(
+            "SET @master_heartbeat_period = {}",
+            HEARTBEAT_PERIOD.as_nanos()
+        ))
+        .await?;
         let resume_by_gtid = match &durable.gtids {
             Some(gtids) if !gtids.is_empty() => conn
                 .exec_drop("SET @slave_connect_state = ?", (gtids.to_string(),))
@@ -274,6 +300,8 @@ impl MysqlSource {
                 .is_ok(),
             _ => false,
         };
+        let stored = Offset::Binlog(durable.clone()).to_string();
+        self.check_not_purged(&mut conn, &durable, &stored).await?;
         let request = BinlogStreamRequest::new(self.server_id);
         let request = if resume_by_gtid {
             request
@@ -282,7 +310,16 @@ impl MysqlSource {
                 .with_filename(durable.file.as_bytes())
                 .with_pos(durable.pos)
         };
-        let mut stream = conn.get_binlog_stream(request).await?;
+        let gone = |error: mysql_async::Error| match error {
+            mysql_async::Error::Server(server) if server.code == ER_BINLOG_GONE => {
+                MysqlSourceError::BinlogPurged {
+                    position: stored.clone(),
+                    detail: server.message,
+                }
+            }
+            other => MysqlSourceError::Server(other),
+        };
+        let mut stream = conn.get_binlog_stream(request).await.map_err(gone)?;
 
         let mut file = durable.file.clone();
         let mut gtids = durable.gtids.clone().unwrap_or_default();
@@ -293,16 +330,15 @@ impl MysqlSource {
                 biased;
                 _ = shutdown.cancelled() => {
                     consumer.flush().await?;
+                    let _ = stream.close().await;
                     return Ok(());
                 }
                 event = stream.next() => event,
             };
             let Some(event) = event else {
-                return Err(MysqlSourceError::Event(
-                    "the server ended the binlog stream".into(),
-                ));
+                return Err(MysqlSourceError::StreamEnded);
             };
-            let event = event?;
+            let event = event.map_err(gone)?;
             let header = event.header();
             match header.event_type_raw() {
                 event::ROTATE => {
@@ -374,6 +410,10 @@ impl MysqlSource {
                     }
                 }
                 event::FORMAT_DESCRIPTION
+                | event::STOP
+                | event::INTVAR
+                | event::RAND
+                | event::USER_VAR
                 | event::HEARTBEAT
                 | event::MYSQL_PREVIOUS_GTIDS
                 | event::MARIADB_ANNOTATE_ROWS
@@ -388,6 +428,58 @@ impl MysqlSource {
                 }
             }
         }
+    }
+
+    /// Refuses to stream when the changes right after `durable` are no
+    /// longer on the server. MariaDB does not refuse by itself: asked for a
+    /// GTID state older than its oldest binlog, it streams from that binlog
+    /// and the purged transactions are skipped without a word.
+    async fn check_not_purged(
+        &self,
+        conn: &mut mysql_async::Conn,
+        durable: &BinlogOffset,
+        stored: &str,
+    ) -> Result<(), MysqlSourceError> {
+        let files: Vec<String> = conn
+            .query::<mysql_async::Row, _>("SHOW BINARY LOGS")
+            .await?
+            .into_iter()
+            .filter_map(|mut row| row.take::<String, _>(0))
+            .collect();
+        let purged = |detail: String| MysqlSourceError::BinlogPurged {
+            position: stored.to_string(),
+            detail,
+        };
+        let Some(oldest) = files.first() else {
+            return Err(purged("the server lists no binary logs".into()));
+        };
+        match &durable.gtids {
+            Some(read) if !read.is_empty() => {
+                // The GTID state at the start of the oldest binlog: every
+                // domain's transactions up to it are gone.
+                let start: Option<String> = conn
+                    .exec_first::<Option<String>, _, _>("SELECT BINLOG_GTID_POS(?, 4)", (oldest,))
+                    .await?
+                    .flatten();
+                let start: GtidList = start.and_then(|t| t.parse().ok()).unwrap_or_default();
+                let gap = start.gtids().find(|gtid| !read.includes(gtid)).copied();
+                if let Some(gap) = gap {
+                    return Err(purged(format!(
+                        "the oldest binlog, {oldest}, starts after {gap}, beyond what this source has read in domain {}",
+                        gap.domain
+                    )));
+                }
+            }
+            _ => {
+                if !files.contains(&durable.file) {
+                    return Err(purged(format!(
+                        "file {} is not among the server's binary logs (oldest: {oldest})",
+                        durable.file
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn open_txn(&self, gtid: Option<Gtid>, timestamp: u32) -> OpenTxn {
