@@ -167,6 +167,13 @@ impl MysqlSource {
         }
     }
 
+    /// In-memory budget of one transaction's changes before spilling
+    /// (default 64 MiB).
+    pub fn with_txn_memory_budget(mut self, bytes: usize) -> Self {
+        self.txn_memory_budget = bytes;
+        self
+    }
+
     fn captures(&self, database: &str, table: &str) -> bool {
         self.tables.iter().any(|(d, t)| d == database && t == table)
     }
