@@ -44,7 +44,7 @@ impl TxnConsumer for NullConsumer {
         let mut seen = 0u64;
         txn.changes
             .for_each(|change| {
-                std::hint::black_box(&change);
+                std::hint::black_box(change);
                 seen += 1;
             })
             .map_err(|e| ConsumerError::definite(e.to_string()))?;

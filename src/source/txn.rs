@@ -291,7 +291,7 @@ impl Changes {
 
     /// Visits every change in order. Spilled changes are read back one at a
     /// time, so this never holds more than the budget.
-    pub fn for_each(&mut self, mut visit: impl FnMut(Change)) -> Result<(), SpillError> {
+    pub fn for_each(&mut self, mut visit: impl FnMut(&Change)) -> Result<(), SpillError> {
         if let Some(spill) = &mut self.spilled {
             spill
                 .file
@@ -314,7 +314,7 @@ impl Changes {
                     spill.tables.get(spilled.table).cloned().ok_or_else(|| {
                         SpillError(format!("unknown table index {}", spilled.table))
                     })?;
-                visit(Change {
+                visit(&Change {
                     table,
                     op: spilled.op,
                     before: spilled.before,
@@ -322,8 +322,10 @@ impl Changes {
                 });
             }
         }
+        // By reference: a consumer reading a big transaction should not pay
+        // for a copy of every row.
         for change in &self.memory {
-            visit(change.clone());
+            visit(change);
         }
         Ok(())
     }
@@ -332,7 +334,7 @@ impl Changes {
     /// (tests, snapshot chunks); large ones use [`Changes::for_each`].
     pub fn to_vec(&mut self) -> Result<Vec<Change>, SpillError> {
         let mut all = Vec::with_capacity(self.len);
-        self.for_each(|change| all.push(change))?;
+        self.for_each(|change| all.push(change.clone()))?;
         Ok(all)
     }
 }

@@ -162,9 +162,9 @@ impl TxnConsumer for PgSink {
             .for_each(|change| {
                 tbls.push(change.table.name.clone());
                 ops.push(format!("{:?}", change.op).to_lowercase());
-                ids.push(id_of(&change));
-                befores.push(image(&change.before, &change));
-                afters.push(image(&change.after, &change));
+                ids.push(id_of(change));
+                befores.push(image(&change.before, change));
+                afters.push(image(&change.after, change));
             })
             .map_err(|e| ConsumerError::definite(e.to_string()))?;
         let position = txn.position.to_string();
