@@ -78,11 +78,19 @@ async fn binlog_position(conn: &mut mysql_async::Conn) -> (String, u64) {
 
 #[tokio::main]
 async fn main() {
-    let url = std::env::var("LCDC_BENCH_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
-    let rows: u64 = std::env::var("LCDC_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let url = std::env::var("LCDC_BENCH_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
+    let rows: u64 = std::env::var("LCDC_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
     let database = format!("lcdc_bench_reader_{}", std::process::id());
-    let mut conn = mysql_async::Conn::from_url(&url).await.expect("MariaDB; run docker/setup-local-databases.sh");
-    conn.query_drop(format!("CREATE DATABASE {database}")).await.unwrap();
+    let mut conn = mysql_async::Conn::from_url(&url)
+        .await
+        .expect("MariaDB; run docker/setup-local-databases.sh");
+    conn.query_drop(format!("CREATE DATABASE {database}"))
+        .await
+        .unwrap();
     conn.query_drop(format!("USE {database}")).await.unwrap();
     conn.query_drop(
         "CREATE TABLE bench_line (id BIGINT PRIMARY KEY, order_id BIGINT, product_id INT,
@@ -94,31 +102,56 @@ async fn main() {
     let mut db_url = url::Url::parse(&url).unwrap();
     db_url.set_path(&database);
 
-    for (shape, per_txn) in [("small_transactions_4_rows", 4u64), ("one_transaction", rows)] {
+    for (shape, per_txn) in [
+        ("small_transactions_4_rows", 4u64),
+        ("one_transaction", rows),
+    ] {
         conn.query_drop("TRUNCATE TABLE bench_line").await.unwrap();
         conn.query_drop("FLUSH BINARY LOGS").await.unwrap();
         let start = binlog_position(&mut conn).await;
         let written = Instant::now();
         let insert = "INSERT INTO bench_line SELECT seq, seq DIV 4, seq MOD 5000, 1.5, 19.99, 'Organic whole milk 1 L', 1, '2026-11-25 10:00:00.123456'";
         if per_txn >= rows {
-            conn.query_drop(format!("{insert} FROM seq_1_to_{rows}")).await.unwrap();
+            conn.query_drop(format!("{insert} FROM seq_1_to_{rows}"))
+                .await
+                .unwrap();
         } else {
             let (flush, sync): (u64, u64) = conn
                 .query_first("SELECT @@global.innodb_flush_log_at_trx_commit, @@global.sync_binlog")
                 .await
                 .unwrap()
                 .unwrap();
-            conn.query_drop("SET GLOBAL innodb_flush_log_at_trx_commit = 2, GLOBAL sync_binlog = 0").await.unwrap();
+            conn.query_drop(
+                "SET GLOBAL innodb_flush_log_at_trx_commit = 2, GLOBAL sync_binlog = 0",
+            )
+            .await
+            .unwrap();
             for first in (1..=rows).step_by(per_txn as usize) {
-                conn.query_drop(format!("{insert} FROM seq_{first}_to_{}", first + per_txn - 1)).await.unwrap();
-            }
-            conn.query_drop(format!("SET GLOBAL innodb_flush_log_at_trx_commit = {flush}, GLOBAL sync_binlog = {sync}"))
+                conn.query_drop(format!(
+                    "{insert} FROM seq_{first}_to_{}",
+                    first + per_txn - 1
+                ))
                 .await
                 .unwrap();
+            }
+            conn.query_drop(format!(
+                "SET GLOBAL innodb_flush_log_at_trx_commit = {flush}, GLOBAL sync_binlog = {sync}"
+            ))
+            .await
+            .unwrap();
         }
         let end = binlog_position(&mut conn).await;
-        assert_eq!(start.0, end.0, "the range stays in one binlog file (raise max_binlog_size)");
-        eprintln!("{shape}: wrote {rows} rows in {:.1} s; binlog {}:{}..{}", written.elapsed().as_secs_f64(), start.0, start.1, end.1);
+        assert_eq!(
+            start.0, end.0,
+            "the range stays in one binlog file (raise max_binlog_size)"
+        );
+        eprintln!(
+            "{shape}: wrote {rows} rows in {:.1} s; binlog {}:{}..{}",
+            written.elapsed().as_secs_f64(),
+            start.0,
+            start.1,
+            end.1
+        );
 
         let (mut ours, mut raw, mut text) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..RUNS {
@@ -140,7 +173,9 @@ async fn main() {
             ours / text
         );
     }
-    conn.query_drop(format!("DROP DATABASE {database}")).await.unwrap();
+    conn.query_drop(format!("DROP DATABASE {database}"))
+        .await
+        .unwrap();
 }
 
 async fn run_ours(db_url: &str, start: &(String, u64), end: &(String, u64), rows: u64) -> f64 {
@@ -179,17 +214,26 @@ fn run_mariadb_binlog(start: &(String, u64), end: &(String, u64), raw: bool) -> 
     let dir = tempfile::tempdir().unwrap();
     let mut command = Command::new("mariadb-binlog");
     command
-        .args(["--read-from-remote-server", "--host=127.0.0.1", "--port=3306", "--user=root"])
+        .args([
+            "--read-from-remote-server",
+            "--host=127.0.0.1",
+            "--port=3306",
+            "--user=root",
+        ])
         .arg(format!("--start-position={}", start.1))
         .arg(format!("--stop-position={}", end.1));
     if raw {
-        command.arg("--raw").arg(format!("--result-file={}/", dir.path().display()));
+        command
+            .arg("--raw")
+            .arg(format!("--result-file={}/", dir.path().display()));
     } else {
         command.stdout(std::process::Stdio::null());
     }
     command.arg(&start.0);
     let started = Instant::now();
-    let status = command.status().expect("mariadb-binlog (mariadb-client) on PATH");
+    let status = command
+        .status()
+        .expect("mariadb-binlog (mariadb-client) on PATH");
     assert!(status.success(), "mariadb-binlog failed");
     started.elapsed().as_secs_f64()
 }
