@@ -76,13 +76,11 @@ pub struct BinlogOffset {
 impl BinlogOffset {
     /// Binlog files are numbered in order (`name.000012`): compare the
     /// number, then the offset within the file.
-    fn key(&self) -> (u64, u64) {
-        let sequence = self
-            .file
-            .rsplit_once('.')
-            .and_then(|(_, n)| n.parse().ok())
-            .unwrap_or(0);
-        (sequence, self.pos)
+    /// `None` for a name without that number: such positions do not
+    /// compare (so nothing is ever skipped on a guess).
+    fn key(&self) -> Option<(u64, u64)> {
+        let sequence = self.file.rsplit_once('.')?.1.parse().ok()?;
+        Some((sequence, self.pos))
     }
 }
 
@@ -109,7 +107,7 @@ impl PartialOrd for Position {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         let by_offset = match (&self.offset, &other.offset) {
             (Offset::Lsn(a), Offset::Lsn(b)) => a.cmp(b),
-            (Offset::Binlog(a), Offset::Binlog(b)) => a.key().cmp(&b.key()),
+            (Offset::Binlog(a), Offset::Binlog(b)) => a.key()?.cmp(&b.key()?),
             _ => return None,
         };
         Some(by_offset.then(self.phase.cmp(&other.phase)))
@@ -486,6 +484,12 @@ mod tests {
             "kinds do not compare"
         );
         assert!("mariadb-bin.000010:x".parse::<Position>().is_err());
+        let unnumbered: Position = "mariadb-bin:4".parse().unwrap();
+        assert_eq!(
+            unnumbered.partial_cmp(&b),
+            None,
+            "never compared on a guess"
+        );
     }
 
     #[test]

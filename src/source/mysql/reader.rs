@@ -326,6 +326,10 @@ impl MysqlSource {
             }
             other => MysqlSourceError::Server(other),
         };
+        let checksums = conn
+            .query_first::<String, _>("SELECT @@global.binlog_checksum")
+            .await?
+            .is_some_and(|alg| !alg.eq_ignore_ascii_case("NONE"));
         let mut stream = conn.get_binlog_stream(request).await.map_err(gone)?;
 
         let mut file = durable.file.clone();
@@ -350,7 +354,12 @@ impl MysqlSource {
             match header.event_type_raw() {
                 event::ROTATE => {
                     if let Ok(Some(EventData::RotateEvent(rotate))) = event.read_data() {
-                        file = rotate_file_name(rotate.name_raw());
+                        // The first ROTATE of a stream is a fake one, sent
+                        // before the format description: mysql_async cannot
+                        // know yet that it carries a checksum, and leaves the
+                        // 4 checksum bytes on the name (mysql_async #189).
+                        let fake = rotate.is_fake() || header.log_pos() == 0;
+                        file = rotate_file_name(rotate.name_raw(), fake && checksums)?;
                     }
                 }
                 event::MARIADB_GTID_LIST => {
@@ -628,19 +637,26 @@ impl MysqlSource {
     }
 }
 
-/// The file name of a ROTATE event. The first, fake ROTATE of a stream may
-/// carry the 4 checksum bytes after the name (mysql_async issue #189); a
-/// binlog file name is printable ASCII, so 4 trailing bytes that are not
-/// are those and go.
-fn rotate_file_name(raw: &[u8]) -> String {
-    let printable = |b: &u8| (0x21..0x7f).contains(b);
-    let name = match raw.len().checked_sub(4) {
-        Some(cut) if !raw[cut..].iter().all(printable) && raw[..cut].iter().all(printable) => {
-            &raw[..cut]
-        }
+/// The file name of a ROTATE event, without the 4 checksum bytes a fake
+/// ROTATE carries when checksums are on. A binlog file name ends in `.`
+/// and digits; anything else is refused rather than used, since positions
+/// compare by that number.
+fn rotate_file_name(raw: &[u8], strip_checksum: bool) -> Result<String, MysqlSourceError> {
+    let name = match (strip_checksum, raw.len().checked_sub(4)) {
+        (true, Some(cut)) => &raw[..cut],
         _ => raw,
     };
-    String::from_utf8_lossy(name).into_owned()
+    let name = String::from_utf8_lossy(name).into_owned();
+    let numbered = name
+        .rsplit_once('.')
+        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if !numbered {
+        return Err(MysqlSourceError::Event(format!(
+            "a ROTATE event names binlog file `{}`, which does not end in .NNNNNN",
+            name.escape_debug()
+        )));
+    }
+    Ok(name)
 }
 
 #[cfg(test)]
@@ -650,12 +666,14 @@ mod tests {
     #[test]
     fn a_rotate_name_loses_trailing_checksum_bytes() {
         assert_eq!(
-            rotate_file_name(b"mariadb-bin.000012"),
+            rotate_file_name(b"mariadb-bin.000012", false).unwrap(),
             "mariadb-bin.000012"
         );
+        // Checksum bytes that happen to be printable, even digits and dots.
         assert_eq!(
-            rotate_file_name(b"mariadb-bin.000012\x01\x9a\x00\xff"),
+            rotate_file_name(b"mariadb-bin.0000127.1a", true).unwrap(),
             "mariadb-bin.000012"
         );
+        assert!(rotate_file_name(b"mariadb-bin.000012\x01\x9a\x00\xff", false).is_err());
     }
 }
