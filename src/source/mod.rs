@@ -3,12 +3,14 @@
 //!
 //! - `change.rs`: typed column values, tables, row changes (common to all kinds).
 //! - `txn.rs`: whole transactions, positions, the spill-to-disk memory bound.
+//! - `progress.rs`: what a running reader has done, for status and lag.
 //! - this file: the [`TxnConsumer`] contract between a reader and whatever
 //!   applies its transactions (the ledger).
 
 pub mod change;
 pub mod mysql;
 pub mod postgres;
+pub mod progress;
 pub mod txn;
 
 use std::fmt;

@@ -42,6 +42,7 @@ fn rand_suffix() -> u32 {
 
 struct Running {
     shutdown: CancellationToken,
+    progress: loyalty_cdc::source::progress::SourceProgress,
     handle: JoinHandle<(Result<(), MysqlSourceError>, PgSink)>,
 }
 
@@ -50,6 +51,7 @@ async fn start(source: MysqlSource, sink_db: &PgDatabase) -> Running {
     sink.kind = SourceKind::Mysql;
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
+    let progress = source.progress();
     let handle = tokio::spawn(async move {
         let outcome = source.run(&mut sink, &token).await;
         (outcome, sink)
@@ -62,7 +64,11 @@ async fn start(source: MysqlSource, sink_db: &PgDatabase) -> Running {
             .is_some()
     })
     .await;
-    Running { shutdown, handle }
+    Running {
+        shutdown,
+        progress,
+        handle,
+    }
 }
 
 impl Running {
@@ -108,6 +114,28 @@ async fn a_magento_order_with_three_items_arrives_as_one_transaction() {
     .await
     .unwrap();
     wait_count(&sink_db, "AND kind = 'stream'", 5).await;
+    // Progress and lag figures, for status and metrics.
+    let progress = running.progress.snapshot();
+    assert_eq!(
+        progress.state,
+        loyalty_cdc::source::progress::ReaderState::Streaming
+    );
+    assert_eq!(
+        (progress.transactions_applied, progress.changes_applied),
+        (2, 5)
+    );
+    let Some(Position {
+        offset: Offset::Binlog(applied),
+        ..
+    }) = progress.applied.clone()
+    else {
+        panic!("no binlog position applied: {progress:?}");
+    };
+    let lag = loyalty_cdc::source::mysql::reader::lag_bytes(&mut shop.conn().await, &applied)
+        .await
+        .unwrap()
+        .expect("the applied file is listed");
+    assert!(lag < 1 << 30, "bytes behind: {lag}");
     running.stop().await.unwrap();
 
     let rows = captured(&sink_db, "AND kind = 'stream'").await;

@@ -4,8 +4,8 @@
 //!
 //! **State of this module.** Snapshot (MariaDB, `snapshot.rs`), streaming
 //! and resume (MariaDB GTID or file:pos) work. Not yet: the MySQL 8
-//! snapshot, DDL parking, progress and lag figures. See the MySQL source
-//! issue.
+//! snapshot, DDL parking. See the MySQL source issue. Progress figures
+//! come from [`MysqlSource::progress`], bytes behind from [`lag_bytes`].
 //!
 //! # Why nothing is lost or doubled on restart
 //!
@@ -36,6 +36,7 @@ use super::rows::{RowDecodeError, RowsKind, TableLayout};
 use crate::config::{DatabaseUrl, Secret, SourceSettings};
 use crate::connect::{self, ConnectError};
 use crate::source::change::{Change, Op};
+use crate::source::progress::{ReaderState, SourceProgress};
 use crate::source::txn::{
     BinlogOffset, Changes, ChangesBuilder, Offset, Phase, Position, SourceTxn, TxnKind,
     DEFAULT_TXN_MEMORY_BUDGET,
@@ -135,6 +136,7 @@ pub struct MysqlSource {
     txn_memory_budget: usize,
     /// Copy existing rows on first start.
     snapshot: bool,
+    progress: SourceProgress,
 }
 
 /// A transaction being collected.
@@ -164,6 +166,7 @@ impl MysqlSource {
                 .collect(),
             txn_memory_budget: DEFAULT_TXN_MEMORY_BUDGET,
             snapshot: settings.snapshot,
+            progress: SourceProgress::default(),
         }
     }
 
@@ -172,6 +175,12 @@ impl MysqlSource {
     pub fn with_txn_memory_budget(mut self, bytes: usize) -> Self {
         self.txn_memory_budget = bytes;
         self
+    }
+
+    /// What the reader has done (state, last applied position and commit
+    /// time, counts, monotonic clocks); clone it to watch from elsewhere.
+    pub fn progress(&self) -> SourceProgress {
+        self.progress.clone()
     }
 
     fn captures(&self, database: &str, table: &str) -> bool {
@@ -192,9 +201,16 @@ impl MysqlSource {
             .build();
         loop {
             match self.run_once(consumer, shutdown).await {
-                Ok(()) => return Ok(()),
-                Err(_) if shutdown.is_cancelled() => return Ok(()),
+                Ok(()) => {
+                    self.progress.set_state(ReaderState::Stopped);
+                    return Ok(());
+                }
+                Err(_) if shutdown.is_cancelled() => {
+                    self.progress.set_state(ReaderState::Stopped);
+                    return Ok(());
+                }
                 Err(error) if error.class() == ErrorClass::Transient => {
+                    self.progress.reconnecting(error.to_string());
                     let delay = backoff.next_backoff().unwrap_or(RECONNECT_MAX);
                     tracing::warn!(source = %self.name, %error, delay_ms = delay.as_millis() as u64, "binlog connection lost; reconnecting");
                     if !matches!(error, MysqlSourceError::Consumer(_)) {
@@ -209,6 +225,8 @@ impl MysqlSource {
                 }
                 Err(error) => {
                     tracing::error!(source = %self.name, %error, "source stopped");
+                    self.progress
+                        .set_state(ReaderState::Failed(error.to_string()));
                     return Err(error);
                 }
             }
@@ -229,6 +247,7 @@ impl MysqlSource {
             // tables in a consistent read view (or, without a snapshot, start
             // at the server's current position), then stream from there.
             _ => {
+                self.progress.set_state(ReaderState::Snapshotting);
                 let start = if self.snapshot {
                     let mut conn = connect::mysql(&self.url, self.password.as_ref()).await?;
                     let start =
@@ -331,6 +350,10 @@ impl MysqlSource {
             .await?
             .is_some_and(|alg| !alg.eq_ignore_ascii_case("NONE"));
         let mut stream = conn.get_binlog_stream(request).await.map_err(gone)?;
+        self.progress.set_streaming(Position {
+            offset: Offset::Binlog(durable.clone()),
+            phase: Phase::Stream,
+        });
 
         let mut file = durable.file.clone();
         let mut gtids = durable.gtids.clone().unwrap_or_default();
@@ -425,12 +448,13 @@ impl MysqlSource {
                         self.commit(consumer, txn, (&file, u64::from(header.log_pos()), header.timestamp()), &mut gtids, &durable).await?;
                     }
                 }
+                // The stream is alive and caught up: progress, not silence.
+                event::HEARTBEAT => self.progress.touch(),
                 event::FORMAT_DESCRIPTION
                 | event::STOP
                 | event::INTVAR
                 | event::RAND
                 | event::USER_VAR
-                | event::HEARTBEAT
                 | event::MYSQL_PREVIOUS_GTIDS
                 | event::MARIADB_ANNOTATE_ROWS
                 | event::MARIADB_BINLOG_CHECKPOINT => {}
@@ -616,25 +640,50 @@ impl MysqlSource {
             // Nothing captured in it: no need to bother the consumer.
             return Ok(());
         }
+        let position = Position {
+            offset: Offset::Binlog(BinlogOffset {
+                file: file.to_string(),
+                pos,
+                gtids: (!gtids.is_empty()).then(|| gtids.clone()),
+            }),
+            phase: Phase::Stream,
+        };
+        let commit_ts = DateTime::from_timestamp(i64::from(timestamp), 0).unwrap_or(txn.started_at);
+        let rows = changes.len();
         consumer
             .apply(SourceTxn {
                 source: Arc::clone(&self.name),
                 kind: TxnKind::Stream { xid: 0 },
-                position: Position {
-                    offset: Offset::Binlog(BinlogOffset {
-                        file: file.to_string(),
-                        pos,
-                        gtids: (!gtids.is_empty()).then(|| gtids.clone()),
-                    }),
-                    phase: Phase::Stream,
-                },
-                commit_ts: DateTime::from_timestamp(i64::from(timestamp), 0)
-                    .unwrap_or(txn.started_at),
+                position: position.clone(),
+                commit_ts,
                 changes,
             })
             .await?;
+        self.progress.applied(position, commit_ts, rows);
         Ok(())
     }
+}
+
+/// Bytes of binlog the server has written past `at`: the rest of its file
+/// plus every later file (`SHOW BINARY LOGS` sizes). `None` if `at`'s file
+/// is no longer listed.
+pub async fn lag_bytes(
+    conn: &mut mysql_async::Conn,
+    at: &BinlogOffset,
+) -> Result<Option<u64>, MysqlSourceError> {
+    let files: Vec<(String, u64)> = conn
+        .query::<mysql_async::Row, _>("SHOW BINARY LOGS")
+        .await?
+        .into_iter()
+        .filter_map(|mut row| Some((row.take::<String, _>(0)?, row.take::<u64, _>(1)?)))
+        .collect();
+    let Some(index) = files.iter().position(|(file, _)| *file == at.file) else {
+        return Ok(None);
+    };
+    let rest_of_file = files[index].1.saturating_sub(at.pos);
+    Ok(Some(
+        rest_of_file + files[index + 1..].iter().map(|(_, size)| size).sum::<u64>(),
+    ))
 }
 
 /// The file name of a ROTATE event, without the 4 checksum bytes a fake

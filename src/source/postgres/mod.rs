@@ -7,7 +7,6 @@
 //! - `stream.rs`: replication events → whole transactions → the consumer,
 //!   and the consumer's durable position → the server.
 //! - `pgoutput.rs`: the wire decoder; `value.rs`: text → typed values.
-//! - `progress.rs`: positions and clocks for status, metrics and lag.
 //!
 //! Transport: `pgwire-replication` (pinned), because tokio-postgres has no
 //! replication mode. It answers keepalives from its own task even while we
@@ -76,7 +75,6 @@
 pub mod catalog;
 pub mod pgoutput;
 pub mod preflight;
-pub mod progress;
 pub mod snapshot;
 pub mod stream;
 pub mod value;
@@ -88,8 +86,8 @@ use backoff::backoff::Backoff;
 use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, SslMode, TlsConfig};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::source::progress::{ProgressSnapshot, ReaderState, SourceProgress};
 pub use catalog::TableSpec;
-pub use progress::{ProgressSnapshot, ReaderState, SourceProgress};
 
 use crate::config::{DatabaseUrl, Secret, SourceSettings};
 use crate::connect::{self, ConnectError, APPLICATION_NAME};

@@ -10,9 +10,9 @@ use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio_util::sync::CancellationToken;
 
 use super::pgoutput::{self, LogicalMessage, OldImage, RelationMessage, TupleData, TupleValue};
-use super::progress::SourceProgress;
 use super::{value, PgSourceError, ReaderOptions};
 use crate::source::change::{Change, Column, Op, ReplicaIdentity, Row, Table, Value};
+use crate::source::progress::SourceProgress;
 use crate::source::txn::{ChangesBuilder, Lsn, Phase, Position, SourceTxn, TxnKind};
 use crate::source::TxnConsumer;
 

@@ -28,7 +28,7 @@ pub struct ProgressSnapshot {
     pub state: ReaderState,
     /// Last position handed to the consumer.
     pub applied: Option<Position>,
-    /// Last LSN reported to the server as flushed.
+    /// PostgreSQL: last LSN reported to the server as flushed.
     pub confirmed: Option<Lsn>,
     /// Source commit time of the last applied transaction.
     pub last_commit_ts: Option<DateTime<Utc>>,
@@ -113,11 +113,11 @@ impl SourceProgress {
         })
     }
 
-    pub(super) fn set_state(&self, state: ReaderState) {
+    pub(crate) fn set_state(&self, state: ReaderState) {
         self.with(|i| i.state = state);
     }
 
-    pub(super) fn set_streaming(&self, at: Position) {
+    pub(crate) fn set_streaming(&self, at: Position) {
         self.with(|i| {
             i.state = ReaderState::Streaming;
             i.applied = Some(at);
@@ -125,14 +125,14 @@ impl SourceProgress {
         });
     }
 
-    pub(super) fn reconnecting(&self, error: String) {
+    pub(crate) fn reconnecting(&self, error: String) {
         self.with(|i| {
             i.state = ReaderState::Reconnecting(error);
             i.reconnects += 1;
         });
     }
 
-    pub(super) fn applied(&self, position: Position, commit_ts: DateTime<Utc>, changes: usize) {
+    pub(crate) fn applied(&self, position: Position, commit_ts: DateTime<Utc>, changes: usize) {
         self.with(|i| {
             let now = Instant::now();
             i.applied = Some(position);
@@ -144,14 +144,14 @@ impl SourceProgress {
         });
     }
 
-    pub(super) fn confirmed(&self, lsn: Lsn) {
+    pub(crate) fn confirmed(&self, lsn: Lsn) {
         self.with(|i| {
             i.confirmed = Some(i.confirmed.map_or(lsn, |c| c.max(lsn)));
             i.last_progress = Instant::now();
         });
     }
 
-    pub(super) fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.with(|i| i.last_progress = Instant::now());
     }
 }
