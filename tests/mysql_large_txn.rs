@@ -6,8 +6,7 @@
 #[path = "it/support/mod.rs"]
 mod support;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,29 +19,8 @@ use mysql_async::prelude::Queryable;
 use support::MyDatabase;
 use tokio_util::sync::CancellationToken;
 
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let ptr = unsafe { System.alloc(layout) };
-        if !ptr.is_null() {
-            let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        ptr
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: support::heap::Counting = support::heap::Counting;
 
 const ROWS: i64 = 1_000_000;
 const BUDGET: usize = 8 * 1024 * 1024;
@@ -136,8 +114,7 @@ async fn a_million_row_transaction_stays_under_a_fixed_memory_bound() {
         while !started.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let baseline = CURRENT.load(Ordering::Relaxed);
-        PEAK.store(baseline, Ordering::Relaxed);
+        let baseline = support::heap::start_measuring();
         conn.query_drop(format!(
             "INSERT INTO sales_order_item SELECT seq, seq DIV 4, seq MOD 5000, 1.5, 19.99, 0,
                  'Organic whole milk 1 L', '2026-11-25 10:00:00' FROM seq_1_to_{ROWS}"
@@ -147,7 +124,7 @@ async fn a_million_row_transaction_stays_under_a_fixed_memory_bound() {
         while !done.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let peak = PEAK.load(Ordering::Relaxed) - baseline;
+        let peak = support::heap::peak_above(baseline);
         shutdown.cancel();
         peak
     };

@@ -7,38 +7,14 @@
 #[path = "it/support/mod.rs"]
 mod support;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use loyalty_cdc::source::postgres::PostgresSource;
 use loyalty_cdc::source::{ConsumerError, Position, SourceTxn, TxnConsumer, TxnKind, Value};
 use support::reader::{options, source_settings};
 use support::PgDatabase;
 use tokio_util::sync::CancellationToken;
 
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let ptr = unsafe { System.alloc(layout) };
-        if !ptr.is_null() {
-            let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        ptr
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: support::heap::Counting = support::heap::Counting;
 
 const ROWS: i64 = 1_000_000;
 /// The reader's in-memory budget for one transaction in this test.
@@ -118,8 +94,7 @@ async fn a_million_row_transaction_stays_under_a_fixed_memory_bound() {
         ) {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        let baseline = CURRENT.load(Ordering::Relaxed);
-        PEAK.store(baseline, Ordering::Relaxed);
+        let baseline = support::heap::start_measuring();
         writer
             .batch_execute(&format!(
                 "INSERT INTO pos_order_line SELECT g, g / 4, g % 5000, 1.5, 19.99, 0, 'Organic whole milk 1 L', '2026-11-25 10:00'
@@ -130,7 +105,7 @@ async fn a_million_row_transaction_stays_under_a_fixed_memory_bound() {
         while progress.snapshot().transactions_applied == 0 {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        let peak = PEAK.load(Ordering::Relaxed) - baseline;
+        let peak = support::heap::peak_above(baseline);
         shutdown.cancel();
         peak
     };

@@ -15,6 +15,7 @@ pub mod txn;
 
 use std::fmt;
 use std::future::Future;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,21 @@ pub use change::{Change, Column, Op, ReplicaIdentity, Row, Table, Value};
 pub use txn::{BinlogOffset, Changes, Lsn, Offset, Phase, Position, SourceTxn, TxnKind};
 
 use crate::ErrorClass;
+
+/// Longest wait between reconnection attempts after a transient error: a
+/// source that is down for long is retried twice a minute, no more.
+pub(crate) const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// The backoff every reader reconnects with: from 250 ms (a blip costs
+/// almost nothing) doubling with jitter up to [`RECONNECT_MAX`], forever
+/// (a source is never given up on for being down).
+pub(crate) fn reconnect_backoff() -> backoff::ExponentialBackoff {
+    backoff::ExponentialBackoffBuilder::new()
+        .with_initial_interval(Duration::from_millis(250))
+        .with_max_interval(RECONNECT_MAX)
+        .with_max_elapsed_time(None)
+        .build()
+}
 
 /// Receives one source's transactions from its reader.
 ///

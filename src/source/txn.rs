@@ -235,6 +235,24 @@ pub struct SourceTxn {
     pub changes: Changes,
 }
 
+impl SourceTxn {
+    /// One chunk of snapshot rows (all inserts) at `position`.
+    pub fn snapshot_chunk(
+        source: &Arc<str>,
+        position: &Position,
+        commit_ts: DateTime<Utc>,
+        chunk: Vec<Change>,
+    ) -> Self {
+        Self {
+            source: Arc::clone(source),
+            kind: TxnKind::Snapshot,
+            position: position.clone(),
+            commit_ts,
+            changes: Changes::from_vec(chunk),
+        }
+    }
+}
+
 /// The changes of one transaction, in source order: in memory, or partly
 /// spilled to disk past the budget.
 #[derive(Debug, Default)]

@@ -77,10 +77,6 @@ mod event {
 /// How often the server sends a heartbeat on an idle binlog stream.
 pub const HEARTBEAT_PERIOD: Duration = Duration::from_secs(2);
 
-/// Backoff bounds for reconnecting after a transient error.
-const RECONNECT_INITIAL: Duration = Duration::from_millis(250);
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
-
 /// Why a MySQL/MariaDB source stopped or must reconnect.
 #[derive(Debug, thiserror::Error)]
 pub enum MysqlSourceError {
@@ -194,11 +190,7 @@ impl MysqlSource {
         consumer: &mut C,
         shutdown: &CancellationToken,
     ) -> Result<(), MysqlSourceError> {
-        let mut backoff = backoff::ExponentialBackoffBuilder::new()
-            .with_initial_interval(RECONNECT_INITIAL)
-            .with_max_interval(RECONNECT_MAX)
-            .with_max_elapsed_time(None)
-            .build();
+        let mut backoff = crate::source::reconnect_backoff();
         loop {
             match self.run_once(consumer, shutdown).await {
                 Ok(()) => {
@@ -211,7 +203,9 @@ impl MysqlSource {
                 }
                 Err(error) if error.class() == ErrorClass::Transient => {
                     self.progress.reconnecting(error.to_string());
-                    let delay = backoff.next_backoff().unwrap_or(RECONNECT_MAX);
+                    let delay = backoff
+                        .next_backoff()
+                        .unwrap_or(crate::source::RECONNECT_MAX);
                     tracing::warn!(source = %self.name, %error, delay_ms = delay.as_millis() as u64, "binlog connection lost; reconnecting");
                     if !matches!(error, MysqlSourceError::Consumer(_)) {
                         if let Err(error) = consumer.flush().await {

@@ -21,7 +21,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use chrono::{NaiveDate, NaiveDateTime, Utc};
 use futures_util::StreamExt;
 use mysql_async::consts::{ColumnFlags, ColumnType};
 use mysql_async::prelude::Queryable;
@@ -30,7 +30,7 @@ use rust_decimal::Decimal;
 use super::gtid::GtidList;
 use super::reader::MysqlSourceError;
 use crate::source::change::{Change, Column, Op, ReplicaIdentity, Row, Table, Value};
-use crate::source::txn::{BinlogOffset, Changes, Offset, Phase, Position, SourceTxn, TxnKind};
+use crate::source::txn::{BinlogOffset, Offset, Phase, Position, SourceTxn};
 use crate::source::TxnConsumer;
 
 /// Rows per snapshot transaction (see the PostgreSQL snapshot's reasons).
@@ -140,14 +140,14 @@ pub async fn copy_tables<C: TxnConsumer>(
             });
             table_rows += 1;
             if chunk.len() >= CHUNK_ROWS {
-                hand_over(
-                    consumer,
-                    source,
-                    &position,
-                    snapshot_ts,
-                    std::mem::take(&mut chunk),
-                )
-                .await?;
+                consumer
+                    .apply(SourceTxn::snapshot_chunk(
+                        source,
+                        &position,
+                        snapshot_ts,
+                        std::mem::take(&mut chunk),
+                    ))
+                    .await?;
             }
             if last_log.elapsed() >= PROGRESS_EVERY {
                 last_log = Instant::now();
@@ -157,7 +157,14 @@ pub async fn copy_tables<C: TxnConsumer>(
         }
         drop(rows);
         if !chunk.is_empty() {
-            hand_over(consumer, source, &position, snapshot_ts, chunk).await?;
+            consumer
+                .apply(SourceTxn::snapshot_chunk(
+                    source,
+                    &position,
+                    snapshot_ts,
+                    chunk,
+                ))
+                .await?;
         }
         tracing::info!(source = %source, table = %format!("{database}.{name}"), rows = table_rows, "snapshot: table copied");
         total += table_rows;
@@ -165,25 +172,6 @@ pub async fn copy_tables<C: TxnConsumer>(
     conn.query_drop("COMMIT").await?;
     tracing::info!(source = %source, rows = total, seconds = started.elapsed().as_secs_f64(), position = %Offset::Binlog(start.clone()), "snapshot copied");
     Ok(start)
-}
-
-async fn hand_over<C: TxnConsumer>(
-    consumer: &mut C,
-    source: &Arc<str>,
-    position: &Position,
-    commit_ts: DateTime<Utc>,
-    chunk: Vec<Change>,
-) -> Result<(), MysqlSourceError> {
-    consumer
-        .apply(SourceTxn {
-            source: Arc::clone(source),
-            kind: TxnKind::Snapshot,
-            position: position.clone(),
-            commit_ts,
-            changes: Changes::from_vec(chunk),
-        })
-        .await?;
-    Ok(())
 }
 
 /// A text-protocol value typed like the binlog decoder types it, so a row

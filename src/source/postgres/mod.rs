@@ -103,10 +103,6 @@ pub const DEFAULT_BUFFER_EVENTS: usize = 1024;
 /// How often the flushed position reaches the server once it moved. One
 /// small message a second: cheap, and WAL is released promptly.
 pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(1);
-/// Backoff bounds for reconnecting after a transient error.
-const RECONNECT_INITIAL: Duration = Duration::from_millis(250);
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
-
 /// How one reader runs.
 #[derive(Debug, Clone)]
 pub struct ReaderOptions {
@@ -333,11 +329,7 @@ impl PostgresSource {
         consumer: &mut C,
         shutdown: &CancellationToken,
     ) -> Result<(), PgSourceError> {
-        let mut backoff = backoff::ExponentialBackoffBuilder::new()
-            .with_initial_interval(RECONNECT_INITIAL)
-            .with_max_interval(RECONNECT_MAX)
-            .with_max_elapsed_time(None)
-            .build();
+        let mut backoff = crate::source::reconnect_backoff();
         loop {
             let applied_before = self.progress.snapshot().transactions_applied;
             let outcome = self.run_once(consumer, shutdown).await;
@@ -356,7 +348,9 @@ impl PostgresSource {
                     if self.progress.snapshot().transactions_applied > applied_before {
                         backoff.reset();
                     }
-                    let delay = backoff.next_backoff().unwrap_or(RECONNECT_MAX);
+                    let delay = backoff
+                        .next_backoff()
+                        .unwrap_or(crate::source::RECONNECT_MAX);
                     tracing::warn!(source = %self.name, %error, delay_ms = delay.as_millis() as u64, "source connection lost; reconnecting");
                     self.progress.reconnecting(error.to_string());
                     // What was applied becomes durable, so the next session

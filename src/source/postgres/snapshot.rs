@@ -21,7 +21,7 @@ use super::catalog::{self, TableSpec};
 use super::preflight::quote_identifier;
 use super::{value, PgSourceError};
 use crate::source::change::{Change, Op, Row, Table, Value};
-use crate::source::txn::{Changes, Position, SourceTxn, TxnKind};
+use crate::source::txn::{Position, SourceTxn};
 use crate::source::TxnConsumer;
 
 /// Rows per snapshot transaction: large enough that per-transaction costs
@@ -128,14 +128,14 @@ pub async fn copy_tables<C: TxnConsumer>(
                             "stopped during the snapshot; the next start copies again".into(),
                         ));
                     }
-                    hand_over(
-                        consumer,
-                        source,
-                        &position,
-                        snapshot_ts,
-                        std::mem::take(&mut chunk),
-                    )
-                    .await?;
+                    consumer
+                        .apply(SourceTxn::snapshot_chunk(
+                            source,
+                            &position,
+                            snapshot_ts,
+                            std::mem::take(&mut chunk),
+                        ))
+                        .await?;
                     chunk_bytes = 0;
                 }
             }
@@ -151,7 +151,14 @@ pub async fn copy_tables<C: TxnConsumer>(
             )));
         }
         if !chunk.is_empty() {
-            hand_over(consumer, source, &position, snapshot_ts, chunk).await?;
+            consumer
+                .apply(SourceTxn::snapshot_chunk(
+                    source,
+                    &position,
+                    snapshot_ts,
+                    chunk,
+                ))
+                .await?;
         }
         tracing::info!(source = %source, table = %spec, rows = table_rows, "snapshot: table copied");
         report.rows += table_rows;
@@ -160,25 +167,6 @@ pub async fn copy_tables<C: TxnConsumer>(
     txn.commit().await?;
     progress.done(report.rows);
     Ok(report)
-}
-
-async fn hand_over<C: TxnConsumer>(
-    consumer: &mut C,
-    source: &Arc<str>,
-    position: &Position,
-    commit_ts: DateTime<Utc>,
-    chunk: Vec<Change>,
-) -> Result<(), PgSourceError> {
-    consumer
-        .apply(SourceTxn {
-            source: Arc::clone(source),
-            kind: TxnKind::Snapshot,
-            position: position.clone(),
-            commit_ts,
-            changes: Changes::from_vec(chunk),
-        })
-        .await?;
-    Ok(())
 }
 
 struct Progress {

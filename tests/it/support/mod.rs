@@ -17,6 +17,7 @@
 
 #![allow(dead_code)] // each test module uses a different part
 
+pub mod heap;
 pub mod reader;
 pub mod sink;
 
