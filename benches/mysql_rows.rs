@@ -135,7 +135,7 @@ fn decode_ours(events: &[Event]) -> u64 {
             Ok(Some(EventData::TableMapEvent(tme))) => {
                 layouts
                     .entry(tme.table_id())
-                    .or_insert_with(|| TableLayout::from_table_map(&tme).unwrap());
+                    .or_insert_with(|| TableLayout::from_table_map(&tme, event.data()).unwrap());
             }
             Ok(Some(EventData::RowsEvent(data))) => {
                 let Some(layout) = layouts.get(&data.table_id()) else {

@@ -123,7 +123,8 @@ async fn decoded_rows(
         let event = event.unwrap();
         match event.read_data() {
             Ok(Some(EventData::TableMapEvent(tme))) => {
-                let layout = TableLayout::from_table_map(&tme).expect("table map decodes");
+                let layout =
+                    TableLayout::from_table_map(&tme, event.data()).expect("table map decodes");
                 layouts.insert(tme.table_id(), layout);
             }
             Ok(Some(EventData::RowsEvent(data))) => {

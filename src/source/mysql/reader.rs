@@ -426,7 +426,7 @@ impl MysqlSource {
                 event::TABLE_MAP => {
                     if let Ok(Some(EventData::TableMapEvent(tme))) = event.read_data() {
                         let layout = if self.captures(&tme.database_name(), &tme.table_name()) {
-                            Some(TableLayout::from_table_map(&tme)?)
+                            Some(TableLayout::from_table_map(&tme, event.data())?)
                         } else {
                             None
                         };

@@ -423,16 +423,96 @@ impl Codec {
     }
 }
 
+/// Optional metadata field types whose values start with a count of
+/// labels per column (`SET_STR_VALUE`, `ENUM_STR_VALUE`).
+const LABEL_FIELDS: [u8; 2] = [5, 6];
+
+/// Reads a length-encoded integer (MySQL protocol), bounds-checked.
+fn lenenc(data: &mut &[u8]) -> Option<u64> {
+    let (&first, rest) = data.split_first()?;
+    let width = match first {
+        0..=0xfa => {
+            *data = rest;
+            return Some(u64::from(first));
+        }
+        0xfc => 2,
+        0xfd => 3,
+        0xfe => 8,
+        _ => return None,
+    };
+    let bytes = rest.get(..width)?;
+    *data = &rest[width..];
+    Some(
+        bytes
+            .iter()
+            .rev()
+            .fold(0, |acc, b| (acc << 8) | u64::from(*b)),
+    )
+}
+
+fn skip(data: &mut &[u8], n: u64) -> Option<()> {
+    let n = usize::try_from(n).ok()?;
+    *data = data.get(n..)?;
+    Some(())
+}
+
+/// Refuses a TABLE_MAP body whose ENUM/SET label counts exceed the bytes
+/// that would hold them. mysql_common allocates room for the count it reads
+/// before reading the labels, so a corrupt count panics (capacity overflow)
+/// or aborts the process (allocation failure) inside its parser — found by
+/// our fuzz target. Walks the body as `log_event.cc` writes it: table id,
+/// flags, names, column types, metadata, null bitmap, then the optional
+/// metadata fields (type, length, value).
+fn check_label_counts(mut body: &[u8]) -> Option<()> {
+    skip(&mut body, 8)?;
+    for _ in 0..2 {
+        let name = u64::from(*body.first()?);
+        skip(&mut body, 1 + name + 1)?;
+    }
+    let columns = lenenc(&mut body)?;
+    skip(&mut body, columns)?;
+    let metadata = lenenc(&mut body)?;
+    skip(&mut body, metadata)?;
+    skip(&mut body, columns.div_ceil(8))?;
+    while let Some((&field_type, rest)) = body.split_first() {
+        body = rest;
+        let length = usize::try_from(lenenc(&mut body)?).ok()?;
+        let mut value = body.get(..length)?;
+        body = &body[length..];
+        if LABEL_FIELDS.contains(&field_type) {
+            while !value.is_empty() {
+                let labels = lenenc(&mut value)?;
+                // Every label takes at least its length byte.
+                if labels > value.len() as u64 {
+                    return None;
+                }
+                for _ in 0..labels {
+                    let label = lenenc(&mut value)?;
+                    skip(&mut value, label)?;
+                }
+            }
+        }
+    }
+    Some(())
+}
+
 impl TableLayout {
-    /// The layout a TABLE_MAP event describes. Needs `binlog_row_metadata =
-    /// FULL` for column names, signedness, ENUM/SET labels and the key;
-    /// without it columns are named `@1`, `@2`, … and integers read signed.
-    pub fn from_table_map(tme: &TableMapEvent<'_>) -> Result<Self, RowDecodeError> {
+    /// The layout a TABLE_MAP event describes; `body` is the event's raw
+    /// body (after the header, without checksum), which `tme` was parsed
+    /// from. Needs `binlog_row_metadata = FULL` for column names,
+    /// signedness, ENUM/SET labels and the key; without it columns are
+    /// named `@1`, `@2`, … and integers read signed.
+    pub fn from_table_map(tme: &TableMapEvent<'_>, body: &[u8]) -> Result<Self, RowDecodeError> {
         let table_name = format!("{}.{}", tme.database_name(), tme.table_name());
         let fail = |problem: String| RowDecodeError {
             table: table_name.clone(),
             problem,
         };
+        if check_label_counts(body).is_none() {
+            return Err(fail(
+                "the TABLE_MAP event is malformed (its ENUM/SET labels do not fit in it)".into(),
+            ));
+        }
         let count = tme.columns_count() as usize;
         let mut names: Vec<String> = Vec::new();
         let mut unsigned_flags: Vec<bool> = Vec::new();
@@ -656,6 +736,7 @@ impl TableLayout {
             RowsKind::Delete => (true, false),
         };
         while !cursor.data.is_empty() {
+            let unread = cursor.data.len();
             let before = if wants_before {
                 Some(self.image(&mut cursor, present_before)?)
             } else {
@@ -666,6 +747,11 @@ impl TableLayout {
             } else {
                 None
             };
+            // A row that takes no bytes (no columns present) would never
+            // reach the end of the data: found by the fuzz target.
+            if cursor.data.len() == unread {
+                return cursor.fail("a row image with no columns present");
+            }
             emit(before, after);
         }
         Ok(())
@@ -829,5 +915,154 @@ mod tests {
                 let _ = layout.decode_rows(kind, None, None, &bytes, |_, _| {});
             }
         }
+    }
+
+    /// A TABLE_MAP body as MariaDB writes it with binlog_row_metadata =
+    /// FULL: `shop.t (id BIGINT UNSIGNED, amount DECIMAL(20,4), name
+    /// VARCHAR(100), at DATETIME(6), note BLOB)`.
+    fn table_map_body() -> Vec<u8> {
+        let mut body = vec![7, 0, 0, 0, 0, 0, 1, 0];
+        body.extend_from_slice(b"\x04shop\0\x01t\0");
+        body.push(5);
+        body.extend_from_slice(&[
+            ty::LONGLONG,
+            ty::NEWDECIMAL,
+            ty::VARCHAR,
+            ty::DATETIME2,
+            ty::BLOB,
+        ]);
+        let metadata = [20, 4, 100, 0, 6, 2];
+        body.push(metadata.len() as u8);
+        body.extend_from_slice(&metadata);
+        body.push(0b0001_1110); // nullable: all but id
+                                // SIGNEDNESS: one bit per numeric column, most significant first.
+        body.extend_from_slice(&[1, 1, 0b1000_0000]);
+        // DEFAULT_CHARSET: utf8mb4_general_ci.
+        body.extend_from_slice(&[2, 1, 45]);
+        let mut names = Vec::new();
+        for name in ["id", "amount", "name", "at", "note"] {
+            names.push(name.len() as u8);
+            names.extend_from_slice(name.as_bytes());
+        }
+        body.extend_from_slice(&[4, names.len() as u8]);
+        body.extend_from_slice(&names);
+        body
+    }
+
+    /// Parses a TABLE_MAP body as mysql_common does for the reader; the
+    /// format description only tells it the table id's width.
+    fn parse_table_map(body: &[u8]) -> std::io::Result<TableLayout> {
+        use mysql_common::binlog::consts::BinlogVersion;
+        use mysql_common::binlog::events::FormatDescriptionEvent;
+        use mysql_common::binlog::BinlogCtx;
+        use mysql_common::io::ParseBuf;
+        use mysql_common::proto::MyDeserialize;
+        let fde = FormatDescriptionEvent::new(BinlogVersion::Version4);
+        let table_map =
+            TableMapEvent::deserialize(BinlogCtx::new(body.len(), &fde, 19), &mut ParseBuf(body))?;
+        TableLayout::from_table_map(&table_map, body)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.problem))
+    }
+
+    #[test]
+    fn a_table_map_with_full_metadata_plans_a_row_decode() {
+        let body = table_map_body();
+        let layout = parse_table_map(&body).unwrap();
+        let names: Vec<&str> = layout
+            .table
+            .columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(names, ["id", "amount", "name", "at", "note"]);
+        let mut row = vec![0b0001_0000]; // note is NULL
+        row.extend_from_slice(&u64::MAX.to_le_bytes());
+        row.extend_from_slice(&[0x80, 0, 0, 0, 0, 0, 0x30, 0x39, 0x1a, 0x85]);
+        row.extend_from_slice(b"\x03abc");
+        let (ym, day, hour) = (2026u64 * 13 + 11, 25u64, 10u64);
+        let packed = (((ym << 5) | day) << 17 | (hour << 12)) + 0x80_0000_0000;
+        row.extend_from_slice(&packed.to_be_bytes()[3..]);
+        row.extend_from_slice(&123_456u32.to_be_bytes()[1..]);
+        let mut rows = Vec::new();
+        layout
+            .decode_rows(RowsKind::Write, None, None, &row, |before, after| {
+                rows.push((before, after))
+            })
+            .unwrap();
+        let at = NaiveDate::from_ymd_opt(2026, 11, 25)
+            .unwrap()
+            .and_hms_micro_opt(10, 0, 0, 123_456)
+            .unwrap();
+        assert_eq!(
+            rows,
+            [(
+                None,
+                Some(Row(vec![
+                    Value::Numeric(Decimal::from(u64::MAX)),
+                    Value::Numeric("12345.6789".parse().unwrap()),
+                    Value::Text("abc".into()),
+                    Value::Timestamp(at),
+                    Value::Null,
+                ]))
+            )]
+        );
+    }
+
+    #[test]
+    fn a_table_map_claiming_more_labels_than_it_holds_is_refused() {
+        let mut body = table_map_body();
+        // ENUM_STR_VALUE: one column claiming 2^56 labels in 9 bytes.
+        body.extend_from_slice(&[6, 9, 0xfe, 0, 0, 0, 0, 0, 0, 0, 1]);
+        let error = parse_table_map(&body).unwrap_err();
+        assert!(error.to_string().contains("ENUM/SET labels"), "{error}");
+        assert!(check_label_counts(&table_map_body()).is_some());
+    }
+
+    #[test]
+    fn a_row_of_no_columns_is_an_error_not_an_endless_loop() {
+        let layout = TableLayout {
+            table: Arc::new(table()),
+            codecs: vec![Codec::Year],
+        };
+        let result =
+            layout.decode_rows(RowsKind::Write, None, Some(&[false]), &[1, 2, 3], |_, _| {});
+        assert!(result.unwrap_err().problem.contains("no columns present"));
+    }
+
+    /// A stand-in for fuzzing table maps on every test run: a real body cut
+    /// short and with bytes overwritten never panics, in parsing or in
+    /// decoding rows with whatever plan results.
+    #[test]
+    fn mutated_table_maps_never_panic() {
+        let body = table_map_body();
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut planned = 0;
+        for _ in 0..20_000 {
+            let mut mutated = body.clone();
+            for _ in 0..(next() % 4 + 1) {
+                let at = (next() as usize) % mutated.len();
+                mutated[at] = next() as u8;
+            }
+            if next() % 4 == 0 {
+                mutated.truncate((next() as usize) % (body.len() + 1));
+            }
+            let rows: Vec<u8> = (0..next() % 64).map(|_| next() as u8).collect();
+            if let Ok(layout) = parse_table_map(&mutated) {
+                planned += 1;
+                for kind in [RowsKind::Write, RowsKind::Update, RowsKind::Delete] {
+                    let _ = layout.decode_rows(kind, None, None, &rows, |_, _| {});
+                }
+            }
+        }
+        assert!(
+            planned > 1_000,
+            "mutations too destructive to reach the row decoder: {planned}"
+        );
     }
 }
