@@ -190,6 +190,7 @@ async fn run_ours(db_url: &str, start: &(String, u64), end: &(String, u64), rows
         server_id: Some(u64::from(3_600_000_000 + std::process::id() % 100_000)),
         snapshot: false,
         heartbeat_seconds: None,
+        compiled_mapping: None,
     };
     let source = MysqlSource::new(&settings, &["bench_line"]);
     let stop = CancellationToken::new();

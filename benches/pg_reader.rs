@@ -238,6 +238,7 @@ async fn run_ours(db_url: &str, slot: &str, end: &str, expected_changes: u64) ->
         server_id: None,
         snapshot: true,
         heartbeat_seconds: None,
+        compiled_mapping: None,
     };
     let mut options = ReaderOptions::new(vec![TableSpec::parse("bench_line")]);
     options.stop_at = Some(end.parse().unwrap());

@@ -77,6 +77,9 @@ pub struct Settings {
     /// Earn rule and tiers.
     #[serde(default)]
     pub program: ProgramSettings,
+    /// Identifier normalization and linking rules.
+    #[serde(default)]
+    pub identity: crate::identity::IdentitySettings,
     /// Message providers (email, SMS, push, messaging apps), as `[[providers]]`.
     #[serde(default)]
     pub providers: Vec<ProviderSettings>,
@@ -149,6 +152,9 @@ pub struct SourceSettings {
     /// from the source name, in 1000000000..1999999999.
     #[serde(default)]
     pub server_id: Option<u64>,
+    /// The mapping file, compiled by `validate` (not a configuration key).
+    #[serde(skip)]
+    pub compiled_mapping: Option<std::sync::Arc<crate::normalize::mapping::Mapping>>,
 }
 
 fn default_snapshot() -> bool {
@@ -191,7 +197,7 @@ fn derived_server_id(name: &str) -> u32 {
 }
 
 /// `[program]`: the loyalty program. The ledger issue extends it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProgramSettings {
     /// Points per currency unit of net amount (decimal, default 1).
@@ -218,7 +224,7 @@ fn default_points_per_currency_unit() -> Decimal {
 }
 
 /// One `[[program.tiers]]` entry.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TierSettings {
     /// Tier name shown to members, e.g. `gold`.
@@ -564,6 +570,7 @@ impl Settings {
     /// file paths against `base_dir` (the configuration file's directory).
     pub fn validate(&mut self, origin: &str, base_dir: &Path) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
+        let mut mapping_problems_found = Vec::new();
         let mut problem = |key: String, message: String| {
             problems.push(ConfigProblem {
                 origin: origin.to_string(),
@@ -768,6 +775,32 @@ impl Settings {
             );
         }
 
+        for (key, message) in self.identity.problems() {
+            problem(key, message);
+        }
+
+        // Mapping files: compiled here, so a bad mapping fails at start
+        // naming its own file and key.
+        for (index, source) in self.sources.iter_mut().enumerate() {
+            let Some(path) = source.mapping.as_ref().filter(|p| p.is_file()) else {
+                continue;
+            };
+            match crate::normalize::mapping::Mapping::load(path) {
+                Ok(mapping) if mapping.kind != source.kind => problem(
+                    format!("sources[{index}].mapping"),
+                    format!(
+                        "`{}` maps a {} schema but this source is {}; pick the mapping written for it",
+                        path.display(),
+                        mapping.kind,
+                        source.kind
+                    ),
+                ),
+                Ok(mapping) => source.compiled_mapping = Some(std::sync::Arc::new(mapping)),
+                Err(mapping_problems) => mapping_problems_found.extend(mapping_problems),
+            }
+        }
+
+        problems.extend(mapping_problems_found);
         if problems.is_empty() {
             Ok(())
         } else {

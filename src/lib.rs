@@ -8,12 +8,18 @@
 //!   why a connection failed.
 //! - [`source`]: the source databases; per kind, the prerequisites for
 //!   change capture.
-//! - [`ledger`]: the ledger database and its versioned schema.
+//! - [`normalize`]: source transactions → member events, by mapping files.
+//! - [`identity`]: identifiers normalized, placeholders blocked, linking rules.
+//! - [`ledger`]: the ledger database: members, orders, points, positions.
+//! - [`pipeline`]: `loyalty-cdc run`: every source into the ledger.
 //! - [`preflight`]: `loyalty-cdc check`, every prerequisite with its fix.
 
 pub mod config;
 pub mod connect;
+pub mod identity;
 pub mod ledger;
+pub mod normalize;
+pub mod pipeline;
 pub mod preflight;
 pub mod source;
 

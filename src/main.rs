@@ -6,7 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use loyalty_cdc::config::{Settings, DEFAULT_CONFIG_PATH};
-use loyalty_cdc::{ledger, preflight};
+use loyalty_cdc::identity::{
+    normalize_card, normalize_email, Identifier, IdentifierKind, Identity,
+};
+use loyalty_cdc::{ledger, pipeline, preflight};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +48,25 @@ enum Command {
     Check,
     /// Apply pending ledger schema migrations.
     Migrate,
+    /// Migrate the ledger, snapshot new sources, then stream every source
+    /// into the ledger until SIGINT/SIGTERM.
+    Run,
+    /// Members of the program.
+    #[command(subcommand)]
+    Member(MemberCommand),
+}
+
+#[derive(Subcommand)]
+enum MemberCommand {
+    /// A member's id, masked identifiers, points, tier and last entries.
+    /// IDENTIFIER: an email, a phone number (E.164), `card:NUMBER`,
+    /// `customer:SOURCE:ID` or `member:ID`.
+    Show {
+        identifier: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,6 +86,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Check => check(&cli.config).await,
             Command::Migrate => migrate(&cli.config).await,
+            Command::Run => run(&cli.config).await,
+            Command::Member(MemberCommand::Show { identifier, json }) => {
+                member_show(&cli.config, &identifier, json).await
+            }
         }
     })
 }
@@ -153,6 +180,134 @@ async fn migrate(path: &Path) -> ExitCode {
         }
         Err(error) => {
             eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(path: &Path) -> ExitCode {
+    let Some(settings) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("shutting down: finishing the open batch");
+        on_signal.cancel();
+    });
+    let result = pipeline::run(&settings, shutdown, |sources| {
+        for source in &sources {
+            tracing::info!(source = %source.name, kind = %source.kind, "source started");
+        }
+    })
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The identifier a person typed, normalized the way the ledger stores it.
+fn parse_identifier(text: &str, identity: &Identity) -> Result<Identifier, String> {
+    let (kind, value) = match text.split_once(':') {
+        Some(("card", v)) => (IdentifierKind::Card, normalize_card(v)),
+        Some(("customer", v)) => (IdentifierKind::Customer, Some(v.to_string())),
+        Some(("email", v)) => (IdentifierKind::Email, normalize_email(v)),
+        Some(("phone", v)) => (IdentifierKind::Phone, identity.normalize_phone(v)),
+        _ if text.contains('@') => (IdentifierKind::Email, normalize_email(text)),
+        _ if text.starts_with('+') => (IdentifierKind::Phone, identity.normalize_phone(text)),
+        _ => {
+            return Err(format!(
+                "`{text}` is not an identifier; write an email, a phone number with +country code, card:NUMBER, customer:SOURCE:ID or member:ID"
+            ))
+        }
+    };
+    let value = value.ok_or_else(|| format!("`{text}` is not a valid {}", kind.as_str()))?;
+    Ok(Identifier { kind, value })
+}
+
+async fn member_show(path: &Path, identifier: &str, json: bool) -> ExitCode {
+    let Some(settings) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    let client = match ledger::connect(&settings.ledger).await {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("error: ledger: {error}\n  fix: {}", error.fix());
+            return ExitCode::FAILURE;
+        }
+    };
+    let member = match identifier.strip_prefix("member:").map(str::parse::<i64>) {
+        Some(Ok(id)) => Ok(Some(id)),
+        Some(Err(_)) => Err("member:ID needs a number".to_string()),
+        None => {
+            let identity = match Identity::new(&settings.identity) {
+                Ok(identity) => identity,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match parse_identifier(identifier, &identity) {
+                Ok(parsed) => ledger::members::find(&client, &parsed)
+                    .await
+                    .map_err(|e| format!("ledger: {e}")),
+                Err(message) => Err(message),
+            }
+        }
+    };
+    let view = match member {
+        Ok(Some(member)) => ledger::members::view(&client, member)
+            .await
+            .map_err(|e| format!("ledger: {e}")),
+        Ok(None) => Ok(None),
+        Err(message) => Err(message),
+    };
+    match view {
+        Ok(Some(view)) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&view).expect("member view serializes")
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(Some(view)) => {
+            println!("member {}", view.member_id);
+            println!("  identifiers  {}", view.identifiers.join(", "));
+            println!(
+                "  points       {} available, {} pending, {} lifetime",
+                view.points.available, view.points.pending, view.points.lifetime
+            );
+            println!("  tier         {}", view.tier.as_deref().unwrap_or("-"));
+            println!("  orders       {}", view.orders);
+            for entry in &view.last_entries {
+                println!(
+                    "  {}  {:>16} {:>8}  {}:{}",
+                    entry.occurred_at.format("%Y-%m-%d %H:%M:%S"),
+                    entry.kind,
+                    entry.points,
+                    entry.source,
+                    entry.order_ref.as_deref().unwrap_or("-")
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            eprintln!("no member has the identifier {identifier}");
+            ExitCode::FAILURE
+        }
+        Err(message) => {
+            eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }

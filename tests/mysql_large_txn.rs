@@ -94,6 +94,7 @@ async fn a_million_row_transaction_stays_under_a_fixed_memory_bound() {
         server_id: Some(u64::from(3_500_000_000 + std::process::id() % 100_000)),
         snapshot: false,
         heartbeat_seconds: None,
+        compiled_mapping: None,
     };
     let source = MysqlSource::new(&settings, &["sales_order_item"]).with_txn_memory_budget(BUDGET);
     let shutdown = CancellationToken::new();

@@ -28,6 +28,7 @@ fn settings(db: &MyDatabase) -> SourceSettings {
         server_id: Some(u64::from(3_400_000_000 + std::process::id() % 100_000)),
         snapshot: true,
         heartbeat_seconds: None,
+        compiled_mapping: None,
     }
 }
 

@@ -3,9 +3,17 @@
 //! - `schema.rs`: the versioned schema (`migrations/`, applied with refinery)
 //!   and its status.
 //! - `positions.rs`: where each source stands (`source_positions`).
+//! - `apply.rs`: the consumer of a source: normalize, resolve, book, store
+//!   the position, in one transaction per batch.
+//! - `members.rs`: members, identifiers, merges (`members`,
+//!   `member_identifiers`, `member_merges`, `shared_identifiers`).
+//! - `orders.rs`: orders, refunds, entries, balances, tiers.
 //!
 //! Only this module writes ledger tables; other modules pass it types.
 
+pub mod apply;
+pub mod members;
+pub mod orders;
 pub mod positions;
 mod schema;
 

@@ -28,6 +28,11 @@ use crate::ErrorClass;
 /// source that is down for long is retried twice a minute, no more.
 pub(crate) const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
+/// When no event follows an applied transaction for this long, the reader
+/// asks the consumer to flush: a consumer that batches never holds a lone
+/// transaction back for longer, while under load batches still fill up.
+pub(crate) const QUIET_FLUSH: Duration = Duration::from_millis(20);
+
 /// The backoff every reader reconnects with: from 250 ms (a blip costs
 /// almost nothing) doubling with jitter up to [`RECONNECT_MAX`], forever
 /// (a source is never given up on for being down).
@@ -57,6 +62,8 @@ pub(crate) fn reconnect_backoff() -> backoff::ExponentialBackoff {
 ///   increase within a run. After a restart or reconnect the reader resumes
 ///   from [`TxnConsumer::durable_position`] and itself skips what is at or
 ///   below it; a consumer that re-checks positions is still right to do so.
+/// - **Quiet means flush.** When the stream has nothing more for a moment
+///   after a transaction, the reader calls [`flush`](TxnConsumer::flush).
 /// - **Confirmation follows durability.** The reader confirms a position to
 ///   the source server (and so lets it discard the log) only up to what the
 ///   consumer has reported durable: the return value of

@@ -6,6 +6,7 @@ mod support;
 
 mod check;
 mod config;
+mod ledger_pipeline;
 mod migrate;
 mod mysql_binlog;
 mod mysql_source;

@@ -5,14 +5,19 @@ use loyalty_cdc::ledger;
 
 use crate::support::{run_cli, PgDatabase};
 
-const LEDGER_TABLES: [&str; 8] = [
+const LEDGER_TABLES: [&str; 13] = [
     "balances",
     "ledger_entries",
     "member_identifiers",
+    "member_merges",
     "members",
+    "order_refunds",
+    "orders",
     "outbox",
     "quarantine",
+    "reference_rows",
     "refinery_schema_history",
+    "shared_identifiers",
     "source_positions",
 ];
 
@@ -39,7 +44,9 @@ async fn migrate_creates_the_ledger_tables_and_a_second_run_applies_nothing() {
     assert_eq!(first.code, 0, "{}", first.output());
     assert_eq!(
         first.stdout,
-        "applied ledger migration V1__ledger_foundation\nledger schema is current\n"
+        "applied ledger migration V1__ledger_foundation\n\
+         applied ledger migration V2__orders_references_identity\n\
+         ledger schema is current\n"
     );
     assert_eq!(tables(&db).await, LEDGER_TABLES);
 
@@ -62,7 +69,11 @@ async fn concurrent_migrations_apply_each_version_once() {
     };
     let (a, b) = tokio::join!(migrate_once(), migrate_once());
     let applied: Vec<i32> = a.iter().chain(b.iter()).map(|m| m.version).collect();
-    assert_eq!(applied, [1], "one of the two applied V1, the other nothing");
+    assert_eq!(
+        applied,
+        [1, 2],
+        "one of the two applied V1 and V2, the other nothing"
+    );
     let status = ledger::schema_status(&db.client().await).await.unwrap();
     assert!(status.is_current(), "{status:?}");
 }

@@ -31,6 +31,7 @@ fn settings(db: &MyDatabase) -> SourceSettings {
         )),
         snapshot: true,
         heartbeat_seconds: None,
+        compiled_mapping: None,
     }
 }
 

@@ -353,6 +353,8 @@ impl MysqlSource {
         let mut gtids = durable.gtids.clone().unwrap_or_default();
         let mut layouts: HashMap<u64, Option<TableLayout>> = HashMap::new();
         let mut open: Option<OpenTxn> = None;
+        // A transaction was handed over since the last flush.
+        let mut unflushed = false;
         loop {
             let event = tokio::select! {
                 biased;
@@ -360,6 +362,11 @@ impl MysqlSource {
                     consumer.flush().await?;
                     let _ = stream.close().await;
                     return Ok(());
+                }
+                _ = tokio::time::sleep(crate::source::QUIET_FLUSH), if unflushed => {
+                    consumer.flush().await?;
+                    unflushed = false;
+                    continue;
                 }
                 event = stream.next() => event,
             };
@@ -408,6 +415,7 @@ impl MysqlSource {
                         "COMMIT" => {
                             if let Some(txn) = open.take() {
                                 self.commit(consumer, txn, (&file, u64::from(header.log_pos()), header.timestamp()), &mut gtids, &durable).await?;
+                                unflushed = true;
                             }
                         }
                         // DDL: a transaction of its own. Table maps after it
@@ -440,6 +448,7 @@ impl MysqlSource {
                 event::XID => {
                     if let Some(txn) = open.take() {
                         self.commit(consumer, txn, (&file, u64::from(header.log_pos()), header.timestamp()), &mut gtids, &durable).await?;
+                        unflushed = true;
                     }
                 }
                 // The stream is alive and caught up: progress, not silence.

@@ -229,6 +229,12 @@ pub async fn stream<C: TxnConsumer>(
                     .await?;
                 continue;
             }
+            _ = tokio::time::sleep(crate::source::QUIET_FLUSH), if applied > durable => {
+                if let Some(flushed) = consumer.flush().await? {
+                    confirm(client, progress, &mut durable, flushed);
+                }
+                continue;
+            }
             event = client.recv() => event.map_err(|e| super::classify_wire(e, slot))?,
         };
         let Some(event) = event else {

@@ -27,6 +27,7 @@ pub fn source_settings(db: &PgDatabase, name: &str) -> SourceSettings {
         server_id: None,
         snapshot: true,
         heartbeat_seconds: None,
+        compiled_mapping: None,
     }
 }
 

@@ -1,0 +1,379 @@
+//! `members`, `member_identifiers`, `member_merges`, `shared_identifiers`:
+//! which member a set of identifiers belongs to, linking and merging by the
+//! rules of [`crate::identity`]. Runs inside the ledger transaction that
+//! books the event, so a crash never leaves half a merge.
+//!
+//! Resolution of the identifiers seen together on one event:
+//! 1. values known to be shared are set aside;
+//! 2. their owners are looked up; none → a new member owns them all;
+//! 3. one or more owners → the oldest survives; the others are merged into
+//!    it (identifiers, balances, entries and orders move; the merged
+//!    member keeps a `merged_into` pointer and the merge is recorded);
+//! 4. unless that would give the survivor more identifiers of one kind
+//!    than the limit allows: then the weakest-kind identifier of the event
+//!    that an owner already had is the value linking strangers — it is
+//!    marked shared and resolution starts again without it.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::GenericClient;
+
+use crate::identity::{Identifier, IdentifierKind, Identity};
+
+/// A member as `member show` prints it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberView {
+    pub member_id: String,
+    pub identifiers: Vec<String>,
+    pub points: PointsView,
+    pub tier: Option<String>,
+    pub segments: Vec<String>,
+    pub orders: i64,
+    pub last_entries: Vec<EntryView>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PointsView {
+    pub available: i64,
+    pub pending: i64,
+    pub lifetime: i64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EntryView {
+    pub kind: String,
+    pub points: i64,
+    pub source: String,
+    pub order_ref: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// Finds or creates the member these identifiers belong to, linking and
+/// merging as the rules say. `None` when no identifier is usable
+/// (anonymous).
+pub async fn resolve(
+    client: &impl GenericClient,
+    identity: &Identity,
+    source: &str,
+    identifiers: &[Identifier],
+    at: DateTime<Utc>,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let mut usable = not_shared(client, identifiers).await?;
+    // Each pass either resolves or sets one identifier aside: bounded.
+    for _ in 0..=identifiers.len() {
+        if usable.is_empty() {
+            return Ok(None);
+        }
+        let owners = owners(client, &usable).await?;
+        let mut members: Vec<(DateTime<Utc>, i64)> = owners.values().copied().collect();
+        members.sort();
+        members.dedup();
+        let Some(&(_, survivor)) = members.first() else {
+            let member: i64 = client
+                .query_one(
+                    "INSERT INTO members (created_at) VALUES ($1) RETURNING member_id",
+                    &[&at],
+                )
+                .await?
+                .get(0);
+            attach(client, member, source, &usable, at).await?;
+            return Ok(Some(member));
+        };
+        let others: Vec<i64> = members.iter().skip(1).map(|(_, m)| *m).collect();
+        if let Some(shared) =
+            over_limit(client, identity, survivor, &others, &usable, &owners).await?
+        {
+            client
+                .execute(
+                    "INSERT INTO shared_identifiers (kind, value, detected_at) VALUES ($1, $2, $3)
+                     ON CONFLICT DO NOTHING",
+                    &[&shared.kind.as_str(), &shared.value, &at],
+                )
+                .await?;
+            tracing::info!(identifier = %shared, member_id = survivor, "identifier links more members than the limit allows; treated as shared from now on");
+            usable.retain(|i| *i != shared);
+            continue;
+        }
+        for other in others {
+            let via = usable
+                .iter()
+                .find(|i| owners.get(*i).map(|(_, m)| *m) == Some(other))
+                .expect("an owner is found through an identifier");
+            merge(client, other, survivor, via, at).await?;
+        }
+        let new: Vec<Identifier> = usable
+            .iter()
+            .filter(|i| !owners.contains_key(*i))
+            .cloned()
+            .collect();
+        attach(client, survivor, source, &new, at).await?;
+        return Ok(Some(survivor));
+    }
+    Ok(None)
+}
+
+async fn not_shared(
+    client: &impl GenericClient,
+    identifiers: &[Identifier],
+) -> Result<Vec<Identifier>, tokio_postgres::Error> {
+    let (kinds, values) = columns(identifiers);
+    let rows = client
+        .query(
+            "SELECT kind, value FROM shared_identifiers
+             WHERE (kind, value) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+            &[&kinds, &values],
+        )
+        .await?;
+    let shared: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(identifiers
+        .iter()
+        .filter(|i| {
+            !shared
+                .iter()
+                .any(|(k, v)| k == i.kind.as_str() && *v == i.value)
+        })
+        .cloned()
+        .collect())
+}
+
+fn columns(identifiers: &[Identifier]) -> (Vec<&str>, Vec<&str>) {
+    identifiers
+        .iter()
+        .map(|i| (i.kind.as_str(), i.value.as_str()))
+        .unzip()
+}
+
+/// The current owner of each known identifier, with its creation time.
+async fn owners(
+    client: &impl GenericClient,
+    identifiers: &[Identifier],
+) -> Result<BTreeMap<Identifier, (DateTime<Utc>, i64)>, tokio_postgres::Error> {
+    let (kinds, values) = columns(identifiers);
+    let rows = client
+        .query(
+            "SELECT i.kind, i.value, m.created_at, m.member_id
+               FROM member_identifiers i JOIN members m USING (member_id)
+              WHERE (i.kind, i.value) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+              ORDER BY m.member_id
+              FOR UPDATE OF m",
+            &[&kinds, &values],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let kind = IdentifierKind::parse(r.get(0))?;
+            Some((
+                Identifier {
+                    kind,
+                    value: r.get(1),
+                },
+                (r.get(2), r.get(3)),
+            ))
+        })
+        .collect())
+}
+
+/// The identifier to treat as shared if linking would exceed a per-kind
+/// limit: the weakest-kind one of the event that an owner already had.
+async fn over_limit(
+    client: &impl GenericClient,
+    identity: &Identity,
+    survivor: i64,
+    others: &[i64],
+    usable: &[Identifier],
+    owners: &BTreeMap<Identifier, (DateTime<Utc>, i64)>,
+) -> Result<Option<Identifier>, tokio_postgres::Error> {
+    let mut members = vec![survivor];
+    members.extend_from_slice(others);
+    let rows = client
+        .query(
+            "SELECT kind, value FROM member_identifiers WHERE member_id = ANY($1)",
+            &[&members],
+        )
+        .await?;
+    let mut all: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    for identifier in usable {
+        let pair = (
+            identifier.kind.as_str().to_string(),
+            identifier.value.clone(),
+        );
+        if !all.contains(&pair) {
+            all.push(pair);
+        }
+    }
+    let exceeded = IdentifierKind::ALL
+        .into_iter()
+        .any(|kind| all.iter().filter(|(k, _)| k == kind.as_str()).count() > identity.limit(kind));
+    if !exceeded {
+        return Ok(None);
+    }
+    let mut linking: Vec<&Identifier> = usable.iter().filter(|i| owners.contains_key(*i)).collect();
+    linking.sort_by_key(|i| std::cmp::Reverse(i.kind));
+    Ok(linking.first().map(|i| (*i).clone()))
+}
+
+async fn attach(
+    client: &impl GenericClient,
+    member: i64,
+    source: &str,
+    identifiers: &[Identifier],
+    at: DateTime<Utc>,
+) -> Result<(), tokio_postgres::Error> {
+    let (kinds, values) = columns(identifiers);
+    client
+        .execute(
+            "INSERT INTO member_identifiers (kind, value, member_id, first_source, first_seen_at)
+             SELECT k, v, $3, $4, $5 FROM unnest($1::text[], $2::text[]) AS t(k, v)
+             ON CONFLICT DO NOTHING",
+            &[&kinds, &values, &member, &source, &at],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Merges `from` into `into`: identifiers, entries, orders and balances
+/// move; `from` keeps a pointer and the merge is recorded.
+async fn merge(
+    client: &impl GenericClient,
+    from: i64,
+    into: i64,
+    via: &Identifier,
+    at: DateTime<Utc>,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE member_identifiers SET member_id = $2 WHERE member_id = $1",
+            &[&from, &into],
+        )
+        .await?;
+    client
+        .execute(
+            "UPDATE ledger_entries SET member_id = $2 WHERE member_id = $1",
+            &[&from, &into],
+        )
+        .await?;
+    client
+        .execute(
+            "UPDATE orders SET member_id = $2 WHERE member_id = $1",
+            &[&from, &into],
+        )
+        .await?;
+    client
+        .execute(
+            "INSERT INTO balances (member_id, available, pending, lifetime, updated_at)
+             SELECT $2, available, pending, lifetime, $3 FROM balances WHERE member_id = $1
+             ON CONFLICT (member_id) DO UPDATE SET
+               available = balances.available + EXCLUDED.available,
+               pending = balances.pending + EXCLUDED.pending,
+               lifetime = balances.lifetime + EXCLUDED.lifetime,
+               updated_at = EXCLUDED.updated_at",
+            &[&from, &into, &at],
+        )
+        .await?;
+    client
+        .execute("DELETE FROM balances WHERE member_id = $1", &[&from])
+        .await?;
+    client
+        .execute(
+            "UPDATE members SET merged_into = $2, merged_at = $3 WHERE member_id = $1",
+            &[&from, &into, &at],
+        )
+        .await?;
+    client
+        .execute(
+            "INSERT INTO member_merges (merged_member, into_member, via_kind, via_value, merged_at)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[&from, &into, &via.kind.as_str(), &via.value, &at],
+        )
+        .await?;
+    tracing::info!(
+        merged_member = from,
+        into_member = into,
+        via = via.kind.as_str(),
+        "members merged"
+    );
+    Ok(())
+}
+
+/// The member an identifier (already normalized) belongs to, following
+/// merges.
+pub async fn find(
+    client: &impl GenericClient,
+    identifier: &Identifier,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT member_id FROM member_identifiers WHERE kind = $1 AND value = $2",
+            &[&identifier.kind.as_str(), &identifier.value],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Everything `member show` prints.
+pub async fn view(
+    client: &impl GenericClient,
+    member: i64,
+) -> Result<Option<MemberView>, tokio_postgres::Error> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT m.tier, coalesce(b.available, 0), coalesce(b.pending, 0), coalesce(b.lifetime, 0),
+                    (SELECT count(*) FROM orders o WHERE o.member_id = m.member_id)
+               FROM members m LEFT JOIN balances b USING (member_id)
+              WHERE m.member_id = $1",
+            &[&member],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let identifiers = client
+        .query(
+            "SELECT kind, value FROM member_identifiers WHERE member_id = $1 ORDER BY kind, value",
+            &[&member],
+        )
+        .await?
+        .iter()
+        .filter_map(|r| {
+            let kind = IdentifierKind::parse(r.get(0))?;
+            Some(
+                Identifier {
+                    kind,
+                    value: r.get(1),
+                }
+                .to_string(),
+            )
+        })
+        .collect();
+    let last_entries = client
+        .query(
+            "SELECT kind, points, source, order_ref, occurred_at FROM ledger_entries
+              WHERE member_id = $1 ORDER BY entry_id DESC LIMIT 10",
+            &[&member],
+        )
+        .await?
+        .iter()
+        .map(|r| EntryView {
+            kind: r.get(0),
+            points: r.get(1),
+            source: r.get(2),
+            order_ref: r.get(3),
+            occurred_at: r.get(4),
+        })
+        .collect();
+    Ok(Some(MemberView {
+        member_id: member.to_string(),
+        identifiers,
+        points: PointsView {
+            available: row.get(1),
+            pending: row.get(2),
+            lifetime: row.get(3),
+        },
+        tier: row.get(0),
+        segments: Vec::new(),
+        orders: row.get(4),
+        last_entries,
+    }))
+}

@@ -1,0 +1,441 @@
+//! `orders`, `order_refunds`, `ledger_entries`, `balances`: the loyalty
+//! semantics of DESIGN.md applied to order and refund events.
+//!
+//! Every entry changes one bucket: `earn_pending` (+pending),
+//! `pending_release` and `pending_void` (−pending), `earn_available`
+//! (+available, +lifetime), `clawback` (−available, −lifetime), `redeem`,
+//! `expire`, `adjust` (available). Each names the source fact that caused it
+//! in `effect_key`, unique: a fact is booked once, whatever replays or
+//! re-snapshots happen.
+//!
+//! An order moves only forward: none → placed → completed, and to
+//! cancelled or refunded from either. The same stage again (Odoo `paid` →
+//! `done`) books nothing.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::Decimal;
+use tokio_postgres::GenericClient;
+
+use crate::config::ProgramSettings;
+use crate::normalize::{OrderEvent, OrderStage, RefundEvent};
+
+/// What booking an event did, for counts and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Booked {
+    /// Points moved.
+    Points,
+    /// Recorded, no points moved (same stage again, anonymous, terminal).
+    Nothing,
+    /// A refund of an order the ledger never saw.
+    UnknownOrder,
+}
+
+/// Points an order of `basis` earns: floor(basis × rate), never negative.
+pub fn points_for(program: &ProgramSettings, basis: Decimal) -> i64 {
+    let points = (basis * program.points_per_currency_unit).floor();
+    points.to_i64().unwrap_or(i64::MAX).max(0)
+}
+
+#[derive(Clone, Copy)]
+enum Bucket {
+    Pending,
+    Available,
+}
+
+fn bucket(kind: &str) -> Bucket {
+    match kind {
+        "earn_pending" | "pending_release" | "pending_void" => Bucket::Pending,
+        _ => Bucket::Available,
+    }
+}
+
+/// Books one entry and its balance change; nothing if `effect_key` was
+/// booked before. Returns whether it was booked now.
+#[allow(clippy::too_many_arguments)]
+async fn book(
+    client: &impl GenericClient,
+    member: i64,
+    kind: &str,
+    points: i64,
+    source: &str,
+    order_ref: &str,
+    effect_key: &str,
+    at: DateTime<Utc>,
+) -> Result<bool, tokio_postgres::Error> {
+    if points == 0 {
+        return Ok(false);
+    }
+    let inserted = client
+        .execute(
+            "INSERT INTO ledger_entries (member_id, kind, points, source, order_ref, effect_key, occurred_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (effect_key) DO NOTHING",
+            &[&member, &kind, &points, &source, &order_ref, &effect_key, &at],
+        )
+        .await?;
+    if inserted == 0 {
+        return Ok(false);
+    }
+    let (pending, available, lifetime) = match (bucket(kind), kind) {
+        (Bucket::Pending, _) => (points, 0, 0),
+        (Bucket::Available, "earn_available" | "clawback") => (0, points, points),
+        (Bucket::Available, _) => (0, points, 0),
+    };
+    // Row first, then the change: an INSERT's CHECKs see the proposed row
+    // (a negative delta) even when ON CONFLICT turns it into an update.
+    client
+        .execute(
+            "INSERT INTO balances (member_id, updated_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&member, &at],
+        )
+        .await?;
+    client
+        .execute(
+            "UPDATE balances SET available = available + $2, pending = pending + $3,
+                                 lifetime = lifetime + $4, updated_at = $5
+              WHERE member_id = $1",
+            &[&member, &available, &pending, &lifetime, &at],
+        )
+        .await?;
+    Ok(true)
+}
+
+/// The order as the ledger last knew it.
+struct Known {
+    member: Option<i64>,
+    stage: OrderStage,
+    points: i64,
+    clawed_back: i64,
+}
+
+fn stage(text: &str) -> OrderStage {
+    match text {
+        "placed" => OrderStage::Placed,
+        "completed" => OrderStage::Completed,
+        "cancelled" => OrderStage::Cancelled,
+        _ => OrderStage::Refunded,
+    }
+}
+
+async fn known(
+    client: &impl GenericClient,
+    source: &str,
+    order_ref: &str,
+) -> Result<Option<Known>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT member_id, stage, points, clawed_back FROM orders
+              WHERE source = $1 AND order_ref = $2 FOR UPDATE",
+            &[&source, &order_ref],
+        )
+        .await?;
+    Ok(row.map(|r| Known {
+        member: r.get(0),
+        stage: stage(r.get(1)),
+        points: r.get(2),
+        clawed_back: r.get(3),
+    }))
+}
+
+/// Applies an order event for `member` (None: anonymous).
+pub async fn apply_order(
+    client: &impl GenericClient,
+    program: &ProgramSettings,
+    source: &str,
+    order: &OrderEvent,
+    member: Option<i64>,
+    at: DateTime<Utc>,
+) -> Result<Booked, tokio_postgres::Error> {
+    let key = |what: &str| format!("{source}:order:{}:{what}", order.order_ref);
+    let Some(was) = known(client, source, &order.order_ref).await? else {
+        // First sight of the order.
+        let points = match (member, order.stage) {
+            (Some(_), OrderStage::Placed | OrderStage::Completed) => {
+                points_for(program, order.earn_basis)
+            }
+            _ => 0,
+        };
+        client
+            .execute(
+                "INSERT INTO orders (source, order_ref, member_id, stage, earn_basis, grand_total, currency,
+                                     channel, points, lines, placed_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11)",
+                &[
+                    &source,
+                    &order.order_ref,
+                    &member,
+                    &order.stage.as_str(),
+                    &order.earn_basis,
+                    &order.grand_total,
+                    &order.currency,
+                    &order.channel,
+                    &points,
+                    &(order.lines.len() as i32),
+                    &at,
+                ],
+            )
+            .await?;
+        let Some(member) = member else {
+            return Ok(Booked::Nothing);
+        };
+        let booked = match order.stage {
+            OrderStage::Placed => {
+                book(
+                    client,
+                    member,
+                    "earn_pending",
+                    points,
+                    source,
+                    &order.order_ref,
+                    &key("pending"),
+                    at,
+                )
+                .await?
+            }
+            OrderStage::Completed => {
+                book(
+                    client,
+                    member,
+                    "earn_available",
+                    points,
+                    source,
+                    &order.order_ref,
+                    &key("available"),
+                    at,
+                )
+                .await?
+            }
+            OrderStage::Cancelled | OrderStage::Refunded => false,
+        };
+        update_tier(client, program, member).await?;
+        return Ok(if booked {
+            Booked::Points
+        } else {
+            Booked::Nothing
+        });
+    };
+
+    let remaining = was.points - was.clawed_back;
+    let next = match (was.stage, order.stage) {
+        (OrderStage::Placed, OrderStage::Completed) => Some(OrderStage::Completed),
+        (
+            OrderStage::Placed | OrderStage::Completed,
+            OrderStage::Cancelled | OrderStage::Refunded,
+        ) => Some(order.stage),
+        _ => None,
+    };
+    let Some(next) = next else {
+        return Ok(Booked::Nothing);
+    };
+    let clawed_now = match next {
+        OrderStage::Cancelled | OrderStage::Refunded => remaining,
+        _ => 0,
+    };
+    client
+        .execute(
+            "UPDATE orders SET stage = $3, clawed_back = clawed_back + $4, updated_at = $5
+              WHERE source = $1 AND order_ref = $2",
+            &[&source, &order.order_ref, &next.as_str(), &clawed_now, &at],
+        )
+        .await?;
+    let Some(member) = was.member else {
+        return Ok(Booked::Nothing);
+    };
+    let booked = match (was.stage, next) {
+        (OrderStage::Placed, OrderStage::Completed) => {
+            book(
+                client,
+                member,
+                "pending_release",
+                -remaining,
+                source,
+                &order.order_ref,
+                &key("release"),
+                at,
+            )
+            .await?;
+            book(
+                client,
+                member,
+                "earn_available",
+                remaining,
+                source,
+                &order.order_ref,
+                &key("available"),
+                at,
+            )
+            .await?
+        }
+        (OrderStage::Placed, _) => {
+            book(
+                client,
+                member,
+                "pending_void",
+                -remaining,
+                source,
+                &order.order_ref,
+                &key("void"),
+                at,
+            )
+            .await?
+        }
+        (_, _) => {
+            book(
+                client,
+                member,
+                "clawback",
+                -remaining,
+                source,
+                &order.order_ref,
+                &key("clawback"),
+                at,
+            )
+            .await?
+        }
+    };
+    update_tier(client, program, member).await?;
+    Ok(if booked {
+        Booked::Points
+    } else {
+        Booked::Nothing
+    })
+}
+
+/// Applies a refund: the order's points are clawed back in proportion,
+/// `floor(points × refunded / earn_basis)` over all its refunds so far,
+/// never more than it earned.
+pub async fn apply_refund(
+    client: &impl GenericClient,
+    program: &ProgramSettings,
+    source: &str,
+    refund: &RefundEvent,
+    at: DateTime<Utc>,
+) -> Result<Booked, tokio_postgres::Error> {
+    let Some(order) = client
+        .query_opt(
+            "SELECT member_id, stage, points, clawed_back, refunded, earn_basis FROM orders
+              WHERE source = $1 AND order_ref = $2 FOR UPDATE",
+            &[&source, &refund.order_ref],
+        )
+        .await?
+    else {
+        return Ok(Booked::UnknownOrder);
+    };
+    let member: Option<i64> = order.get(0);
+    let was = stage(order.get(1));
+    let points: i64 = order.get(2);
+    let clawed_back: i64 = order.get(3);
+    let refunded: Decimal = order.get(4);
+    let basis: Decimal = order.get(5);
+    let total_refunded = refunded + refund.amount;
+    let target = if basis > Decimal::ZERO {
+        (Decimal::from(points) * total_refunded.min(basis) / basis)
+            .floor()
+            .to_i64()
+            .unwrap_or(points)
+    } else {
+        points
+    };
+    let delta = match was {
+        OrderStage::Placed | OrderStage::Completed => {
+            (target - clawed_back).clamp(0, points - clawed_back)
+        }
+        // Cancelled or fully refunded: everything is already taken back.
+        _ => 0,
+    };
+    let inserted = client
+        .execute(
+            "INSERT INTO order_refunds (source, refund_ref, order_ref, amount, points, occurred_at)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            &[
+                &source,
+                &refund.refund_ref,
+                &refund.order_ref,
+                &refund.amount,
+                &delta,
+                &at,
+            ],
+        )
+        .await?;
+    if inserted == 0 {
+        return Ok(Booked::Nothing);
+    }
+    client
+        .execute(
+            "UPDATE orders SET refunded = refunded + $3, clawed_back = clawed_back + $4, updated_at = $5
+              WHERE source = $1 AND order_ref = $2",
+            &[&source, &refund.order_ref, &refund.amount, &delta, &at],
+        )
+        .await?;
+    let Some(member) = member else {
+        return Ok(Booked::Nothing);
+    };
+    let kind = if was == OrderStage::Placed {
+        "pending_void"
+    } else {
+        "clawback"
+    };
+    let key = format!("{source}:refund:{}", refund.refund_ref);
+    let booked = book(
+        client,
+        member,
+        kind,
+        -delta,
+        source,
+        &refund.order_ref,
+        &key,
+        at,
+    )
+    .await?;
+    update_tier(client, program, member).await?;
+    Ok(if booked {
+        Booked::Points
+    } else {
+        Booked::Nothing
+    })
+}
+
+/// The member's tier from lifetime points: upgrades at once when a
+/// threshold is crossed. (Downgrades happen only at a period's end, which
+/// the scheduler owns.)
+async fn update_tier(
+    client: &impl GenericClient,
+    program: &ProgramSettings,
+    member: i64,
+) -> Result<(), tokio_postgres::Error> {
+    if program.tiers.is_empty() {
+        return Ok(());
+    }
+    let lifetime: i64 = client
+        .query_opt(
+            "SELECT lifetime FROM balances WHERE member_id = $1",
+            &[&member],
+        )
+        .await?
+        .map_or(0, |r| r.get(0));
+    let reached = program
+        .tiers
+        .iter()
+        .rfind(|t| t.threshold <= lifetime)
+        .map(|t| t.name.clone());
+    let Some(reached) = reached else {
+        return Ok(());
+    };
+    let rank = |name: &Option<String>| {
+        name.as_ref()
+            .and_then(|n| program.tiers.iter().position(|t| &t.name == n))
+    };
+    let current: Option<String> = client
+        .query_one("SELECT tier FROM members WHERE member_id = $1", &[&member])
+        .await?
+        .get(0);
+    if rank(&Some(reached.clone())) > rank(&current) {
+        client
+            .execute(
+                "UPDATE members SET tier = $2 WHERE member_id = $1",
+                &[&member, &reached],
+            )
+            .await?;
+    }
+    Ok(())
+}

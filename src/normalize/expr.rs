@@ -1,0 +1,299 @@
+//! Expressions in mappings: CEL (Common Expression Language, the `cel`
+//! crate), evaluated over one source row and what is joined to it.
+//!
+//! Variables an expression sees: `row` (the new row image, or the old one
+//! for a delete), `before` (the old image, or null), `lines` (a document's
+//! child rows from the same source transaction, a list of maps) and one map
+//! per join, named after it. Columns are map keys: `row.state`,
+//! `store.code`. Decimal columns arrive as doubles, which is fine for
+//! conditions; amounts are never computed in CEL but summed exactly from
+//! columns (see [`super::mapping::Amount`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cel::objects::{Key, Map};
+use cel::{Context, Program, Value as Cel};
+
+use crate::source::change::Value;
+
+/// A compiled expression and the text it came from (for messages).
+pub struct Expr {
+    text: String,
+    program: Program,
+}
+
+impl std::fmt::Debug for Expr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Expr({:?})", self.text)
+    }
+}
+
+/// Evaluation failed: the message names the expression, never row values.
+#[derive(Debug, thiserror::Error)]
+#[error("expression `{expression}`: {problem}")]
+pub struct EvalError {
+    pub expression: String,
+    pub problem: String,
+}
+
+impl Expr {
+    pub fn compile(text: &str) -> Result<Self, String> {
+        let program =
+            Program::compile(text).map_err(|e| format!("not a valid CEL expression: {e}"))?;
+        Ok(Self {
+            text: text.to_string(),
+            program,
+        })
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Column names this expression reads from `variable` (`row.x` → `x`),
+    /// so `check` can name a column the live table lacks. A scan of the
+    /// text, not of the syntax tree: `row.x` inside a string literal counts
+    /// too, which errs on the side of checking.
+    pub fn columns_of(&self, variable: &str) -> Vec<String> {
+        let prefix = format!("{variable}.");
+        let bytes = self.text.as_bytes();
+        let mut found = Vec::new();
+        let mut start = 0;
+        while let Some(at) = self.text[start..].find(&prefix) {
+            let at = start + at;
+            let preceded_by_ident = at > 0
+                && (bytes[at - 1].is_ascii_alphanumeric()
+                    || bytes[at - 1] == b'_'
+                    || bytes[at - 1] == b'.');
+            let name_start = at + prefix.len();
+            let name_end = self.text[name_start..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(self.text.len(), |n| name_start + n);
+            if !preceded_by_ident && name_end > name_start {
+                found.push(self.text[name_start..name_end].to_string());
+            }
+            start = name_end.max(at + 1);
+        }
+        found
+    }
+
+    fn eval(&self, scope: &Scope) -> Result<Cel, EvalError> {
+        let mut context = Context::default();
+        for (name, value) in &scope.variables {
+            context.add_variable_from_value(name.clone(), value.clone());
+        }
+        self.program.execute(&context).map_err(|e| EvalError {
+            expression: self.text.clone(),
+            problem: e.to_string(),
+        })
+    }
+
+    /// A condition: must give a bool.
+    pub fn test(&self, scope: &Scope) -> Result<bool, EvalError> {
+        match self.eval(scope)? {
+            Cel::Bool(b) => Ok(b),
+            other => Err(self.wrong_type("a bool (true/false)", &other)),
+        }
+    }
+
+    /// A text-valued field: strings as they are, numbers in decimal, null
+    /// as `None`.
+    pub fn text_value(&self, scope: &Scope) -> Result<Option<String>, EvalError> {
+        match self.eval(scope)? {
+            Cel::Null => Ok(None),
+            Cel::String(s) => Ok(Some(s.to_string())),
+            Cel::Int(i) => Ok(Some(i.to_string())),
+            Cel::UInt(u) => Ok(Some(u.to_string())),
+            Cel::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => Ok(Some(format!("{f:.0}"))),
+            Cel::Bool(b) => Ok(Some(b.to_string())),
+            other => Err(self.wrong_type("text, a number or null", &other)),
+        }
+    }
+
+    fn wrong_type(&self, wanted: &str, got: &Cel) -> EvalError {
+        EvalError {
+            expression: self.text.clone(),
+            problem: format!("gives {}, not {wanted}", type_name(got)),
+        }
+    }
+}
+
+fn type_name(value: &Cel) -> &'static str {
+    match value {
+        Cel::List(_) => "a list",
+        Cel::Map(_) => "a map",
+        Cel::Int(_) | Cel::UInt(_) => "an integer",
+        Cel::Float(_) => "a double",
+        Cel::String(_) => "a string",
+        Cel::Bytes(_) => "bytes",
+        Cel::Bool(_) => "a bool",
+        Cel::Null => "null",
+        _ => "a value of another type",
+    }
+}
+
+/// The variables one evaluation sees.
+#[derive(Default, Clone)]
+pub struct Scope {
+    variables: Vec<(String, Cel)>,
+}
+
+impl Scope {
+    pub fn set(&mut self, name: &str, value: Cel) {
+        self.variables.retain(|(n, _)| n != name);
+        self.variables.push((name.to_string(), value));
+    }
+}
+
+/// A row as a CEL map from column name to value.
+pub fn row_map(columns: &[crate::source::Column], values: &[Value]) -> Cel {
+    let map: HashMap<Key, Cel> = columns
+        .iter()
+        .zip(values)
+        .map(|(column, value)| (Key::String(Arc::new(column.name.clone())), cel_value(value)))
+        .collect();
+    Cel::Map(Map { map: Arc::new(map) })
+}
+
+/// A stored reference row (plain JSON object) as a CEL map; `columns`
+/// are always present, null when the row is unknown.
+pub fn json_map(
+    columns: &[String],
+    row: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Cel {
+    let map: HashMap<Key, Cel> = columns
+        .iter()
+        .map(|column| {
+            let value = row
+                .and_then(|r| r.get(column))
+                .map_or(Cel::Null, json_value);
+            (Key::String(Arc::new(column.clone())), value)
+        })
+        .collect();
+    Cel::Map(Map { map: Arc::new(map) })
+}
+
+pub fn list(items: Vec<Cel>) -> Cel {
+    Cel::List(Arc::new(items))
+}
+
+fn json_value(value: &serde_json::Value) -> Cel {
+    match value {
+        serde_json::Value::Null => Cel::Null,
+        serde_json::Value::Bool(b) => Cel::Bool(*b),
+        serde_json::Value::Number(n) => n
+            .as_i64()
+            .map(Cel::Int)
+            .or_else(|| n.as_f64().map(Cel::Float))
+            .unwrap_or(Cel::Null),
+        serde_json::Value::String(s) => Cel::String(Arc::new(s.clone())),
+        serde_json::Value::Array(items) => list(items.iter().map(json_value).collect()),
+        serde_json::Value::Object(fields) => {
+            let map: HashMap<Key, Cel> = fields
+                .iter()
+                .map(|(k, v)| (Key::String(Arc::new(k.clone())), json_value(v)))
+                .collect();
+            Cel::Map(Map { map: Arc::new(map) })
+        }
+    }
+}
+
+/// A column value as CEL sees it.
+pub fn cel_value(value: &Value) -> Cel {
+    match value {
+        // An unchanged TOAST value is unknown here; the mappings never need
+        // one (large text is not what orders are judged by).
+        Value::Null | Value::UnchangedToast | Value::Absent => Cel::Null,
+        Value::Bool(b) => Cel::Bool(*b),
+        Value::Int(i) => Cel::Int(*i),
+        Value::Float(f) => Cel::Float(*f),
+        Value::Numeric(d) => {
+            use rust_decimal::prelude::ToPrimitive;
+            // Whole numbers stay integers, so `row.state == 2` holds for a
+            // DECIMAL or an unsigned BIGINT read as a decimal.
+            if d.fract().is_zero() {
+                if let Some(i) = d.to_i64() {
+                    return Cel::Int(i);
+                }
+            }
+            d.to_f64().map_or(Cel::Null, Cel::Float)
+        }
+        Value::Text(s) => Cel::String(Arc::new(s.clone())),
+        Value::Timestamp(t) => Cel::String(Arc::new(t.and_utc().to_rfc3339())),
+        Value::TimestampTz(t) => Cel::String(Arc::new(t.to_rfc3339())),
+        Value::Date(d) => Cel::String(Arc::new(d.to_string())),
+        Value::Json(j) => json_value(j),
+        Value::Uuid(u) => Cel::String(Arc::new(u.to_string())),
+        Value::Bytes(b) => Cel::Bytes(Arc::new(b.clone())),
+    }
+}
+
+/// A column value as plain JSON, for stored reference rows and quarantine.
+pub fn plain_json(value: &Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match value {
+        Value::Null | Value::UnchangedToast | Value::Absent => J::Null,
+        Value::Bool(b) => J::Bool(*b),
+        Value::Int(i) => J::from(*i),
+        Value::Float(f) => J::from(*f),
+        Value::Numeric(d) => J::String(d.to_string()),
+        Value::Text(s) => J::String(s.clone()),
+        Value::Timestamp(t) => J::String(t.and_utc().to_rfc3339()),
+        Value::TimestampTz(t) => J::String(t.to_rfc3339()),
+        Value::Date(d) => J::String(d.to_string()),
+        Value::Json(j) => j.clone(),
+        Value::Uuid(u) => J::String(u.to_string()),
+        Value::Bytes(b) => J::String(b.iter().map(|x| format!("{x:02x}")).collect()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_read_from_a_variable_are_found_in_the_text() {
+        let expr =
+            Expr::compile("row.state in ['paid'] && !row.is_refund && store.row_x == 1").unwrap();
+        assert_eq!(expr.columns_of("row"), ["state", "is_refund"]);
+        assert_eq!(expr.columns_of("store"), ["row_x"]);
+    }
+
+    #[test]
+    fn whole_decimals_compare_as_integers_and_null_fields_are_none() {
+        let mut scope = Scope::default();
+        let columns = vec![
+            crate::source::Column {
+                name: "state".into(),
+                type_oid: 0,
+                is_key: false,
+            },
+            crate::source::Column {
+                name: "email".into(),
+                type_oid: 0,
+                is_key: false,
+            },
+        ];
+        scope.set(
+            "row",
+            row_map(&columns, &[Value::Numeric(2.into()), Value::Null]),
+        );
+        assert!(Expr::compile("row.state == 2")
+            .unwrap()
+            .test(&scope)
+            .unwrap());
+        assert_eq!(
+            Expr::compile("row.email")
+                .unwrap()
+                .text_value(&scope)
+                .unwrap(),
+            None
+        );
+        let error = Expr::compile("row.state")
+            .unwrap()
+            .test(&scope)
+            .unwrap_err();
+        assert!(error.to_string().contains("not a bool"), "{error}");
+    }
+}

@@ -1,0 +1,709 @@
+//! The mapping file format (`connectors/sources/*.toml`): which tables of a
+//! source schema carry orders, refunds and reference data, and how their
+//! columns become member events. The doc comments below are the operator's
+//! reference; README.md shows a whole file.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+use super::expr::Expr;
+use crate::config::ConfigProblem;
+use crate::source::SourceKind;
+
+/// A mapping file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingFile {
+    /// The system this maps, for people (`Magento 2.4`).
+    pub system: String,
+    /// The source kind it is written for (`postgres` or `mysql`).
+    pub kind: SourceKind,
+    /// Reference data kept current from the change stream (and the
+    /// snapshot), looked up by key from orders and refunds.
+    #[serde(default)]
+    pub references: Vec<ReferenceFile>,
+    /// Tables whose rows are orders.
+    #[serde(default)]
+    pub orders: Vec<OrderFile>,
+    /// Tables whose rows are refunds of an order.
+    #[serde(default)]
+    pub refunds: Vec<RefundFile>,
+}
+
+/// `[[references]]`: a table kept as `key → columns`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceFile {
+    /// Name joins use (`store`).
+    pub name: String,
+    /// Table (`store`; PostgreSQL may say `schema.table`).
+    pub table: String,
+    /// Key column.
+    pub key: String,
+    /// Columns kept (only these are stored).
+    pub columns: Vec<String>,
+}
+
+/// `[[orders.joins]]`: a reference row looked up for each document.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinFile {
+    /// Variable name the joined row gets in expressions.
+    pub name: String,
+    /// Which `[[references]]` to look in.
+    pub reference: String,
+    /// CEL: the key (`row.store_id`); may use earlier joins and `lines`.
+    pub key: String,
+}
+
+/// `[orders.lines]`: child rows of a document in the same source
+/// transaction (order lines, refund lines).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinesFile {
+    pub table: String,
+    /// Column holding the document's key.
+    pub parent: String,
+    /// CEL over `row`: which lines count (Magento: `row.parent_item_id ==
+    /// null`, so a configurable product counts once).
+    #[serde(default)]
+    pub when: Option<String>,
+    /// CEL: the line's SKU.
+    pub sku: String,
+    /// Column: quantity (exact).
+    pub quantity: String,
+    /// Columns summed exactly: the line's amount.
+    pub amount: Vec<String>,
+    /// Quarantine a new document that arrives without any counted line.
+    #[serde(default)]
+    pub required: bool,
+}
+
+/// `[[orders]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderFile {
+    pub table: String,
+    /// Key column: the order's reference in this source.
+    pub key: String,
+    /// CEL: rows that are orders of this mapping at all; others are skipped
+    /// (Odoo refunds live in the same table).
+    #[serde(default)]
+    pub when: Option<String>,
+    /// CEL: the order's status as text.
+    pub status: String,
+    /// Statuses meaning placed, not yet complete: points pending.
+    #[serde(default)]
+    pub placed: Vec<String>,
+    /// Statuses meaning complete (paid at the till, shipped): available.
+    #[serde(default)]
+    pub completed: Vec<String>,
+    /// Statuses meaning cancelled: pending points void.
+    #[serde(default)]
+    pub cancelled: Vec<String>,
+    /// Statuses meaning fully refunded: everything earned clawed back.
+    #[serde(default)]
+    pub refunded: Vec<String>,
+    /// Statuses that mean nothing yet (drafts, unpaid carts): no event.
+    #[serde(default)]
+    pub ignored: Vec<String>,
+    /// Columns summed exactly into the earn basis (goods after discount,
+    /// without tax, shipping and tips). `-col` subtracts; `col?` reads NULL
+    /// as 0 (otherwise NULL quarantines the row).
+    pub earn_basis: Vec<String>,
+    /// Columns summed into the grand total (for programs that earn on it).
+    pub grand_total: Vec<String>,
+    /// CEL: currency code.
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// CEL: sales channel (`'pos:' + config.name`).
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// CEL: the source's own customer id (null for guests).
+    #[serde(default)]
+    pub customer: Option<String>,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub phone: Option<String>,
+    /// CEL: loyalty card number.
+    #[serde(default)]
+    pub card: Option<String>,
+    #[serde(default)]
+    pub joins: Vec<JoinFile>,
+    #[serde(default)]
+    pub lines: Option<LinesFile>,
+}
+
+/// `[[refunds]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefundFile {
+    pub table: String,
+    /// Key column: the refund's own reference.
+    pub key: String,
+    /// CEL: rows that are booked refunds (Magento: `row.state == 2`).
+    #[serde(default)]
+    pub when: Option<String>,
+    /// CEL: the refunded order's key (as the order mapping's `key`).
+    pub order: String,
+    /// Columns summed exactly: the refunded amount on the earn basis
+    /// (the sign is ignored: refunds written negative count the same).
+    pub amount: Vec<String>,
+    #[serde(default)]
+    pub joins: Vec<JoinFile>,
+    #[serde(default)]
+    pub lines: Option<LinesFile>,
+}
+
+/// One column of an exact sum.
+#[derive(Debug, Clone)]
+pub struct Term {
+    pub column: String,
+    pub negative: bool,
+    pub null_is_zero: bool,
+}
+
+/// An exact sum of columns.
+#[derive(Debug, Clone)]
+pub struct Amount(pub Vec<Term>);
+
+impl Amount {
+    fn parse(terms: &[String]) -> Result<Self, String> {
+        if terms.is_empty() {
+            return Err("name at least one column".into());
+        }
+        terms
+            .iter()
+            .map(|term| {
+                let (negative, rest) = match term.strip_prefix('-') {
+                    Some(rest) => (true, rest),
+                    None => (false, term.as_str()),
+                };
+                let (null_is_zero, column) = match rest.strip_suffix('?') {
+                    Some(column) => (true, column),
+                    None => (false, rest),
+                };
+                if column.is_empty()
+                    || !column
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                {
+                    return Err(format!(
+                        "`{term}` is not a column name (write `col`, `-col` or `col?`)"
+                    ));
+                }
+                Ok(Term {
+                    column: column.to_string(),
+                    negative,
+                    null_is_zero,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map(Amount)
+    }
+
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|t| t.column.as_str())
+    }
+
+    /// The exact sum over `value(column)`; `Err` names the column and why.
+    pub fn sum(
+        &self,
+        mut value: impl FnMut(&str) -> Option<AmountValue>,
+    ) -> Result<Decimal, String> {
+        let mut total = Decimal::ZERO;
+        for term in &self.0 {
+            let amount = match value(&term.column) {
+                Some(AmountValue::Number(n)) => n,
+                Some(AmountValue::Null) | None if term.null_is_zero => Decimal::ZERO,
+                Some(AmountValue::Null) | None => {
+                    return Err(format!("NULL amount in column `{}`", term.column))
+                }
+                Some(AmountValue::Unparsable) => {
+                    return Err(format!("unparsable amount in column `{}`", term.column))
+                }
+            };
+            total = if term.negative {
+                total - amount
+            } else {
+                total + amount
+            };
+        }
+        Ok(total)
+    }
+}
+
+/// A column value as an amount.
+pub enum AmountValue {
+    Number(Decimal),
+    Null,
+    Unparsable,
+}
+
+/// A join, compiled.
+#[derive(Debug)]
+pub struct Join {
+    pub name: String,
+    pub reference: usize,
+    pub key: Expr,
+}
+
+/// Lines, compiled.
+#[derive(Debug)]
+pub struct Lines {
+    pub table: String,
+    pub parent: String,
+    pub when: Option<Expr>,
+    pub sku: Expr,
+    pub quantity: String,
+    pub amount: Amount,
+    pub required: bool,
+}
+
+/// A reference table, compiled.
+#[derive(Debug)]
+pub struct Reference {
+    pub name: String,
+    pub table: String,
+    pub key: String,
+    pub columns: Vec<String>,
+}
+
+/// What an order's status means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusMeaning {
+    Placed,
+    Completed,
+    Cancelled,
+    Refunded,
+    Ignored,
+}
+
+/// An order mapping, compiled.
+#[derive(Debug)]
+pub struct OrderMapping {
+    pub table: String,
+    pub key: String,
+    pub when: Option<Expr>,
+    pub status: Expr,
+    pub statuses: Vec<(String, StatusMeaning)>,
+    pub earn_basis: Amount,
+    pub grand_total: Amount,
+    pub currency: Option<Expr>,
+    pub channel: Option<Expr>,
+    pub customer: Option<Expr>,
+    pub email: Option<Expr>,
+    pub phone: Option<Expr>,
+    pub card: Option<Expr>,
+    pub joins: Vec<Join>,
+    pub lines: Option<Lines>,
+}
+
+/// A refund mapping, compiled.
+#[derive(Debug)]
+pub struct RefundMapping {
+    pub table: String,
+    pub key: String,
+    pub when: Option<Expr>,
+    pub order: Expr,
+    pub amount: Amount,
+    pub joins: Vec<Join>,
+    pub lines: Option<Lines>,
+}
+
+/// A mapping file, loaded and compiled: every expression parsed, every
+/// join resolved.
+#[derive(Debug)]
+pub struct Mapping {
+    pub path: PathBuf,
+    pub system: String,
+    pub kind: SourceKind,
+    pub references: Vec<Reference>,
+    pub orders: Vec<OrderMapping>,
+    pub refunds: Vec<RefundMapping>,
+}
+
+impl Mapping {
+    /// Reads and compiles `path`; every problem is reported with the file,
+    /// the key and what to do.
+    pub fn load(path: &Path) -> Result<Self, Vec<ConfigProblem>> {
+        let origin = path.display().to_string();
+        let problem = |key: &str, message: String| ConfigProblem {
+            origin: origin.clone(),
+            key: key.to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            vec![problem(
+                "",
+                format!(
+                    "cannot read the mapping file: {e}; check the `mapping` path of the source"
+                ),
+            )]
+        })?;
+        let file: MappingFile = toml::from_str(&text).map_err(|e| {
+            let key = e
+                .span()
+                .map(|span| format!("line {}", text[..span.start].lines().count().max(1)))
+                .unwrap_or_default();
+            vec![problem(&key, e.message().to_string())]
+        })?;
+        let mut problems = Vec::new();
+        let mapping = compile(path, file, &mut |key, message| {
+            problems.push(problem(&key, message))
+        });
+        if problems.is_empty() {
+            Ok(mapping)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Every table this mapping reads, references first (so a snapshot
+    /// copies the reference data before the orders that look it up).
+    pub fn tables(&self) -> Vec<String> {
+        let mut seen = HashSet::new();
+        let mut tables = Vec::new();
+        let documents = self
+            .orders
+            .iter()
+            .map(|o| (&o.table, o.lines.as_ref()))
+            .chain(self.refunds.iter().map(|r| (&r.table, r.lines.as_ref())));
+        let all = self.references.iter().map(|r| &r.table).chain(
+            documents
+                .flat_map(|(table, lines)| std::iter::once(table).chain(lines.map(|l| &l.table))),
+        );
+        for table in all {
+            if seen.insert(table.clone()) {
+                tables.push(table.clone());
+            }
+        }
+        tables
+    }
+
+    /// The columns each table must have: `(table, column, where it is named)`.
+    pub fn required_columns(&self) -> Vec<(String, String, String)> {
+        let mut needs = Vec::new();
+        for (i, reference) in self.references.iter().enumerate() {
+            needs.push((
+                reference.table.clone(),
+                reference.key.clone(),
+                format!("references[{i}].key"),
+            ));
+            for column in &reference.columns {
+                needs.push((
+                    reference.table.clone(),
+                    column.clone(),
+                    format!("references[{i}].columns"),
+                ));
+            }
+        }
+        let expressions = |needs: &mut Vec<(String, String, String)>,
+                           table: &str,
+                           key: &str,
+                           exprs: &[(&str, Option<&Expr>)]| {
+            for (name, expr) in exprs {
+                for column in expr.map(|e| e.columns_of("row")).unwrap_or_default() {
+                    needs.push((table.to_string(), column, format!("{key}.{name}")));
+                }
+            }
+        };
+        let lines = |needs: &mut Vec<(String, String, String)>, key: &str, lines: &Lines| {
+            needs.push((
+                lines.table.clone(),
+                lines.parent.clone(),
+                format!("{key}.lines.parent"),
+            ));
+            needs.push((
+                lines.table.clone(),
+                lines.quantity.clone(),
+                format!("{key}.lines.quantity"),
+            ));
+            for column in lines.amount.columns() {
+                needs.push((
+                    lines.table.clone(),
+                    column.to_string(),
+                    format!("{key}.lines.amount"),
+                ));
+            }
+            for (name, expr) in [("when", lines.when.as_ref()), ("sku", Some(&lines.sku))] {
+                for column in expr.map(|e| e.columns_of("row")).unwrap_or_default() {
+                    needs.push((lines.table.clone(), column, format!("{key}.lines.{name}")));
+                }
+            }
+        };
+        for (i, order) in self.orders.iter().enumerate() {
+            let key = format!("orders[{i}]");
+            needs.push((order.table.clone(), order.key.clone(), format!("{key}.key")));
+            for column in order.earn_basis.columns() {
+                needs.push((
+                    order.table.clone(),
+                    column.to_string(),
+                    format!("{key}.earn_basis"),
+                ));
+            }
+            for column in order.grand_total.columns() {
+                needs.push((
+                    order.table.clone(),
+                    column.to_string(),
+                    format!("{key}.grand_total"),
+                ));
+            }
+            let joins: Vec<(String, &Expr)> = order
+                .joins
+                .iter()
+                .map(|j| (format!("joins.{}", j.name), &j.key))
+                .collect();
+            let mut exprs: Vec<(&str, Option<&Expr>)> = vec![
+                ("when", order.when.as_ref()),
+                ("status", Some(&order.status)),
+                ("currency", order.currency.as_ref()),
+                ("channel", order.channel.as_ref()),
+                ("customer", order.customer.as_ref()),
+                ("email", order.email.as_ref()),
+                ("phone", order.phone.as_ref()),
+                ("card", order.card.as_ref()),
+            ];
+            exprs.extend(joins.iter().map(|(n, e)| (n.as_str(), Some(*e))));
+            expressions(&mut needs, &order.table, &key, &exprs);
+            if let Some(l) = &order.lines {
+                lines(&mut needs, &key, l);
+            }
+        }
+        for (i, refund) in self.refunds.iter().enumerate() {
+            let key = format!("refunds[{i}]");
+            needs.push((
+                refund.table.clone(),
+                refund.key.clone(),
+                format!("{key}.key"),
+            ));
+            for column in refund.amount.columns() {
+                needs.push((
+                    refund.table.clone(),
+                    column.to_string(),
+                    format!("{key}.amount"),
+                ));
+            }
+            let joins: Vec<(String, &Expr)> = refund
+                .joins
+                .iter()
+                .map(|j| (format!("joins.{}", j.name), &j.key))
+                .collect();
+            let mut exprs: Vec<(&str, Option<&Expr>)> = vec![
+                ("when", refund.when.as_ref()),
+                ("order", Some(&refund.order)),
+            ];
+            exprs.extend(joins.iter().map(|(n, e)| (n.as_str(), Some(*e))));
+            expressions(&mut needs, &refund.table, &key, &exprs);
+            if let Some(l) = &refund.lines {
+                lines(&mut needs, &key, l);
+            }
+        }
+        needs
+    }
+}
+
+fn compile(path: &Path, file: MappingFile, problem: &mut dyn FnMut(String, String)) -> Mapping {
+    let expr = |key: String, text: &str, problem: &mut dyn FnMut(String, String)| {
+        match Expr::compile(text) {
+            Ok(e) => Some(e),
+            Err(message) => {
+                problem(
+                    key,
+                    format!("{message}; see https://github.com/google/cel-spec for the syntax"),
+                );
+                None
+            }
+        }
+    };
+    let amount = |key: String, terms: &[String], problem: &mut dyn FnMut(String, String)| {
+        match Amount::parse(terms) {
+            Ok(a) => a,
+            Err(message) => {
+                problem(key, message);
+                Amount(Vec::new())
+            }
+        }
+    };
+    let mut names = HashSet::new();
+    let references: Vec<Reference> = file
+        .references
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if !names.insert(r.name.clone()) {
+                problem(
+                    format!("references[{i}].name"),
+                    format!(
+                        "`{}` is used twice; give each reference its own name",
+                        r.name
+                    ),
+                );
+            }
+            Reference {
+                name: r.name,
+                table: r.table,
+                key: r.key,
+                columns: r.columns,
+            }
+        })
+        .collect();
+    let joins =
+        |key: String, files: Vec<JoinFile>, problem: &mut dyn FnMut(String, String)| -> Vec<Join> {
+            files
+                .into_iter()
+                .enumerate()
+                .filter_map(|(j, join)| {
+                    let at = format!("{key}.joins[{j}]");
+                    let Some(reference) = references.iter().position(|r| r.name == join.reference)
+                    else {
+                        problem(
+                            format!("{at}.reference"),
+                            format!(
+                                "no `[[references]]` named `{}`; declare it or use one of: {}",
+                                join.reference,
+                                references
+                                    .iter()
+                                    .map(|r| r.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        );
+                        return None;
+                    };
+                    if ["row", "before", "lines"].contains(&join.name.as_str()) {
+                        problem(
+                            format!("{at}.name"),
+                            format!(
+                                "`{}` is taken by the row variables; choose another name",
+                                join.name
+                            ),
+                        );
+                    }
+                    let key = expr(format!("{at}.key"), &join.key, problem)?;
+                    Some(Join {
+                        name: join.name,
+                        reference,
+                        key,
+                    })
+                })
+                .collect()
+        };
+    let lines = |key: String,
+                 file: Option<LinesFile>,
+                 problem: &mut dyn FnMut(String, String)|
+     -> Option<Lines> {
+        let file = file?;
+        let when = file
+            .when
+            .as_deref()
+            .and_then(|t| expr(format!("{key}.lines.when"), t, problem));
+        let sku = expr(format!("{key}.lines.sku"), &file.sku, problem)?;
+        let amount = amount(format!("{key}.lines.amount"), &file.amount, problem);
+        Some(Lines {
+            table: file.table,
+            parent: file.parent,
+            when,
+            sku,
+            quantity: file.quantity,
+            amount,
+            required: file.required,
+        })
+    };
+    let optional = |key: String, text: Option<String>, problem: &mut dyn FnMut(String, String)| {
+        text.and_then(|t| Expr::compile(&t).map_err(|m| problem(key, m)).ok())
+    };
+
+    let mut orders = Vec::new();
+    for (i, order) in file.orders.into_iter().enumerate() {
+        let key = format!("orders[{i}]");
+        let mut statuses = Vec::new();
+        let mut seen = HashSet::new();
+        for (list, meaning) in [
+            (&order.placed, StatusMeaning::Placed),
+            (&order.completed, StatusMeaning::Completed),
+            (&order.cancelled, StatusMeaning::Cancelled),
+            (&order.refunded, StatusMeaning::Refunded),
+            (&order.ignored, StatusMeaning::Ignored),
+        ] {
+            for status in list {
+                if !seen.insert(status.clone()) {
+                    problem(
+                        key.clone(),
+                        format!("status `{status}` is listed twice; give each status one meaning"),
+                    );
+                }
+                statuses.push((status.clone(), meaning));
+            }
+        }
+        if !statuses.iter().any(|(_, m)| *m == StatusMeaning::Completed) {
+            problem(
+                format!("{key}.completed"),
+                "no status means completed, so no order would ever earn; list at least one".into(),
+            );
+        }
+        let status = expr(format!("{key}.status"), &order.status, problem);
+        let when = optional(format!("{key}.when"), order.when, problem);
+        let currency = optional(format!("{key}.currency"), order.currency, problem);
+        let channel = optional(format!("{key}.channel"), order.channel, problem);
+        let customer = optional(format!("{key}.customer"), order.customer, problem);
+        let email = optional(format!("{key}.email"), order.email, problem);
+        let phone = optional(format!("{key}.phone"), order.phone, problem);
+        let card = optional(format!("{key}.card"), order.card, problem);
+        let earn_basis = amount(format!("{key}.earn_basis"), &order.earn_basis, problem);
+        let grand_total = amount(format!("{key}.grand_total"), &order.grand_total, problem);
+        let order_joins = joins(key.clone(), order.joins, problem);
+        let order_lines = lines(key.clone(), order.lines, problem);
+        if let Some(status) = status {
+            orders.push(OrderMapping {
+                table: order.table,
+                key: order.key,
+                when,
+                status,
+                statuses,
+                earn_basis,
+                grand_total,
+                currency,
+                channel,
+                customer,
+                email,
+                phone,
+                card,
+                joins: order_joins,
+                lines: order_lines,
+            });
+        }
+    }
+    let mut refunds = Vec::new();
+    for (i, refund) in file.refunds.into_iter().enumerate() {
+        let key = format!("refunds[{i}]");
+        let when = optional(format!("{key}.when"), refund.when, problem);
+        let order = expr(format!("{key}.order"), &refund.order, problem);
+        let amount = amount(format!("{key}.amount"), &refund.amount, problem);
+        let refund_joins = joins(key.clone(), refund.joins, problem);
+        let refund_lines = lines(key.clone(), refund.lines, problem);
+        if let Some(order) = order {
+            refunds.push(RefundMapping {
+                table: refund.table,
+                key: refund.key,
+                when,
+                order,
+                amount,
+                joins: refund_joins,
+                lines: refund_lines,
+            });
+        }
+    }
+    Mapping {
+        path: path.to_path_buf(),
+        system: file.system,
+        kind: file.kind,
+        references,
+        orders,
+        refunds,
+    }
+}

@@ -1,0 +1,624 @@
+//! Source transactions → member events, by declarative mappings
+//! (`connectors/sources/*.toml`), so an operator adapts to a customised
+//! schema without touching Rust.
+//!
+//! - `mapping.rs`: the file format and its compilation (every problem named
+//!   with file, key and fix).
+//! - `expr.rs`: CEL expressions over a row and what is joined to it.
+//! - this file: the [`MemberEvent`]s and the [`Normalizer`] that turns one
+//!   whole [`SourceTxn`] into them.
+//!
+//! One source transaction is normalized as a whole: reference rows first
+//! (so an order sees the customer created with it), then orders and
+//! refunds in source order, each with its lines from the same transaction.
+//! State *transitions* (Odoo `paid` → `done` is one sale) are judged by the
+//! ledger against the order's last known stage, which it keeps for every
+//! source whether or not that source sends before-images.
+
+pub mod expr;
+pub mod mapping;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+
+use crate::source::{Change, ConsumerError, Op, SourceTxn, TxnKind, Value};
+use expr::{json_map, list, plain_json, row_map, Scope};
+use mapping::{AmountValue, Lines, Mapping, StatusMeaning};
+
+/// Lines kept per document. Beyond this a document's lines are counted but
+/// not itemized (its amounts come from the header): a bound on memory for
+/// bulk transactions.
+pub const MAX_LINES_PER_DOCUMENT: usize = 1_000;
+
+/// Identifiers as the source holds them; `identity` normalizes them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawIdentifiers {
+    /// The source's own customer id.
+    pub customer: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub card: Option<String>,
+}
+
+/// Where an order stands, as its status says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderStage {
+    Placed,
+    Completed,
+    Cancelled,
+    Refunded,
+}
+
+impl OrderStage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Placed => "placed",
+            Self::Completed => "completed",
+            Self::Cancelled => "cancelled",
+            Self::Refunded => "refunded",
+        }
+    }
+}
+
+/// One counted line of an order or refund.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    pub sku: Option<String>,
+    pub quantity: Decimal,
+    pub amount: Decimal,
+}
+
+/// An order as it now stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderEvent {
+    pub order_ref: String,
+    pub stage: OrderStage,
+    pub earn_basis: Decimal,
+    pub grand_total: Decimal,
+    pub currency: Option<String>,
+    pub channel: Option<String>,
+    pub identifiers: RawIdentifiers,
+    pub lines: Vec<Line>,
+}
+
+/// A refund booked against an order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefundEvent {
+    pub refund_ref: String,
+    pub order_ref: String,
+    /// Refunded amount on the earn basis, positive.
+    pub amount: Decimal,
+    pub lines: Vec<Line>,
+}
+
+/// What happened, in loyalty terms.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MemberEvent {
+    Order(OrderEvent),
+    Refund(RefundEvent),
+}
+
+/// Where an event or a quarantined row came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Origin {
+    pub source: Arc<str>,
+    pub table: String,
+    pub position: String,
+    /// Source commit time: business time.
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// A row that could not be mapped: kept with the reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quarantined {
+    pub origin: Origin,
+    pub op: Op,
+    pub reason: String,
+    /// The row as JSON. May hold PII: stored, never logged.
+    pub row: serde_json::Value,
+}
+
+/// The result of normalizing one source transaction, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Event(MemberEvent, Origin),
+    Quarantine(Quarantined),
+}
+
+/// Reference data (`[[references]]`) as the ledger stores it, written and
+/// read inside the transaction that applies the source transaction.
+pub trait References: Send {
+    fn get(
+        &mut self,
+        reference: &str,
+        key: &str,
+    ) -> impl Future<
+        Output = Result<Option<serde_json::Map<String, serde_json::Value>>, ConsumerError>,
+    > + Send;
+
+    /// `None` removes the row (a delete at the source).
+    fn put(
+        &mut self,
+        reference: &str,
+        key: &str,
+        row: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> impl Future<Output = Result<(), ConsumerError>> + Send;
+}
+
+/// Turns whole source transactions into member events with one mapping.
+#[derive(Debug, Clone)]
+pub struct Normalizer {
+    mapping: Arc<Mapping>,
+}
+
+/// A table's name as mappings write it: `table` (PostgreSQL schema
+/// `public`, or any MySQL database) or `schema.table`.
+fn table_matches(written: &str, change: &Change) -> bool {
+    match written.split_once('.') {
+        Some((schema, name)) => schema == change.table.schema && name == change.table.name,
+        None => written == change.table.name,
+    }
+}
+
+/// A key column's value as text (`42`, `abc`); `None` for NULL.
+fn key_text(value: &Value) -> Option<String> {
+    match value {
+        Value::Null | Value::Absent | Value::UnchangedToast => None,
+        Value::Int(i) => Some(i.to_string()),
+        Value::Numeric(d) => Some(d.normalize().to_string()),
+        Value::Text(s) => Some(s.clone()),
+        Value::Uuid(u) => Some(u.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        other => Some(plain_json(other).to_string()),
+    }
+}
+
+fn amount_value(value: Option<&Value>) -> Option<AmountValue> {
+    Some(match value? {
+        Value::Null | Value::Absent | Value::UnchangedToast => AmountValue::Null,
+        Value::Int(i) => AmountValue::Number(Decimal::from(*i)),
+        Value::Numeric(d) => AmountValue::Number(*d),
+        Value::Float(f) => {
+            Decimal::try_from(*f).map_or(AmountValue::Unparsable, AmountValue::Number)
+        }
+        Value::Text(s) => s
+            .trim()
+            .parse()
+            .map_or(AmountValue::Unparsable, AmountValue::Number),
+        _ => AmountValue::Unparsable,
+    })
+}
+
+impl Normalizer {
+    pub fn new(mapping: Arc<Mapping>) -> Self {
+        Self { mapping }
+    }
+
+    pub fn mapping(&self) -> &Mapping {
+        &self.mapping
+    }
+
+    /// Normalizes `txn`: updates reference rows through `references` and
+    /// returns the events and quarantined rows, in source order.
+    pub async fn normalize<R: References>(
+        &self,
+        txn: &mut SourceTxn,
+        references: &mut R,
+    ) -> Result<Vec<Outcome>, ConsumerError> {
+        let mapping = &*self.mapping;
+        let position = txn.position.to_string();
+        let origin = |table: &str| Origin {
+            source: Arc::clone(&txn.source),
+            table: table.to_string(),
+            position: position.clone(),
+            occurred_at: txn.commit_ts,
+        };
+        let mut reference_changes: Vec<(usize, Change)> = Vec::new();
+        let mut documents: Vec<Change> = Vec::new();
+        // (line table, parent key) → line rows, in source order.
+        let mut lines: HashMap<(String, String), Vec<Change>> = HashMap::new();
+        let mut line_tables: Vec<(&str, &str)> = mapping
+            .orders
+            .iter()
+            .filter_map(|o| o.lines.as_ref())
+            .chain(mapping.refunds.iter().filter_map(|r| r.lines.as_ref()))
+            .map(|l| (l.table.as_str(), l.parent.as_str()))
+            .collect();
+        // Orders and refunds may share a lines table (Odoo): hold each once.
+        line_tables.sort_unstable();
+        line_tables.dedup();
+        txn.changes
+            .for_each(|change| {
+                for (r, reference) in mapping.references.iter().enumerate() {
+                    if table_matches(&reference.table, change) {
+                        reference_changes.push((r, change.clone()));
+                    }
+                }
+                if mapping
+                    .orders
+                    .iter()
+                    .any(|o| table_matches(&o.table, change))
+                    || mapping
+                        .refunds
+                        .iter()
+                        .any(|r| table_matches(&r.table, change))
+                {
+                    documents.push(change.clone());
+                }
+                for (table, parent) in &line_tables {
+                    if !table_matches(table, change) || change.op == Op::Delete {
+                        continue;
+                    }
+                    if let Some(parent) = change.after_value(parent).and_then(key_text) {
+                        let held = lines.entry((table.to_string(), parent)).or_default();
+                        if held.len() < MAX_LINES_PER_DOCUMENT {
+                            held.push(change.clone());
+                        }
+                    }
+                }
+            })
+            .map_err(|e| {
+                ConsumerError::transient(format!("reading the transaction's spilled changes: {e}"))
+            })?;
+
+        for (r, change) in reference_changes {
+            let reference = &mapping.references[r];
+            let image = change.after.as_ref().or(change.before.as_ref());
+            let Some(key) = image
+                .and_then(|row| {
+                    change
+                        .table
+                        .column_index(&reference.key)
+                        .and_then(|i| row.0.get(i))
+                })
+                .and_then(key_text)
+            else {
+                continue;
+            };
+            let row = match change.op {
+                Op::Delete => None,
+                Op::Truncate => continue,
+                Op::Insert | Op::Update => change.after.as_ref().map(|after| {
+                    reference
+                        .columns
+                        .iter()
+                        .map(|column| {
+                            let value = change
+                                .table
+                                .column_index(column)
+                                .and_then(|i| after.0.get(i))
+                                .map_or(serde_json::Value::Null, plain_json);
+                            (column.clone(), value)
+                        })
+                        .collect()
+                }),
+            };
+            references.put(&reference.name, &key, row).await?;
+        }
+
+        let mut outcomes = Vec::new();
+        for change in &documents {
+            if matches!(change.op, Op::Delete | Op::Truncate) {
+                continue;
+            }
+            for order in mapping
+                .orders
+                .iter()
+                .filter(|o| table_matches(&o.table, change))
+            {
+                let doc = Document::new(change, &order.key, order.lines.as_ref(), &lines);
+                let outcome = self
+                    .order(order, &doc, txn, references, origin(&order.table))
+                    .await?;
+                outcomes.extend(outcome);
+            }
+            for refund in mapping
+                .refunds
+                .iter()
+                .filter(|r| table_matches(&r.table, change))
+            {
+                let doc = Document::new(change, &refund.key, refund.lines.as_ref(), &lines);
+                let outcome = self
+                    .refund(refund, &doc, references, origin(&refund.table))
+                    .await?;
+                outcomes.extend(outcome);
+            }
+        }
+        Ok(outcomes)
+    }
+
+    async fn order<R: References>(
+        &self,
+        order: &mapping::OrderMapping,
+        doc: &Document<'_>,
+        txn: &SourceTxn,
+        references: &mut R,
+        origin: Origin,
+    ) -> Result<Option<Outcome>, ConsumerError> {
+        let quarantine = |reason: String| {
+            Some(Outcome::Quarantine(Quarantined {
+                origin: origin.clone(),
+                op: doc.change.op,
+                reason,
+                row: doc.json(),
+            }))
+        };
+        let Some(order_ref) = doc.key.clone() else {
+            return Ok(quarantine(format!("NULL key column `{}`", order.key)));
+        };
+        let mut scope = doc.scope(order.lines.as_ref());
+        if let Err(error) = self.join(&order.joins, &mut scope, references).await? {
+            return Ok(quarantine(error));
+        }
+        if let Some(when) = &order.when {
+            match when.test(&scope) {
+                Ok(true) => {}
+                Ok(false) => return Ok(None),
+                Err(error) => return Ok(quarantine(error.to_string())),
+            }
+        }
+        let status = match order.status.text_value(&scope) {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                return Ok(quarantine(format!(
+                    "NULL status (`{}`)",
+                    order.status.text()
+                )))
+            }
+            Err(error) => return Ok(quarantine(error.to_string())),
+        };
+        let stage = match order.statuses.iter().find(|(s, _)| *s == status) {
+            Some((_, StatusMeaning::Placed)) => OrderStage::Placed,
+            Some((_, StatusMeaning::Completed)) => OrderStage::Completed,
+            Some((_, StatusMeaning::Cancelled)) => OrderStage::Cancelled,
+            Some((_, StatusMeaning::Refunded)) => OrderStage::Refunded,
+            Some((_, StatusMeaning::Ignored)) => return Ok(None),
+            None => {
+                return Ok(quarantine(format!(
+                    "unknown status `{status}`; list it under placed, completed, cancelled, refunded or ignored in {}",
+                    self.mapping.path.display()
+                )))
+            }
+        };
+        let earn_basis = match order.earn_basis.sum(|c| amount_value(doc.value(c))) {
+            Ok(amount) => amount,
+            Err(reason) => return Ok(quarantine(reason)),
+        };
+        let grand_total = match order.grand_total.sum(|c| amount_value(doc.value(c))) {
+            Ok(amount) => amount,
+            Err(reason) => return Ok(quarantine(reason)),
+        };
+        let lines = match order
+            .lines
+            .as_ref()
+            .map(|l| doc.lines(l, &scope))
+            .transpose()
+        {
+            Ok(lines) => lines.unwrap_or_default(),
+            Err(reason) => return Ok(quarantine(reason)),
+        };
+        if order.lines.as_ref().is_some_and(|l| l.required)
+            && lines.is_empty()
+            && doc.change.op == Op::Insert
+            && matches!(txn.kind, TxnKind::Stream { .. })
+        {
+            return Ok(quarantine("an order with no lines".into()));
+        }
+        // Identifiers are optional by nature: one that cannot be read is
+        // absent, and an order without any is anonymous (counted, no points).
+        let text = |expr: &Option<expr::Expr>| {
+            expr.as_ref()
+                .and_then(|e| e.text_value(&scope).ok().flatten())
+        };
+        Ok(Some(Outcome::Event(
+            MemberEvent::Order(OrderEvent {
+                order_ref,
+                stage,
+                earn_basis,
+                grand_total,
+                currency: text(&order.currency),
+                channel: text(&order.channel),
+                identifiers: RawIdentifiers {
+                    customer: text(&order.customer),
+                    email: text(&order.email),
+                    phone: text(&order.phone),
+                    card: text(&order.card),
+                },
+                lines,
+            }),
+            origin,
+        )))
+    }
+
+    async fn refund<R: References>(
+        &self,
+        refund: &mapping::RefundMapping,
+        doc: &Document<'_>,
+        references: &mut R,
+        origin: Origin,
+    ) -> Result<Option<Outcome>, ConsumerError> {
+        let quarantine = |reason: String| {
+            Some(Outcome::Quarantine(Quarantined {
+                origin: origin.clone(),
+                op: doc.change.op,
+                reason,
+                row: doc.json(),
+            }))
+        };
+        let Some(refund_ref) = doc.key.clone() else {
+            return Ok(quarantine(format!("NULL key column `{}`", refund.key)));
+        };
+        let mut scope = doc.scope(refund.lines.as_ref());
+        if let Some(when) = &refund.when {
+            match when.test(&scope) {
+                Ok(true) => {}
+                Ok(false) => return Ok(None),
+                Err(error) => return Ok(quarantine(error.to_string())),
+            }
+        }
+        if let Err(error) = self.join(&refund.joins, &mut scope, references).await? {
+            return Ok(quarantine(error));
+        }
+        let order_ref = match refund.order.text_value(&scope) {
+            Ok(Some(order_ref)) => order_ref,
+            Ok(None) => {
+                return Ok(quarantine(format!(
+                    "the refunded order is unknown (`{}` is null)",
+                    refund.order.text()
+                )))
+            }
+            Err(error) => return Ok(quarantine(error.to_string())),
+        };
+        let amount = match refund.amount.sum(|c| amount_value(doc.value(c))) {
+            Ok(amount) => amount.abs(),
+            Err(reason) => return Ok(quarantine(reason)),
+        };
+        let lines = match refund
+            .lines
+            .as_ref()
+            .map(|l| doc.lines(l, &scope))
+            .transpose()
+        {
+            Ok(lines) => lines.unwrap_or_default(),
+            Err(reason) => return Ok(quarantine(reason)),
+        };
+        Ok(Some(Outcome::Event(
+            MemberEvent::Refund(RefundEvent {
+                refund_ref,
+                order_ref,
+                amount,
+                lines,
+            }),
+            origin,
+        )))
+    }
+
+    /// Looks up each join in order; a key that cannot be computed is a
+    /// mapping problem for this row (`Ok(Err(reason))`), an unknown key a
+    /// row of nulls.
+    async fn join<R: References>(
+        &self,
+        joins: &[mapping::Join],
+        scope: &mut Scope,
+        references: &mut R,
+    ) -> Result<Result<(), String>, ConsumerError> {
+        for join in joins {
+            let reference = &self.mapping.references[join.reference];
+            let key = match join.key.text_value(scope) {
+                Ok(key) => key,
+                Err(error) => return Ok(Err(error.to_string())),
+            };
+            let row = match key {
+                Some(key) => references.get(&reference.name, &key).await?,
+                None => None,
+            };
+            scope.set(&join.name, json_map(&reference.columns, row.as_ref()));
+        }
+        Ok(Ok(()))
+    }
+}
+
+/// One order or refund row and its lines.
+struct Document<'a> {
+    change: &'a Change,
+    key: Option<String>,
+    lines: &'a [Change],
+}
+
+impl<'a> Document<'a> {
+    fn new(
+        change: &'a Change,
+        key_column: &str,
+        lines: Option<&Lines>,
+        held: &'a HashMap<(String, String), Vec<Change>>,
+    ) -> Self {
+        let key = change.after_value(key_column).and_then(key_text);
+        let lines = match (lines, &key) {
+            (Some(lines), Some(key)) => held
+                .get(&(lines.table.clone(), key.clone()))
+                .map_or(&[][..], Vec::as_slice),
+            _ => &[],
+        };
+        Self { change, key, lines }
+    }
+
+    fn value(&self, column: &str) -> Option<&Value> {
+        self.change.after_value(column)
+    }
+
+    fn scope(&self, lines: Option<&Lines>) -> Scope {
+        let mut scope = Scope::default();
+        let table = &self.change.table;
+        let after = self
+            .change
+            .after
+            .as_ref()
+            .map_or(cel::Value::Null, |r| row_map(&table.columns, &r.0));
+        let before = self
+            .change
+            .before
+            .as_ref()
+            .map_or(cel::Value::Null, |r| row_map(&table.columns, &r.0));
+        scope.set("row", after);
+        scope.set("before", before);
+        let line_rows = lines.map_or_else(Vec::new, |_| {
+            self.lines
+                .iter()
+                .filter_map(|l| l.after.as_ref().map(|r| row_map(&l.table.columns, &r.0)))
+                .collect()
+        });
+        scope.set("lines", list(line_rows));
+        scope
+    }
+
+    /// The counted lines.
+    fn lines(&self, mapping: &Lines, document: &Scope) -> Result<Vec<Line>, String> {
+        let mut counted = Vec::new();
+        for line in self.lines {
+            let Some(after) = &line.after else { continue };
+            let mut scope = document.clone();
+            scope.set("row", row_map(&line.table.columns, &after.0));
+            if let Some(when) = &mapping.when {
+                if !when.test(&scope).map_err(|e| e.to_string())? {
+                    continue;
+                }
+            }
+            let value = |column: &str| line.after_value(column);
+            let quantity = match amount_value(value(&mapping.quantity)) {
+                Some(AmountValue::Number(q)) => q,
+                _ => {
+                    return Err(format!(
+                        "line quantity in column `{}` is NULL or unparsable",
+                        mapping.quantity
+                    ))
+                }
+            };
+            counted.push(Line {
+                sku: mapping.sku.text_value(&scope).map_err(|e| e.to_string())?,
+                quantity,
+                amount: mapping.amount.sum(|c| amount_value(value(c)))?,
+            });
+        }
+        Ok(counted)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let table = &self.change.table;
+        let image = self.change.after.as_ref().or(self.change.before.as_ref());
+        let map: serde_json::Map<String, serde_json::Value> = image
+            .map(|row| {
+                table
+                    .columns
+                    .iter()
+                    .zip(&row.0)
+                    .map(|(c, v)| (c.name.clone(), plain_json(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        serde_json::Value::Object(map)
+    }
+}

@@ -1,0 +1,153 @@
+//! `loyalty-cdc run`: every configured source read by its reader into the
+//! ledger (sources → normalize → identity → ledger), until shutdown.
+//!
+//! Each source runs on its own task with its own ledger connection, so a
+//! source that is down or parked does not stop the others. The readers
+//! reconnect by themselves after transient errors; a definite or
+//! configuration error stops that source and is reported.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigProblem, Settings, SourceSettings};
+use crate::identity::Identity;
+use crate::ledger::apply::{ApplyCounts, LedgerConsumer};
+use crate::normalize::Normalizer;
+use crate::source::mysql::reader::MysqlSource;
+use crate::source::postgres::{catalog::TableSpec, PostgresSource, ReaderOptions};
+use crate::source::progress::SourceProgress;
+use crate::source::SourceKind;
+
+/// Why the pipeline could not start or a source stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{0}")]
+    Config(String),
+    #[error("ledger: {0}")]
+    Ledger(String),
+    #[error("source `{source_name}` stopped: {message}")]
+    Source {
+        source_name: String,
+        message: String,
+    },
+}
+
+/// A running source, for status.
+pub struct RunningSource {
+    pub name: String,
+    pub kind: SourceKind,
+    pub progress: SourceProgress,
+    pub counts: Arc<ApplyCounts>,
+}
+
+fn no_mapping(index: usize, source: &SourceSettings) -> PipelineError {
+    PipelineError::Config(
+        ConfigProblem {
+            origin: "configuration".into(),
+            key: format!("sources[{index}].mapping"),
+            message: format!(
+                "source `{}` has no mapping; set mapping = \"connectors/sources/<system>.toml\"",
+                source.name
+            ),
+        }
+        .to_string(),
+    )
+}
+
+/// Migrates the ledger, then runs every source until `shutdown`; returns
+/// when all have stopped. `started` receives each source's handles once
+/// they run.
+pub async fn run(
+    settings: &Settings,
+    shutdown: CancellationToken,
+    started: impl FnOnce(Vec<RunningSource>),
+) -> Result<(), PipelineError> {
+    let identity = Identity::new(&settings.identity).map_err(PipelineError::Config)?;
+    let mut client = crate::ledger::connect(&settings.ledger)
+        .await
+        .map_err(|e| PipelineError::Ledger(format!("{e}; fix: {}", e.fix())))?;
+    crate::ledger::migrate(&mut client)
+        .await
+        .map_err(|e| PipelineError::Ledger(e.to_string()))?;
+    drop(client);
+    let program = Arc::new(settings.program.clone());
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut running = Vec::new();
+    for (index, source) in settings.sources.iter().enumerate() {
+        let mapping = source
+            .compiled_mapping
+            .clone()
+            .ok_or_else(|| no_mapping(index, source))?;
+        let tables = mapping.tables();
+        let consumer = LedgerConsumer::new(
+            &settings.ledger.url,
+            settings.ledger.password.as_ref(),
+            &source.name,
+            source.kind,
+            Normalizer::new(mapping),
+            identity.clone(),
+            Arc::clone(&program),
+        )
+        .await
+        .map_err(|e| PipelineError::Ledger(format!("{e}; fix: {}", e.fix())))?;
+        let counts = Arc::clone(&consumer.counts);
+        let name = source.name.clone();
+        let shutdown = shutdown.clone();
+        match source.kind {
+            SourceKind::Postgres => {
+                let specs = tables.iter().map(|t| TableSpec::parse(t)).collect();
+                let reader = PostgresSource::new(source, ReaderOptions::for_source(source, specs));
+                running.push(RunningSource {
+                    name: name.clone(),
+                    kind: source.kind,
+                    progress: reader.progress(),
+                    counts,
+                });
+                tasks.spawn(async move {
+                    let mut consumer = consumer;
+                    let result = reader.run(&mut consumer, &shutdown).await;
+                    (name, result.map_err(|e| e.to_string()))
+                });
+            }
+            SourceKind::Mysql => {
+                let table_refs: Vec<&str> = tables.iter().map(String::as_str).collect();
+                let reader = MysqlSource::new(source, &table_refs);
+                running.push(RunningSource {
+                    name: name.clone(),
+                    kind: source.kind,
+                    progress: reader.progress(),
+                    counts,
+                });
+                tasks.spawn(async move {
+                    let mut consumer = consumer;
+                    let result = reader.run(&mut consumer, &shutdown).await;
+                    (name, result.map_err(|e| e.to_string()))
+                });
+            }
+        }
+    }
+    started(running);
+
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((_, Ok(()))) => {}
+            Ok((name, Err(message))) => {
+                tracing::error!(source = %name, error = %message, "source stopped");
+                first_error.get_or_insert(PipelineError::Source {
+                    source_name: name,
+                    message,
+                });
+            }
+            Err(join_error) => {
+                first_error.get_or_insert(PipelineError::Source {
+                    source_name: "?".into(),
+                    message: join_error.to_string(),
+                });
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
