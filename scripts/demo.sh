@@ -142,4 +142,7 @@ step "stopping loyalty-cdc run (SIGTERM: the open batch is committed first)"
 kill -TERM "$run_pid"
 wait "$run_pid" || true
 trap - EXIT
+# An abandoned slot pins WAL forever: the demo drops its own (a re-run
+# starts from fresh databases anyway).
+psql -X -qAt -d postgres -c "SELECT 'dropped replication slot ' || slot_name || ': ' || pg_drop_replication_slot(slot_name)::text FROM pg_replication_slots WHERE database = 'loyalty_demo_pos'" | sed 's/: $//'
 echo "done; the ledger is in database loyalty_demo_ledger, the run log in target/demo/run.log"

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigProblem, Settings, SourceSettings};
 use crate::identity::Identity;
-use crate::ledger::apply::{ApplyCounts, LedgerConsumer};
+use crate::ledger::apply::{ApplyCounts, LedgerConsumer, WriterLock};
 use crate::normalize::Normalizer;
 use crate::source::mysql::reader::MysqlSource;
 use crate::source::postgres::{catalog::TableSpec, PostgresSource, ReaderOptions};
@@ -73,6 +73,7 @@ pub async fn run(
     drop(client);
     let program = Arc::new(settings.program.clone());
 
+    let writer = WriterLock::default();
     let mut tasks = tokio::task::JoinSet::new();
     let mut running = Vec::new();
     for (index, source) in settings.sources.iter().enumerate() {
@@ -91,7 +92,8 @@ pub async fn run(
             Arc::clone(&program),
         )
         .await
-        .map_err(|e| PipelineError::Ledger(format!("{e}; fix: {}", e.fix())))?;
+        .map_err(|e| PipelineError::Ledger(format!("{e}; fix: {}", e.fix())))?
+        .with_writer_lock(writer.clone());
         let counts = Arc::clone(&consumer.counts);
         let name = source.name.clone();
         let shutdown = shutdown.clone();

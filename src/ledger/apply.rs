@@ -33,6 +33,16 @@ pub struct ApplyCounts {
     pub quarantined: AtomicU64,
 }
 
+/// One ledger writer at a time per process. Two sources' batches that book
+/// to the same members in different orders would otherwise deadlock
+/// (PostgreSQL aborts one, and its source must re-read the batch): under a
+/// steady load of shared members that happened every few seconds. Batches
+/// are short (a quiet stream commits within [`crate::source::QUIET_FLUSH`]),
+/// so taking turns costs little; several processes split members instead
+/// (DESIGN.md, "Beyond one machine").
+#[derive(Clone, Default)]
+pub struct WriterLock(Arc<tokio::sync::Mutex<()>>);
+
 /// Applies one source's transactions to the ledger.
 pub struct LedgerConsumer {
     url: DatabaseUrl,
@@ -47,6 +57,9 @@ pub struct LedgerConsumer {
     in_batch: usize,
     /// A ledger transaction is open (BEGIN sent, no COMMIT yet).
     open: bool,
+    /// Shared by every source of the process, held from BEGIN to COMMIT.
+    writer: WriterLock,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
     last: Option<(Position, DateTime<Utc>)>,
     durable: Option<Position>,
     pub counts: Arc<ApplyCounts>,
@@ -89,10 +102,18 @@ impl LedgerConsumer {
             batch: DEFAULT_BATCH,
             in_batch: 0,
             open: false,
+            writer: WriterLock::default(),
+            held: None,
             last: None,
             durable: None,
             counts: Arc::default(),
         })
+    }
+
+    /// Shares `lock` with the other sources' consumers (see [`WriterLock`]).
+    pub fn with_writer_lock(mut self, lock: WriterLock) -> Self {
+        self.writer = lock;
+        self
     }
 
     /// Source transactions per ledger commit (1 commits each one).
@@ -111,6 +132,7 @@ impl LedgerConsumer {
             .map_err(db)?;
         self.client.batch_execute("COMMIT").await.map_err(db)?;
         self.open = false;
+        self.held = None;
         self.in_batch = 0;
         self.durable = Some(position);
         Ok(())
@@ -214,6 +236,7 @@ impl TxnConsumer for LedgerConsumer {
             self.client.batch_execute("ROLLBACK").await.map_err(db)?;
         }
         self.open = false;
+        self.held = None;
         self.in_batch = 0;
         self.last = None;
         let position = positions::load(&self.client, &self.source)
@@ -224,11 +247,33 @@ impl TxnConsumer for LedgerConsumer {
     }
 
     async fn apply(&mut self, mut txn: SourceTxn) -> Result<Option<Position>, ConsumerError> {
+        let result = self.apply_in_batch(&mut txn).await;
+        if result.is_err() {
+            self.abandon_batch().await;
+        }
+        result
+    }
+
+    async fn flush(&mut self) -> Result<Option<Position>, ConsumerError> {
+        let result = self.commit().await;
+        if result.is_err() {
+            self.abandon_batch().await;
+        }
+        result.map(|()| self.durable.clone())
+    }
+}
+
+impl LedgerConsumer {
+    async fn apply_in_batch(
+        &mut self,
+        txn: &mut SourceTxn,
+    ) -> Result<Option<Position>, ConsumerError> {
         if !self.open {
+            self.held = Some(Arc::clone(&self.writer.0).lock_owned().await);
             self.client.batch_execute("BEGIN").await.map_err(db)?;
             self.open = true;
         }
-        self.book(&mut txn).await?;
+        self.book(txn).await?;
         self.in_batch += 1;
         self.last = Some((txn.position.clone(), txn.commit_ts));
         self.counts.transactions.fetch_add(1, Ordering::Relaxed);
@@ -238,9 +283,17 @@ impl TxnConsumer for LedgerConsumer {
         Ok(self.durable.clone())
     }
 
-    async fn flush(&mut self) -> Result<Option<Position>, ConsumerError> {
-        self.commit().await?;
-        Ok(self.durable.clone())
+    /// After an error the batch is lost (the reader re-sends it after it
+    /// reconnects): roll back now and let the other sources write, rather
+    /// than hold the writer lock through the reconnect backoff.
+    async fn abandon_batch(&mut self) {
+        if self.open && !self.client.is_closed() {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        self.open = false;
+        self.held = None;
+        self.in_batch = 0;
+        self.last = None;
     }
 }
 

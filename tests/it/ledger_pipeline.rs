@@ -211,6 +211,8 @@ async fn orders_from_the_till_and_the_shop_book_exact_points_to_one_member() {
 name = "pos"
 kind = "postgres"
 url = "{pos}"
+slot = "{slot}"
+publication = "{slot}"
 mapping = "{connectors}/odoo-pos.toml"
 
 [[sources]]
@@ -221,6 +223,7 @@ mapping = "{connectors}/magento2.toml"
 server_id = {server_id}
 "#,
         pos = pos_db.url(),
+        slot = pos_db.name,
         shop = shop_db.url(),
         connectors = connectors().display()
     );

@@ -353,8 +353,9 @@ impl MysqlSource {
         let mut gtids = durable.gtids.clone().unwrap_or_default();
         let mut layouts: HashMap<u64, Option<TableLayout>> = HashMap::new();
         let mut open: Option<OpenTxn> = None;
-        // A transaction was handed over since the last flush.
-        let mut unflushed = false;
+        // A transaction was handed over since the last flush. At the start
+        // a snapshot that just finished may be in the consumer's batch.
+        let mut unflushed = true;
         loop {
             let event = tokio::select! {
                 biased;

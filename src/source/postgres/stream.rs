@@ -206,6 +206,11 @@ pub async fn stream<C: TxnConsumer>(
     let mut applied = start.clone();
     let mut durable = start;
     let mut heartbeat = options.heartbeat_interval.map(tokio::time::interval);
+    // A snapshot that just finished is in the consumer's open batch: make
+    // it durable now, not when the first change or keepalive comes.
+    if let Some(flushed) = consumer.flush().await? {
+        confirm(client, progress, &mut durable, flushed);
+    }
 
     loop {
         let event = tokio::select! {
