@@ -4,8 +4,11 @@
 
 use std::fmt;
 
-use crate::config::Settings;
+use std::collections::HashMap;
+
+use crate::config::{Settings, SourceSettings};
 use crate::connect::ConnectError;
+use crate::normalize::mapping::Mapping;
 use crate::source::{mysql, postgres, SourceKind};
 
 /// One unmet prerequisite and what to do about it.
@@ -68,10 +71,24 @@ pub async fn check(settings: &Settings) -> Vec<Finding> {
     let mut findings = vec![check_ledger(settings).await];
     for source in &settings.sources {
         let subject = format!("source `{}` ({})", source.name, source.kind);
-        let (summary, problems) = match source.kind {
+        let (mut summary, mut problems) = match source.kind {
             SourceKind::Postgres => postgres::preflight::check(source).await,
             SourceKind::Mysql => mysql::preflight::check(source).await,
         };
+        if let Some(mapping) = &source.compiled_mapping {
+            // A connection problem is already reported above.
+            if let Ok(live) = live_columns(source).await {
+                let missing = mapping_problems(mapping, &live);
+                if missing.is_empty() {
+                    summary.push_str(&format!(
+                        ", mapping {} fits ({} tables)",
+                        mapping.system,
+                        mapping.tables().len()
+                    ));
+                }
+                problems.extend(missing);
+            }
+        }
         findings.push(Finding {
             subject,
             summary,
@@ -79,6 +96,77 @@ pub async fn check(settings: &Settings) -> Vec<Finding> {
         });
     }
     findings
+}
+
+/// Columns of the source's tables, keyed `schema.table` (PostgreSQL; also
+/// the bare name for `public`) or `table` (MySQL: the URL's database).
+async fn live_columns(
+    source: &SourceSettings,
+) -> Result<HashMap<String, Vec<String>>, ConnectError> {
+    let mut live: HashMap<String, Vec<String>> = HashMap::new();
+    match source.kind {
+        SourceKind::Postgres => {
+            let client = crate::connect::postgres(&source.url, source.password.as_ref()).await?;
+            let rows = client
+                .query(
+                    "SELECT table_schema::text, table_name::text, column_name::text FROM information_schema.columns
+                      WHERE table_schema NOT IN ('pg_catalog', 'information_schema')",
+                    &[],
+                )
+                .await
+                .unwrap_or_default();
+            for row in rows {
+                let (schema, table, column): (String, String, String) =
+                    (row.get(0), row.get(1), row.get(2));
+                if schema == "public" {
+                    live.entry(table.clone()).or_default().push(column.clone());
+                }
+                live.entry(format!("{schema}.{table}"))
+                    .or_default()
+                    .push(column);
+            }
+        }
+        SourceKind::Mysql => {
+            use mysql_async::prelude::Queryable;
+            let mut conn = crate::connect::mysql(&source.url, source.password.as_ref()).await?;
+            let rows: Vec<(String, String)> = conn
+                .query(
+                    "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = DATABASE()",
+                )
+                .await
+                .unwrap_or_default();
+            for (table, column) in rows {
+                live.entry(table).or_default().push(column);
+            }
+            let _ = conn.disconnect().await;
+        }
+    }
+    Ok(live)
+}
+
+/// Every table or column the mapping reads that the live schema lacks.
+fn mapping_problems(mapping: &Mapping, live: &HashMap<String, Vec<String>>) -> Vec<Problem> {
+    let file = mapping.path.display();
+    let mut problems = Vec::new();
+    let mut missing_tables = Vec::new();
+    for (table, column, key) in mapping.required_columns() {
+        match live.get(&table) {
+            None if !missing_tables.contains(&table) => {
+                problems.push(Problem::new(
+                    format!("mapping {file}: table `{table}` does not exist in the source (or the user cannot see it)"),
+                    format!("create the table, correct `table` in {file}, or GRANT SELECT on it to the source user (MySQL lists only tables the user may read)"),
+                ));
+                missing_tables.push(table);
+            }
+            None => {}
+            Some(columns) if !columns.contains(&column) => problems.push(Problem::new(
+                format!("mapping {file}: table `{table}` has no column `{column}` (read by {key})"),
+                format!("correct {key} in {file} to a column `{table}` has, or add the column"),
+            )),
+            Some(_) => {}
+        }
+    }
+    problems
 }
 
 async fn check_ledger(settings: &Settings) -> Finding {

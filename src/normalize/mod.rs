@@ -153,6 +153,11 @@ pub trait References: Send {
 #[derive(Debug, Clone)]
 pub struct Normalizer {
     mapping: Arc<Mapping>,
+    /// Per mapped table (as written in the mapping): the columns it must
+    /// have and the mapping key that needs each.
+    required: Arc<HashMap<String, Vec<(String, String)>>>,
+    /// Tables already reported as parked (logged once, not per row).
+    parked: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// A table's name as mappings write it: `table` (PostgreSQL schema
@@ -195,7 +200,50 @@ fn amount_value(value: Option<&Value>) -> Option<AmountValue> {
 
 impl Normalizer {
     pub fn new(mapping: Arc<Mapping>) -> Self {
-        Self { mapping }
+        let mut required: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        for (table, column, key) in mapping.required_columns() {
+            let columns = required.entry(table).or_default();
+            if !columns.iter().any(|(c, _)| *c == column) {
+                columns.push((column, key));
+            }
+        }
+        Self {
+            mapping,
+            required: Arc::new(required),
+            parked: Arc::default(),
+        }
+    }
+
+    /// Why rows of `change`'s table cannot be mapped with its current
+    /// layout (a DDL dropped or renamed a column the mapping reads), or
+    /// `None`. Such a table is parked: its rows go to quarantine with this
+    /// reason, the other tables keep streaming.
+    fn broken_layout(&self, change: &Change) -> Option<String> {
+        let mut missing = Vec::new();
+        for (table, columns) in self.required.iter() {
+            if !table_matches(table, change) {
+                continue;
+            }
+            for (column, key) in columns {
+                if change.table.column_index(column).is_none() {
+                    missing.push(format!("`{column}` (read by {key})"));
+                }
+            }
+        }
+        if missing.is_empty() {
+            return None;
+        }
+        let reason = format!(
+            "table `{}` lost column {}; update the mapping {} (or restore the column), then replay the quarantined rows",
+            change.table.name,
+            missing.join(", "),
+            self.mapping.path.display()
+        );
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        if parked.insert(change.table.to_string()) {
+            tracing::error!(table = %change.table, reason = %reason, "table parked: its rows go to quarantine until the mapping fits");
+        }
+        Some(reason)
     }
 
     pub fn mapping(&self) -> &Mapping {
@@ -231,8 +279,14 @@ impl Normalizer {
         // Orders and refunds may share a lines table (Odoo): hold each once.
         line_tables.sort_unstable();
         line_tables.dedup();
+        let mut broken: Vec<(Change, String)> = Vec::new();
         txn.changes
             .for_each(|change| {
+                let verdict = self.broken_layout(change);
+                if let Some(reason) = verdict {
+                    broken.push((change.clone(), reason));
+                    return;
+                }
                 for (r, reference) in mapping.references.iter().enumerate() {
                     if table_matches(&reference.table, change) {
                         reference_changes.push((r, change.clone()));
@@ -301,6 +355,19 @@ impl Normalizer {
         }
 
         let mut outcomes = Vec::new();
+        for (change, reason) in broken {
+            let doc = Document {
+                change: &change,
+                key: None,
+                lines: &[],
+            };
+            outcomes.push(Outcome::Quarantine(Quarantined {
+                origin: origin(&change.table.name),
+                op: change.op,
+                reason,
+                row: doc.json(),
+            }));
+        }
         for change in &documents {
             if matches!(change.op, Op::Delete | Op::Truncate) {
                 continue;

@@ -324,3 +324,49 @@ async fn check_stops_at_an_unknown_config_key_before_connecting() {
     // Nothing was checked: the bad config stopped it first.
     assert!(!run.stdout.contains("cannot reach"), "{}", run.stdout);
 }
+
+#[tokio::test]
+async fn check_validates_each_mapping_against_the_live_schema() {
+    let ledger = PgDatabase::create("ledger").await;
+    let pos = PgDatabase::create("pos").await;
+    pos.load_schema("odoo-pos.postgres.sql").await;
+    let shop = MyDatabase::create("shop").await;
+    shop.load_schema("magento2.mysql.sql").await;
+    {
+        use mysql_async::prelude::Queryable;
+        let mut conn = shop.conn().await;
+        conn.query_drop("ALTER TABLE sales_order DROP COLUMN customer_email; DROP TABLE sales_creditmemo_item, sales_creditmemo")
+            .await
+            .unwrap();
+    }
+    let connectors =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("connectors/sources");
+    let sources = format!(
+        "{}mapping = \"{}\"\nslot = \"{}\"\n{}mapping = \"{}\"\n",
+        pg_source("pos", &pos.url()),
+        connectors.join("odoo-pos.toml").display(),
+        pos.name,
+        mysql_source("shop", &shop.url()),
+        connectors.join("magento2.toml").display(),
+    );
+    let run = run_cli(&config(&ledger.url(), &sources), &["check"], &[]).await;
+    assert_eq!(run.code, 1, "{}", run.output());
+    assert!(
+        run.stdout.contains("mapping Odoo POS fits (5 tables)"),
+        "{}",
+        run.stdout
+    );
+    let magento = connectors.join("magento2.toml").display().to_string();
+    for expected in [
+        format!("problem: mapping {magento}: table `sales_order` has no column `customer_email` (read by orders[0].email)"),
+        format!("fix:     correct orders[0].email in {magento} to a column `sales_order` has, or add the column"),
+        format!("problem: mapping {magento}: table `sales_creditmemo` does not exist in the source (or the user cannot see it)"),
+    ] {
+        assert!(run.stdout.contains(&expected), "missing `{expected}` in:\n{}", run.stdout);
+    }
+    assert!(
+        run.stdout.ends_with("2 problem(s) found\n"),
+        "{}",
+        run.stdout
+    );
+}

@@ -438,3 +438,86 @@ server_id = {server_id}
         .expect("pipeline stops")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_column_dropped_by_ddl_parks_its_table_and_the_rest_keeps_streaming() {
+    crate::support::init_logging();
+    let ledger_db = PgDatabase::create("ledger").await;
+    let shop_db = MyDatabase::create("shop").await;
+    let mut shop = magento_shop(&shop_db).await;
+    let sources = format!(
+        r#"
+[[sources]]
+name = "shop"
+kind = "mysql"
+url = "{shop}"
+mapping = "{connectors}/magento2.toml"
+server_id = {server_id}
+"#,
+        shop = shop_db.url(),
+        connectors = connectors().display(),
+        server_id = 3_510_000_000u64 + u64::from(std::process::id() % 100_000),
+    );
+    let (_path, settings) = write_config(&ledger_db, &sources);
+    let (shutdown, handle) = start(settings).await;
+    let ledger = Ledger::new(&ledger_db).await;
+
+    magento_order(
+        &mut shop,
+        1,
+        Some(7),
+        "anna.schmidt@example.de",
+        "processing",
+        Some("100"),
+        "-10",
+        &[("MUG", None, "100")],
+    )
+    .await;
+    wait_for("the first order", || async {
+        ledger.member_by_email("anna.schmidt@example.de").await
+            == Some((0, 90, 0, Some("base".into())))
+    })
+    .await;
+
+    shop.query_drop("ALTER TABLE sales_order DROP COLUMN customer_email")
+        .await
+        .unwrap();
+    shop.query_drop(
+        "INSERT INTO sales_order (entity_id, state, status, store_id, customer_id, base_subtotal,
+             base_discount_amount, base_grand_total, base_currency_code, increment_id)
+         VALUES (2, 'complete', 'complete', 1, 7, 50, 0, 50, 'EUR', '2')",
+    )
+    .await
+    .unwrap();
+    // Another table of the mapping still books: a credit memo for order 1
+    // (27 of its 90 still pending).
+    shop.query_drop(
+        "INSERT INTO sales_creditmemo (entity_id, order_id, store_id, state, base_subtotal, base_discount_amount,
+             base_grand_total, increment_id)
+         VALUES (1, 1, 1, 2, 30, -3, 27, 'CM1')",
+    )
+    .await
+    .unwrap();
+    wait_for("the credit memo", || async {
+        ledger.scalar("SELECT count(*) FROM order_refunds").await == 1
+    })
+    .await;
+    assert_eq!(
+        ledger.quarantine_reasons().await,
+        [format!(
+            "table `sales_order` lost column `customer_email` (read by orders[0].email); update the mapping {} \
+             (or restore the column), then replay the quarantined rows",
+            connectors().join("magento2.toml").display()
+        )]
+    );
+    assert_eq!(
+        ledger.member_by_email("anna.schmidt@example.de").await,
+        Some((0, 63, 0, Some("base".into()))),
+        "the refund took 27 of the pending 90; the parked order booked nothing"
+    );
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), handle)
+        .await
+        .expect("pipeline stops")
+        .unwrap();
+}
