@@ -325,6 +325,26 @@ impl References for StoredReferences<'_> {
         }))
     }
 
+    async fn merge(
+        &mut self,
+        reference: &str,
+        key: &str,
+        field: &str,
+        value: serde_json::Value,
+    ) -> Result<(), ConsumerError> {
+        self.client
+            .execute(
+                "INSERT INTO reference_rows (source, reference, key, row_data)
+                 VALUES ($1, $2, $3, jsonb_build_object($4::text, $5::jsonb))
+                 ON CONFLICT (source, reference, key)
+                 DO UPDATE SET row_data = reference_rows.row_data || EXCLUDED.row_data",
+                &[&self.source, &reference, &key, &field, &value],
+            )
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
     async fn put(
         &mut self,
         reference: &str,

@@ -302,8 +302,8 @@ pub async fn apply_order(
 }
 
 /// Applies a refund: the order's points are clawed back in proportion,
-/// `floor(points × refunded / earn_basis)` over all its refunds so far,
-/// never more than it earned.
+/// `floor(points × refunded / earn_basis)` (or `/ grand_total` for refunds
+/// of gross money) over all its refunds so far, never more than it earned.
 pub async fn apply_refund(
     client: &impl GenericClient,
     program: &ProgramSettings,
@@ -313,7 +313,7 @@ pub async fn apply_refund(
 ) -> Result<Booked, tokio_postgres::Error> {
     let Some(order) = client
         .query_opt(
-            "SELECT member_id, stage, points, clawed_back, refunded, earn_basis FROM orders
+            "SELECT member_id, stage, points, clawed_back, refunded, earn_basis, grand_total FROM orders
               WHERE source = $1 AND order_ref = $2 FOR UPDATE",
             &[&source, &refund.order_ref],
         )
@@ -326,7 +326,13 @@ pub async fn apply_refund(
     let points: i64 = order.get(2);
     let clawed_back: i64 = order.get(3);
     let refunded: Decimal = order.get(4);
-    let basis: Decimal = order.get(5);
+    // The refund is a part of this: the earn basis, or the grand total for
+    // refunds of gross money.
+    let basis: Decimal = if refund.of_grand_total {
+        order.get(6)
+    } else {
+        order.get(5)
+    };
     let total_refunded = refunded + refund.amount;
     let target = if basis > Decimal::ZERO {
         (Decimal::from(points) * total_refunded.min(basis) / basis)

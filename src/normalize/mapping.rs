@@ -43,8 +43,25 @@ pub struct ReferenceFile {
     pub table: String,
     /// Key column.
     pub key: String,
-    /// Columns kept (only these are stored).
+    /// Columns kept (only these are stored). With `pivot`: the meta keys
+    /// kept.
     pub columns: Vec<String>,
+    /// A key/value ("meta") table: each row is one field of the entity
+    /// named by `key` (WooCommerce `wp_usermeta`: `user_id`, `meta_key`,
+    /// `meta_value`). The fields listed in `columns` are gathered into one
+    /// row per key.
+    #[serde(default)]
+    pub pivot: Option<PivotFile>,
+}
+
+/// `pivot = { name = "meta_key", value = "meta_value" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PivotFile {
+    /// Column holding the field's name.
+    pub name: String,
+    /// Column holding its value.
+    pub value: String,
 }
 
 /// `[[orders.joins]]`: a reference row looked up for each document.
@@ -150,18 +167,26 @@ pub struct RefundFile {
     pub when: Option<String>,
     /// CEL: the refunded order's key (as the order mapping's `key`).
     pub order: String,
-    /// Columns summed exactly: the refunded amount on the earn basis
-    /// (the sign is ignored: refunds written negative count the same).
+    /// Columns summed exactly: the refunded amount (the sign is ignored:
+    /// refunds written negative count the same).
     pub amount: Vec<String>,
+    /// What `amount` is a part of: `earn_basis` (default: the refund is on
+    /// the same footing as the order's earn basis) or `grand_total` (a
+    /// refund of gross money, as Saleor grants them). Points are clawed back
+    /// in that proportion.
+    #[serde(default)]
+    pub proportion_of: Option<String>,
     #[serde(default)]
     pub joins: Vec<JoinFile>,
     #[serde(default)]
     pub lines: Option<LinesFile>,
 }
 
-/// One column of an exact sum.
+/// One column of an exact sum: the document's own (`col`) or a joined
+/// row's (`join.col`).
 #[derive(Debug, Clone)]
 pub struct Term {
+    pub join: Option<String>,
     pub column: String,
     pub negative: bool,
     pub null_is_zero: bool,
@@ -176,6 +201,8 @@ impl Amount {
         if terms.is_empty() {
             return Err("name at least one column".into());
         }
+        let name_ok =
+            |n: &str| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         terms
             .iter()
             .map(|term| {
@@ -187,16 +214,17 @@ impl Amount {
                     Some(column) => (true, column),
                     None => (false, rest),
                 };
-                if column.is_empty()
-                    || !column
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '_')
-                {
+                let (join, column) = match column.split_once('.') {
+                    Some((join, column)) => (Some(join.to_string()), column),
+                    None => (None, column),
+                };
+                if !name_ok(column) || !join.as_deref().is_none_or(name_ok) {
                     return Err(format!(
-                        "`{term}` is not a column name (write `col`, `-col` or `col?`)"
+                        "`{term}` is not a column (write `col` or `join.col`, with `-` in front to subtract and `?` after to read NULL as 0)"
                     ));
                 }
                 Ok(Term {
+                    join,
                     column: column.to_string(),
                     negative,
                     null_is_zero,
@@ -206,25 +234,33 @@ impl Amount {
             .map(Amount)
     }
 
+    /// The document's own columns (joined ones belong to their reference).
     pub fn columns(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(|t| t.column.as_str())
+        self.0
+            .iter()
+            .filter(|t| t.join.is_none())
+            .map(|t| t.column.as_str())
     }
 
-    /// The exact sum over `value(column)`; `Err` names the column and why.
+    /// The exact sum over `value(term)`; `Err` names the column and why.
     pub fn sum(
         &self,
-        mut value: impl FnMut(&str) -> Option<AmountValue>,
+        mut value: impl FnMut(&Term) -> Option<AmountValue>,
     ) -> Result<Decimal, String> {
         let mut total = Decimal::ZERO;
         for term in &self.0 {
-            let amount = match value(&term.column) {
+            let column = match &term.join {
+                Some(join) => format!("{join}.{}", term.column),
+                None => term.column.clone(),
+            };
+            let amount = match value(term) {
                 Some(AmountValue::Number(n)) => n,
                 Some(AmountValue::Null) | None if term.null_is_zero => Decimal::ZERO,
                 Some(AmountValue::Null) | None => {
-                    return Err(format!("NULL amount in column `{}`", term.column))
+                    return Err(format!("NULL amount in column `{column}`"))
                 }
                 Some(AmountValue::Unparsable) => {
-                    return Err(format!("unparsable amount in column `{}`", term.column))
+                    return Err(format!("unparsable amount in column `{column}`"))
                 }
             };
             total = if term.negative {
@@ -271,6 +307,8 @@ pub struct Reference {
     pub table: String,
     pub key: String,
     pub columns: Vec<String>,
+    /// Key/value table: (name column, value column).
+    pub pivot: Option<(String, String)>,
 }
 
 /// What an order's status means.
@@ -311,6 +349,8 @@ pub struct RefundMapping {
     pub when: Option<Expr>,
     pub order: Expr,
     pub amount: Amount,
+    /// The refund is a part of the order's grand total, not its earn basis.
+    pub of_grand_total: bool,
     pub joins: Vec<Join>,
     pub lines: Option<Lines>,
 }
@@ -394,6 +434,19 @@ impl Mapping {
                 reference.key.clone(),
                 format!("references[{i}].key"),
             ));
+            if let Some((name, value)) = &reference.pivot {
+                needs.push((
+                    reference.table.clone(),
+                    name.clone(),
+                    format!("references[{i}].pivot.name"),
+                ));
+                needs.push((
+                    reference.table.clone(),
+                    value.clone(),
+                    format!("references[{i}].pivot.value"),
+                ));
+                continue;
+            }
             for column in &reference.columns {
                 needs.push((
                     reference.table.clone(),
@@ -549,6 +602,7 @@ fn compile(path: &Path, file: MappingFile, problem: &mut dyn FnMut(String, Strin
                 table: r.table,
                 key: r.key,
                 columns: r.columns,
+                pivot: r.pivot.map(|p| (p.name, p.value)),
             }
         })
         .collect();
@@ -564,13 +618,20 @@ fn compile(path: &Path, file: MappingFile, problem: &mut dyn FnMut(String, Strin
                         problem(
                             format!("{at}.reference"),
                             format!(
-                                "no `[[references]]` named `{}`; declare it or use one of: {}",
+                                "no `[[references]]` named `{}`; declare it{}",
                                 join.reference,
-                                references
-                                    .iter()
-                                    .map(|r| r.name.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
+                                if references.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(
+                                        " or use one of: {}",
+                                        references
+                                            .iter()
+                                            .map(|r| r.name.as_str())
+                                            .collect::<Vec<_>>()
+                                            .join(", ")
+                                    )
+                                }
                             ),
                         );
                         return None;
@@ -657,6 +718,20 @@ fn compile(path: &Path, file: MappingFile, problem: &mut dyn FnMut(String, Strin
         let earn_basis = amount(format!("{key}.earn_basis"), &order.earn_basis, problem);
         let grand_total = amount(format!("{key}.grand_total"), &order.grand_total, problem);
         let order_joins = joins(key.clone(), order.joins, problem);
+        check_join_terms(
+            &format!("{key}.earn_basis"),
+            &earn_basis,
+            &order_joins,
+            &references,
+            problem,
+        );
+        check_join_terms(
+            &format!("{key}.grand_total"),
+            &grand_total,
+            &order_joins,
+            &references,
+            problem,
+        );
         let order_lines = lines(key.clone(), order.lines, problem);
         if let Some(status) = status {
             orders.push(OrderMapping {
@@ -686,6 +761,26 @@ fn compile(path: &Path, file: MappingFile, problem: &mut dyn FnMut(String, Strin
         let amount = amount(format!("{key}.amount"), &refund.amount, problem);
         let refund_joins = joins(key.clone(), refund.joins, problem);
         let refund_lines = lines(key.clone(), refund.lines, problem);
+        check_join_terms(
+            &format!("{key}.amount"),
+            &amount,
+            &refund_joins,
+            &references,
+            problem,
+        );
+        let of_grand_total = match refund.proportion_of.as_deref() {
+            None | Some("earn_basis") => false,
+            Some("grand_total") => true,
+            Some(other) => {
+                problem(
+                    format!("{key}.proportion_of"),
+                    format!(
+                        "`{other}` is not a choice; use `earn_basis` (default) or `grand_total`"
+                    ),
+                );
+                false
+            }
+        };
         if let Some(order) = order {
             refunds.push(RefundMapping {
                 table: refund.table,
@@ -693,6 +788,7 @@ fn compile(path: &Path, file: MappingFile, problem: &mut dyn FnMut(String, Strin
                 when,
                 order,
                 amount,
+                of_grand_total,
                 joins: refund_joins,
                 lines: refund_lines,
             });
@@ -705,5 +801,122 @@ fn compile(path: &Path, file: MappingFile, problem: &mut dyn FnMut(String, Strin
         references,
         orders,
         refunds,
+    }
+}
+
+/// A `join.col` term must name a join of its document and a column its
+/// reference keeps.
+fn check_join_terms(
+    key: &str,
+    amount: &Amount,
+    joins: &[Join],
+    references: &[Reference],
+    problem: &mut dyn FnMut(String, String),
+) {
+    for term in &amount.0 {
+        let Some(name) = &term.join else { continue };
+        match joins.iter().find(|j| j.name == *name) {
+            None => problem(
+                key.to_string(),
+                format!("`{name}.{}` names no join of this document; add a `joins` entry named `{name}`", term.column),
+            ),
+            Some(join) if !references[join.reference].columns.contains(&term.column) => problem(
+                key.to_string(),
+                format!(
+                    "`{name}.{}`: reference `{}` does not keep column `{}`; add it to its `columns`",
+                    term.column, references[join.reference].name, term.column
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Mapping, Vec<ConfigProblem>> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shop.toml");
+        std::fs::write(&path, text).unwrap();
+        Mapping::load(&path)
+    }
+
+    #[test]
+    fn the_shipped_mappings_compile() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("connectors/sources");
+        for file in [
+            "odoo-pos.toml",
+            "magento2.toml",
+            "woocommerce-hpos.toml",
+            "saleor.toml",
+        ] {
+            let mapping =
+                Mapping::load(&dir.join(file)).unwrap_or_else(|p| panic!("{file}: {p:?}"));
+            assert!(
+                !mapping.orders.is_empty() && !mapping.refunds.is_empty(),
+                "{file}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_mistake_in_a_mapping_is_named_with_its_key_and_fix() {
+        let problems = load(
+            r#"
+system = "Shop"
+kind = "mysql"
+
+[[orders]]
+table = "orders"
+key = "id"
+status = "row.state =="
+placed = ["new"]
+completed = ["done", "new"]
+earn_basis = ["total", "-", "ship.amount"]
+grand_total = ["total", "ship.amount"]
+
+[[orders.joins]]
+name = "store"
+reference = "stores"
+key = "row.store_id"
+
+[[refunds]]
+table = "refunds"
+key = "id"
+order = "row.order_id"
+amount = ["amount"]
+proportion_of = "gross"
+"#,
+        )
+        .unwrap_err();
+        let text: Vec<String> = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.key, p.message))
+            .collect();
+        let expect = [
+            "orders[0]: status `new` is listed twice",
+            "orders[0].status: not a valid CEL expression",
+            "orders[0].earn_basis: `-` is not a column",
+            "orders[0].joins[0].reference: no `[[references]]` named `stores`",
+            "orders[0].grand_total: `ship.amount` names no join of this document",
+            "refunds[0].proportion_of: `gross` is not a choice",
+        ];
+        for expected in expect {
+            assert!(
+                text.iter().any(|t| t.starts_with(expected)),
+                "missing `{expected}` in {text:#?}"
+            );
+        }
+        assert!(problems.iter().all(|p| p.origin.ends_with("shop.toml")));
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_line() {
+        let problems =
+            load("system = \"x\"\nkind = \"mysql\"\n[[orders]]\ntable = 5\n").unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, "line 4");
     }
 }

@@ -90,8 +90,11 @@ pub struct OrderEvent {
 pub struct RefundEvent {
     pub refund_ref: String,
     pub order_ref: String,
-    /// Refunded amount on the earn basis, positive.
+    /// Refunded amount, positive.
     pub amount: Decimal,
+    /// `amount` is a part of the order's grand total (else of its earn
+    /// basis).
+    pub of_grand_total: bool,
     pub lines: Vec<Line>,
 }
 
@@ -140,6 +143,16 @@ pub trait References: Send {
         Output = Result<Option<serde_json::Map<String, serde_json::Value>>, ConsumerError>,
     > + Send;
 
+    /// Sets one field of a row, creating the row if needed (key/value
+    /// tables, gathered field by field).
+    fn merge(
+        &mut self,
+        reference: &str,
+        key: &str,
+        field: &str,
+        value: serde_json::Value,
+    ) -> impl Future<Output = Result<(), ConsumerError>> + Send;
+
     /// `None` removes the row (a delete at the source).
     fn put(
         &mut self,
@@ -179,6 +192,31 @@ fn key_text(value: &Value) -> Option<String> {
         Value::Uuid(u) => Some(u.to_string()),
         Value::Bool(b) => Some(b.to_string()),
         other => Some(plain_json(other).to_string()),
+    }
+}
+
+/// Joined reference rows of one document, by join name (`None`: no row).
+type Joined = HashMap<String, Option<serde_json::Map<String, serde_json::Value>>>;
+
+/// A term of an exact sum: the document's column or a joined row's.
+fn term_value(doc: &Document<'_>, joined: &Joined, term: &mapping::Term) -> Option<AmountValue> {
+    match &term.join {
+        None => amount_value(doc.value(&term.column)),
+        Some(join) => {
+            let row = joined.get(join)?.as_ref()?;
+            Some(match row.get(&term.column) {
+                None | Some(serde_json::Value::Null) => AmountValue::Null,
+                Some(serde_json::Value::Number(n)) => n
+                    .to_string()
+                    .parse()
+                    .map_or(AmountValue::Unparsable, AmountValue::Number),
+                Some(serde_json::Value::String(s)) => s
+                    .trim()
+                    .parse()
+                    .map_or(AmountValue::Unparsable, AmountValue::Number),
+                Some(_) => AmountValue::Unparsable,
+            })
+        }
     }
 }
 
@@ -333,6 +371,31 @@ impl Normalizer {
             else {
                 continue;
             };
+            if let Some((name_column, value_column)) = &reference.pivot {
+                // One field of the entity: kept if the mapping lists it.
+                let cell = |column: &str| {
+                    image.and_then(|row| {
+                        change.table.column_index(column).and_then(|i| row.0.get(i))
+                    })
+                };
+                let Some(field) = cell(name_column).and_then(key_text) else {
+                    continue;
+                };
+                if !reference.columns.contains(&field) {
+                    continue;
+                }
+                let value = match change.op {
+                    Op::Delete => serde_json::Value::Null,
+                    Op::Truncate => continue,
+                    Op::Insert | Op::Update => {
+                        cell(value_column).map_or(serde_json::Value::Null, plain_json)
+                    }
+                };
+                references
+                    .merge(&reference.name, &key, &field, value)
+                    .await?;
+                continue;
+            }
             let row = match change.op {
                 Op::Delete => None,
                 Op::Truncate => continue,
@@ -418,9 +481,10 @@ impl Normalizer {
             return Ok(quarantine(format!("NULL key column `{}`", order.key)));
         };
         let mut scope = doc.scope(order.lines.as_ref());
-        if let Err(error) = self.join(&order.joins, &mut scope, references).await? {
-            return Ok(quarantine(error));
-        }
+        let joined = match self.join(&order.joins, &mut scope, references).await? {
+            Ok(joined) => joined,
+            Err(error) => return Ok(quarantine(error)),
+        };
         if let Some(when) = &order.when {
             match when.test(&scope) {
                 Ok(true) => {}
@@ -451,11 +515,11 @@ impl Normalizer {
                 )))
             }
         };
-        let earn_basis = match order.earn_basis.sum(|c| amount_value(doc.value(c))) {
+        let earn_basis = match order.earn_basis.sum(|t| term_value(doc, &joined, t)) {
             Ok(amount) => amount,
             Err(reason) => return Ok(quarantine(reason)),
         };
-        let grand_total = match order.grand_total.sum(|c| amount_value(doc.value(c))) {
+        let grand_total = match order.grand_total.sum(|t| term_value(doc, &joined, t)) {
             Ok(amount) => amount,
             Err(reason) => return Ok(quarantine(reason)),
         };
@@ -527,9 +591,10 @@ impl Normalizer {
                 Err(error) => return Ok(quarantine(error.to_string())),
             }
         }
-        if let Err(error) = self.join(&refund.joins, &mut scope, references).await? {
-            return Ok(quarantine(error));
-        }
+        let joined = match self.join(&refund.joins, &mut scope, references).await? {
+            Ok(joined) => joined,
+            Err(error) => return Ok(quarantine(error)),
+        };
         let order_ref = match refund.order.text_value(&scope) {
             Ok(Some(order_ref)) => order_ref,
             Ok(None) => {
@@ -540,7 +605,7 @@ impl Normalizer {
             }
             Err(error) => return Ok(quarantine(error.to_string())),
         };
-        let amount = match refund.amount.sum(|c| amount_value(doc.value(c))) {
+        let amount = match refund.amount.sum(|t| term_value(doc, &joined, t)) {
             Ok(amount) => amount.abs(),
             Err(reason) => return Ok(quarantine(reason)),
         };
@@ -558,6 +623,7 @@ impl Normalizer {
                 refund_ref,
                 order_ref,
                 amount,
+                of_grand_total: refund.of_grand_total,
                 lines,
             }),
             origin,
@@ -572,7 +638,8 @@ impl Normalizer {
         joins: &[mapping::Join],
         scope: &mut Scope,
         references: &mut R,
-    ) -> Result<Result<(), String>, ConsumerError> {
+    ) -> Result<Result<Joined, String>, ConsumerError> {
+        let mut joined = Joined::new();
         for join in joins {
             let reference = &self.mapping.references[join.reference];
             let key = match join.key.text_value(scope) {
@@ -584,8 +651,9 @@ impl Normalizer {
                 None => None,
             };
             scope.set(&join.name, json_map(&reference.columns, row.as_ref()));
+            joined.insert(join.name.clone(), row);
         }
-        Ok(Ok(()))
+        Ok(Ok(joined))
     }
 }
 
@@ -667,7 +735,12 @@ impl<'a> Document<'a> {
             counted.push(Line {
                 sku: mapping.sku.text_value(&scope).map_err(|e| e.to_string())?,
                 quantity,
-                amount: mapping.amount.sum(|c| amount_value(value(c)))?,
+                amount: mapping.amount.sum(|t| {
+                    t.join
+                        .is_none()
+                        .then(|| amount_value(value(&t.column)))
+                        .flatten()
+                })?,
             });
         }
         Ok(counted)

@@ -312,6 +312,13 @@ server_id = {server_id}
         ledger.scalar("SELECT count(*) FROM order_refunds").await == 2
     })
     .await;
+    assert_eq!(
+        ledger
+            .scalar("SELECT lines::bigint FROM orders WHERE source = 'shop' AND order_ref = '1'")
+            .await,
+        2,
+        "the configurable product counts once (its parent row), the mug once"
+    );
     // 50 (POS) + 90 (shop, complete) − 27 (credit memo: 27 of 90 refunded).
     assert_eq!(
         ledger.member_by_email("anna.schmidt@example.de").await,
@@ -515,6 +522,210 @@ server_id = {server_id}
         Some((0, 63, 0, Some("base".into()))),
         "the refund took 27 of the pending 90; the parked order booked nothing"
     );
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), handle)
+        .await
+        .expect("pipeline stops")
+        .unwrap();
+}
+
+/// One source with the given mapping, for the single-system scenarios.
+fn one_source(name: &str, kind: &str, url: &str, mapping: &str, extra: &str) -> String {
+    format!(
+        "\n[[sources]]\nname = \"{name}\"\nkind = \"{kind}\"\nurl = \"{url}\"\nmapping = \"{}\"\n{extra}\n",
+        connectors().join(mapping).display()
+    )
+}
+
+#[tokio::test]
+async fn woocommerce_orders_with_meta_and_refund_orders_book_exact_points() {
+    crate::support::init_logging();
+    let ledger_db = PgDatabase::create("ledger").await;
+    let shop_db = MyDatabase::create("woo").await;
+    shop_db.load_schema("woocommerce-hpos.mysql.sql").await;
+    let sources = one_source(
+        "woo",
+        "mysql",
+        &shop_db.url(),
+        "woocommerce-hpos.toml",
+        &format!(
+            "server_id = {}",
+            3_520_000_000u64 + u64::from(std::process::id() % 100_000)
+        ),
+    );
+    let (_path, settings) = write_config(&ledger_db, &sources);
+    let (shutdown, handle) = start(settings).await;
+    let ledger = Ledger::new(&ledger_db).await;
+    let mut woo = shop_db.conn().await;
+
+    // WordPress writes without transactions: each statement commits alone,
+    // in the order WooCommerce's checkout runs them.
+    for statement in [
+        "INSERT INTO wp_users (ID, user_login, user_email) VALUES (3, 'jonas', 'jonas@shop-kunden.de')",
+        "INSERT INTO wp_usermeta (user_id, meta_key, meta_value) VALUES (3, 'billing_phone', '+49 30 555123')",
+        "INSERT INTO wp_usermeta (user_id, meta_key, meta_value) VALUES (3, 'nickname', 'jonas')",
+        "INSERT INTO wp_wc_orders (id, status, currency, type, tax_amount, total_amount, customer_id, billing_email)
+           VALUES (100, 'wc-pending', 'EUR', 'shop_order', 19.00, 130.00, 3, 'Jonas@Shop-Kunden.de')",
+        "INSERT INTO wp_wc_order_operational_data (order_id, created_via, shipping_total_amount)
+           VALUES (100, 'checkout', 11.00)",
+        "INSERT INTO wp_wc_orders_meta (order_id, meta_key, meta_value) VALUES (100, '_billing_address_index', 'x')",
+        "UPDATE wp_wc_orders SET status = 'wc-processing' WHERE id = 100",
+    ] {
+        woo.query_drop(statement).await.unwrap();
+    }
+    wait_for("the paid order to be pending", || async {
+        ledger
+            .member_by_email("jonas@shop-kunden.de")
+            .await
+            .map(|m| m.1)
+            == Some(100)
+    })
+    .await;
+    woo.query_drop("UPDATE wp_wc_orders SET status = 'wc-completed' WHERE id = 100")
+        .await
+        .unwrap();
+    // A partial refund: a refund order of a quarter of the gross total.
+    woo.query_drop(
+        "INSERT INTO wp_wc_orders (id, status, currency, type, tax_amount, total_amount, customer_id, parent_order_id)
+         VALUES (101, 'wc-completed', 'EUR', 'shop_order_refund', -4.75, -32.50, 3, 100)",
+    )
+    .await
+    .unwrap();
+    // A guest order with the same email, paid then cancelled.
+    for statement in [
+        "INSERT INTO wp_wc_orders (id, status, currency, type, tax_amount, total_amount, customer_id, billing_email)
+           VALUES (102, 'wc-pending', 'EUR', 'shop_order', 1.90, 11.90, 0, 'jonas@shop-kunden.de')",
+        "INSERT INTO wp_wc_order_operational_data (order_id, created_via, shipping_total_amount) VALUES (102, 'checkout', 0)",
+        "UPDATE wp_wc_orders SET status = 'wc-processing' WHERE id = 102",
+        "UPDATE wp_wc_orders SET status = 'wc-cancelled' WHERE id = 102",
+    ] {
+        woo.query_drop(statement).await.unwrap();
+    }
+    wait_for("the cancelled guest order", || async {
+        ledger
+            .scalar("SELECT count(*) FROM orders WHERE stage = 'cancelled'")
+            .await
+            == 1
+    })
+    .await;
+    assert_eq!(
+        ledger.member_by_email("jonas@shop-kunden.de").await,
+        Some((75, 0, 75, Some("silver".into()))),
+        "100 = 130 − 19 tax − 11 shipping (silver reached, kept until the period ends); the refund of 32.50 of \
+         130 takes a quarter; the guest order's 10 were voided"
+    );
+    assert_eq!(
+        ledger
+            .scalar("SELECT count(*) FROM member_identifiers WHERE kind = 'phone' AND value = '+4930555123'")
+            .await,
+        1,
+        "the phone from the customer's profile meta"
+    );
+    assert_eq!(ledger.scalar("SELECT count(*) FROM members").await, 1);
+    assert!(ledger.quarantine_reasons().await.is_empty());
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), handle)
+        .await
+        .expect("pipeline stops")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn saleor_orders_and_granted_refunds_book_exact_points() {
+    crate::support::init_logging();
+    let ledger_db = PgDatabase::create("ledger").await;
+    let saleor_db = PgDatabase::create("saleor").await;
+    saleor_db.load_schema("saleor.postgres.sql").await;
+    let saleor = saleor_db.client().await;
+    saleor
+        .batch_execute(
+            "INSERT INTO channel_channel (id, name, is_active, slug, currency_code, default_country)
+               VALUES (1, 'Germany', true, 'de', 'EUR', 'DE');",
+        )
+        .await
+        .unwrap();
+    let sources = one_source(
+        "saleor",
+        "postgres",
+        &saleor_db.url(),
+        "saleor.toml",
+        &format!("slot = \"{0}\"\npublication = \"{0}\"", saleor_db.name),
+    );
+    let (_path, settings) = write_config(&ledger_db, &sources);
+    let (shutdown, handle) = start(settings).await;
+    let ledger = Ledger::new(&ledger_db).await;
+
+    let order = "8f0c2d4e-1111-4a5b-9c3d-000000000001";
+    // Checkout completes: order and line in one transaction, not paid yet.
+    saleor
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO account_address (id, first_name, last_name, company_name, street_address_1, street_address_2,
+                 city, city_area, postal_code, country, country_area, phone, validation_skipped)
+               VALUES (5, 'Mia', 'Koch', '', 'Hauptstr. 1', '', 'Berlin', '', '10115', 'DE', '', '+4915112345678', false);
+             INSERT INTO order_order (id, number, use_old_id, created_at, updated_at, status, authorize_status,
+                 charge_status, language_code, billing_address_id, user_email, origin, currency, channel_id,
+                 shipping_price_net_amount, shipping_price_gross_amount, checkout_token, lines_count,
+                 total_net_amount, undiscounted_total_net_amount, total_gross_amount, undiscounted_total_gross_amount,
+                 total_charged_amount, total_authorized_amount, subtotal_net_amount, subtotal_gross_amount, customer_note)
+               VALUES ('{order}', 1, false, now(), now(), 'unfulfilled', 'none', 'none', 'de', 5, 'Mia.Koch@Posteo.de',
+                 'checkout', 'EUR', 1, 10, 11.90, '', 1, 90, 90, 107.10, 107.10, 0, 0, 80, 95.20, '');
+             INSERT INTO order_orderline (id, created_at, order_id, product_name, variant_name, is_shipping_required, is_gift_card,
+                 quantity, quantity_fulfilled, is_gift, currency, unit_discount_amount, unit_price_net_amount,
+                 unit_discount_value, unit_price_gross_amount, total_price_net_amount, total_price_gross_amount,
+                 undiscounted_unit_price_gross_amount, undiscounted_unit_price_net_amount,
+                 undiscounted_total_price_gross_amount, undiscounted_total_price_net_amount,
+                 base_unit_price_amount, undiscounted_base_unit_price_amount, product_sku)
+               VALUES ('8f0c2d4e-2222-4a5b-9c3d-000000000001', now(), '{order}', 'Tea', '500 g', true, false, 2, 0, false, 'EUR',
+                 0, 40, 0, 47.60, 80, 95.20, 47.60, 40, 95.20, 80, 40, 40, 'TEA-500');
+             COMMIT;
+             UPDATE order_order SET charge_status = 'full', total_charged_amount = 107.10 WHERE id = '{order}';"
+        ))
+        .await
+        .unwrap();
+    wait_for("the paid order to be pending", || async {
+        ledger
+            .member_by_email("mia.koch@posteo.de")
+            .await
+            .map(|m| m.1)
+            == Some(80)
+    })
+    .await;
+    saleor
+        .batch_execute(&format!(
+            "UPDATE order_order SET status = 'fulfilled' WHERE id = '{order}';
+             INSERT INTO order_ordergrantedrefund (id, created_at, updated_at, amount_value, currency, reason, order_id,
+                 shipping_costs_included, status)
+               VALUES (1, now(), now(), 26.775, 'EUR', 'damaged', '{order}', false, 'pending');
+             UPDATE order_ordergrantedrefund SET status = 'success' WHERE id = 1;"
+        ))
+        .await
+        .unwrap();
+    wait_for("the granted refund", || async {
+        ledger.scalar("SELECT count(*) FROM order_refunds").await == 1
+    })
+    .await;
+    assert_eq!(
+        ledger.member_by_email("mia.koch@posteo.de").await,
+        Some((60, 0, 60, Some("base".into()))),
+        "80 = 90 net − 10 shipping; 26.775 of 107.10 gross refunded takes a quarter"
+    );
+    // Lines travel with the order's own transaction: here the checkout,
+    // while the order was not paid yet (ignored), so the booked order has
+    // none itemized (its amounts come from the header).
+    assert_eq!(
+        ledger
+            .scalar("SELECT lines::bigint FROM orders WHERE source = 'saleor'")
+            .await,
+        0
+    );
+    assert_eq!(
+        ledger
+            .scalar("SELECT count(*) FROM member_identifiers WHERE kind = 'phone' AND value = '+4915112345678'")
+            .await,
+        1
+    );
+    assert!(ledger.quarantine_reasons().await.is_empty());
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(30), handle)
         .await
