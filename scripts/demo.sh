@@ -91,7 +91,7 @@ echo "sources streaming: $(ledger_sql "SELECT string_agg(source || ' at ' || pos
 step "a customer buys at the till (Odoo: 119.00 incl. 19.00 tax) and is refunded half"
 psql -X -q -d loyalty_demo_pos -v ON_ERROR_STOP=1 <<'SQL'
 INSERT INTO res_currency (id, name, symbol) VALUES (1, 'EUR', '€');
-INSERT INTO res_partner (id, name, type) VALUES (1, 'Demo Store GmbH', 'contact');
+INSERT INTO res_partner (id, name, type, is_company) VALUES (1, 'Demo Store GmbH', 'contact', true);
 INSERT INTO res_company (id, name, partner_id, currency_id) VALUES (1, 'Demo Store GmbH', 1, 1);
 INSERT INTO product_template (id, name) VALUES (1, '{"en_US": "Coffee beans 1 kg"}');
 INSERT INTO product_product (id, default_code, product_tmpl_id) VALUES (1, 'COF-1KG', 1);

@@ -73,7 +73,7 @@ async fn killing_the_service_at_random_moments_loses_and_doubles_nothing() {
     let pos = pos_db.client().await;
     pos.batch_execute(
         "INSERT INTO res_currency (id, name, symbol) VALUES (1, 'EUR', '€');
-         INSERT INTO res_partner (id, name, type) VALUES (1, 'Store', 'contact');
+         INSERT INTO res_partner (id, name, type, is_company) VALUES (1, 'Store', 'contact', true);
          INSERT INTO res_company (id, name, partner_id, currency_id) VALUES (1, 'Store', 1, 1);
          INSERT INTO product_template (id, name) VALUES (1, '{\"en_US\": \"Coffee\"}');
          INSERT INTO product_product (id, default_code, product_tmpl_id) VALUES (1, 'COF', 1);

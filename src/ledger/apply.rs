@@ -191,6 +191,74 @@ impl LedgerConsumer {
                     .map_err(db)?;
                     self.counts.events.fetch_add(1, Ordering::Relaxed);
                 }
+                Outcome::Event(MemberEvent::Customer(customer), origin) => {
+                    let identifiers = self
+                        .identity
+                        .identifiers(&self.source, &customer.identifiers);
+                    let member = members::resolve(
+                        &self.client,
+                        &self.identity,
+                        &self.source,
+                        &identifiers,
+                        origin.occurred_at,
+                    )
+                    .await
+                    .map_err(db)?;
+                    if let Some(member) = member {
+                        members::update_profile(
+                            &self.client,
+                            member,
+                            &customer.profile,
+                            origin.occurred_at,
+                        )
+                        .await
+                        .map_err(db)?;
+                        self.counts.events.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Outcome::Event(MemberEvent::Redemption(redemption), origin) => {
+                    let identifiers = self
+                        .identity
+                        .identifiers(&self.source, &redemption.identifiers);
+                    let member = members::resolve(
+                        &self.client,
+                        &self.identity,
+                        &self.source,
+                        &identifiers,
+                        origin.occurred_at,
+                    )
+                    .await
+                    .map_err(db)?;
+                    let booked = match member {
+                        Some(member) => orders::apply_redemption(
+                            &self.client,
+                            &self.source,
+                            &redemption,
+                            member,
+                            origin.occurred_at,
+                        )
+                        .await
+                        .map_err(db)?,
+                        None => orders::Booked::UnknownOrder,
+                    };
+                    let reason = match booked {
+                        orders::Booked::Insufficient(available) => Some(format!(
+                            "redemption `{}` of {} points exceeds the {available} available; the balance never goes below zero",
+                            redemption.redemption_ref, redemption.points
+                        )),
+                        orders::Booked::UnknownOrder => Some(format!(
+                            "redemption `{}` names no usable identifier, so no member can pay for it",
+                            redemption.redemption_ref
+                        )),
+                        _ => None,
+                    };
+                    match reason {
+                        Some(reason) => self.quarantine_reason(&origin, &reason).await?,
+                        None => {
+                            self.counts.events.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
                 Outcome::Event(MemberEvent::Refund(refund), origin) => {
                     let booked = orders::apply_refund(
                         &self.client,
@@ -206,21 +274,35 @@ impl LedgerConsumer {
                             "refund `{}` of order `{}`, which the ledger has not seen (created before this source was first snapshotted?)",
                             refund.refund_ref, refund.order_ref
                         );
-                        self.client
-                            .execute(
-                                "INSERT INTO quarantine (source, position, table_name, operation, reason, row_data)
-                                 VALUES ($1, $2, $3, 'insert', $4, NULL)",
-                                &[&&*origin.source, &origin.position, &origin.table, &reason],
-                            )
-                            .await
-                            .map_err(db)?;
-                        self.counts.quarantined.fetch_add(1, Ordering::Relaxed);
+                        self.quarantine_reason(&origin, &reason).await?;
                     } else {
                         self.counts.events.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
         }
+        Ok(())
+    }
+}
+
+impl LedgerConsumer {
+    /// Quarantines an event the ledger cannot book (the row itself was
+    /// mapped; the reason says what is missing).
+    async fn quarantine_reason(
+        &self,
+        origin: &crate::normalize::Origin,
+        reason: &str,
+    ) -> Result<(), ConsumerError> {
+        self.client
+            .execute(
+                "INSERT INTO quarantine (source, position, table_name, operation, reason, row_data)
+                 VALUES ($1, $2, $3, 'insert', $4, NULL)",
+                &[&&*origin.source, &origin.position, &origin.table, &reason],
+            )
+            .await
+            .map_err(db)?;
+        tracing::warn!(source = %origin.source, table = %origin.table, position = %origin.position, reason = %reason, "event quarantined");
+        self.counts.quarantined.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -275,6 +275,26 @@ async fn merge(
     client
         .execute("DELETE FROM balances WHERE member_id = $1", &[&from])
         .await?;
+    // The survivor's own profile wins; what it never stated comes from the
+    // merged member.
+    client
+        .execute(
+            "INSERT INTO member_profiles (member_id, email_opt_in, sms_opt_in, push_opt_in, timezone, locale, updated_at)
+             SELECT $2, email_opt_in, sms_opt_in, push_opt_in, timezone, locale, $3
+               FROM member_profiles WHERE member_id = $1
+             ON CONFLICT (member_id) DO UPDATE SET
+               email_opt_in = coalesce(member_profiles.email_opt_in, EXCLUDED.email_opt_in),
+               sms_opt_in = coalesce(member_profiles.sms_opt_in, EXCLUDED.sms_opt_in),
+               push_opt_in = coalesce(member_profiles.push_opt_in, EXCLUDED.push_opt_in),
+               timezone = coalesce(member_profiles.timezone, EXCLUDED.timezone),
+               locale = coalesce(member_profiles.locale, EXCLUDED.locale),
+               updated_at = EXCLUDED.updated_at",
+            &[&from, &into, &at],
+        )
+        .await?;
+    client
+        .execute("DELETE FROM member_profiles WHERE member_id = $1", &[&from])
+        .await?;
     client
         .execute(
             "UPDATE members SET merged_into = $2, merged_at = $3 WHERE member_id = $1",
@@ -376,4 +396,37 @@ pub async fn view(
         orders: row.get(4),
         last_entries,
     }))
+}
+
+/// Records what a source states about a member's profile and consent;
+/// fields it does not state keep their value.
+pub async fn update_profile(
+    client: &impl GenericClient,
+    member: i64,
+    profile: &crate::normalize::Profile,
+    at: DateTime<Utc>,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO member_profiles (member_id, email_opt_in, sms_opt_in, push_opt_in, timezone, locale, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (member_id) DO UPDATE SET
+               email_opt_in = coalesce(EXCLUDED.email_opt_in, member_profiles.email_opt_in),
+               sms_opt_in = coalesce(EXCLUDED.sms_opt_in, member_profiles.sms_opt_in),
+               push_opt_in = coalesce(EXCLUDED.push_opt_in, member_profiles.push_opt_in),
+               timezone = coalesce(EXCLUDED.timezone, member_profiles.timezone),
+               locale = coalesce(EXCLUDED.locale, member_profiles.locale),
+               updated_at = EXCLUDED.updated_at",
+            &[
+                &member,
+                &profile.email_opt_in,
+                &profile.sms_opt_in,
+                &profile.push_opt_in,
+                &profile.timezone,
+                &profile.locale,
+                &at,
+            ],
+        )
+        .await?;
+    Ok(())
 }

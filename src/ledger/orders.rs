@@ -29,6 +29,8 @@ pub enum Booked {
     Nothing,
     /// A refund of an order the ledger never saw.
     UnknownOrder,
+    /// A redemption of more points than are available (the number).
+    Insufficient(i64),
 }
 
 /// Points an order of `basis` earns: floor(basis × rate), never negative.
@@ -444,4 +446,47 @@ async fn update_tier(
             .await?;
     }
     Ok(())
+}
+
+/// Spends `redemption.points` of the member's available points, never
+/// below zero; booked once per redemption reference.
+pub async fn apply_redemption(
+    client: &impl GenericClient,
+    source: &str,
+    redemption: &crate::normalize::RedemptionEvent,
+    member: i64,
+    at: DateTime<Utc>,
+) -> Result<Booked, tokio_postgres::Error> {
+    let key = format!("{source}:redemption:{}", redemption.redemption_ref);
+    let already = client
+        .query_opt(
+            "SELECT 1 FROM ledger_entries WHERE effect_key = $1",
+            &[&key],
+        )
+        .await?;
+    if already.is_some() || redemption.points == 0 {
+        return Ok(Booked::Nothing);
+    }
+    let available: i64 = client
+        .query_opt(
+            "SELECT available FROM balances WHERE member_id = $1 FOR UPDATE",
+            &[&member],
+        )
+        .await?
+        .map_or(0, |r| r.get(0));
+    if available < redemption.points {
+        return Ok(Booked::Insufficient(available));
+    }
+    book(
+        client,
+        member,
+        "redeem",
+        -redemption.points,
+        source,
+        &redemption.redemption_ref,
+        &key,
+        at,
+    )
+    .await?;
+    Ok(Booked::Points)
 }

@@ -97,6 +97,18 @@ impl Expr {
         }
     }
 
+    /// A flag: a bool, or null for "not stated". Numbers 0/1 (MySQL
+    /// TINYINT(1)) count as false/true.
+    pub fn bool_value(&self, scope: &Scope) -> Result<Option<bool>, EvalError> {
+        match self.eval(scope)? {
+            Cel::Null => Ok(None),
+            Cel::Bool(b) => Ok(Some(b)),
+            Cel::Int(0) | Cel::UInt(0) => Ok(Some(false)),
+            Cel::Int(1) | Cel::UInt(1) => Ok(Some(true)),
+            other => Err(self.wrong_type("a bool, 0/1 or null", &other)),
+        }
+    }
+
     /// A text-valued field: strings as they are, numbers in decimal, null
     /// as `None`.
     pub fn text_value(&self, scope: &Scope) -> Result<Option<String>, EvalError> {

@@ -31,6 +31,73 @@ pub struct MappingFile {
     /// Tables whose rows are refunds of an order.
     #[serde(default)]
     pub refunds: Vec<RefundFile>,
+    /// Tables whose rows are customers: enrollment, profile and consent.
+    #[serde(default)]
+    pub customers: Vec<CustomerFile>,
+    /// Tables whose rows redeem points.
+    #[serde(default)]
+    pub redemptions: Vec<RedemptionFile>,
+}
+
+/// `[[customers]]`: a customer account or contact. A new one enrolls a
+/// member; changes update the member's profile and consent. Every field
+/// but `table` and `key` is optional; a field left out leaves what the
+/// ledger knows unchanged.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerFile {
+    pub table: String,
+    pub key: String,
+    /// CEL: rows that are customers (Odoo: contacts, not companies).
+    #[serde(default)]
+    pub when: Option<String>,
+    /// CEL: the source's own customer id (the same id orders carry).
+    #[serde(default)]
+    pub customer: Option<String>,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub phone: Option<String>,
+    #[serde(default)]
+    pub card: Option<String>,
+    /// CEL, bool: consent to marketing email / SMS / push.
+    #[serde(default)]
+    pub email_opt_in: Option<String>,
+    #[serde(default)]
+    pub sms_opt_in: Option<String>,
+    #[serde(default)]
+    pub push_opt_in: Option<String>,
+    /// CEL, text: IANA time zone (`Europe/Berlin`), for quiet hours.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// CEL, text: language or locale (`de_DE`).
+    #[serde(default)]
+    pub locale: Option<String>,
+    #[serde(default)]
+    pub joins: Vec<JoinFile>,
+}
+
+/// `[[redemptions]]`: a row that spends points.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedemptionFile {
+    pub table: String,
+    /// Key column: the redemption's reference (booked once).
+    pub key: String,
+    #[serde(default)]
+    pub when: Option<String>,
+    /// Columns summed exactly: the points spent (fractions are dropped).
+    pub points: Vec<String>,
+    #[serde(default)]
+    pub customer: Option<String>,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub phone: Option<String>,
+    #[serde(default)]
+    pub card: Option<String>,
+    #[serde(default)]
+    pub joins: Vec<JoinFile>,
 }
 
 /// `[[references]]`: a table kept as `key → columns`.
@@ -355,6 +422,52 @@ pub struct RefundMapping {
     pub lines: Option<Lines>,
 }
 
+/// Identifier expressions of a document.
+#[derive(Debug, Default)]
+pub struct IdentifierExprs {
+    pub customer: Option<Expr>,
+    pub email: Option<Expr>,
+    pub phone: Option<Expr>,
+    pub card: Option<Expr>,
+}
+
+impl IdentifierExprs {
+    fn named(&self) -> [(&'static str, Option<&Expr>); 4] {
+        [
+            ("customer", self.customer.as_ref()),
+            ("email", self.email.as_ref()),
+            ("phone", self.phone.as_ref()),
+            ("card", self.card.as_ref()),
+        ]
+    }
+}
+
+/// A customer mapping, compiled.
+#[derive(Debug)]
+pub struct CustomerMapping {
+    pub table: String,
+    pub key: String,
+    pub when: Option<Expr>,
+    pub identifiers: IdentifierExprs,
+    pub email_opt_in: Option<Expr>,
+    pub sms_opt_in: Option<Expr>,
+    pub push_opt_in: Option<Expr>,
+    pub timezone: Option<Expr>,
+    pub locale: Option<Expr>,
+    pub joins: Vec<Join>,
+}
+
+/// A redemption mapping, compiled.
+#[derive(Debug)]
+pub struct RedemptionMapping {
+    pub table: String,
+    pub key: String,
+    pub when: Option<Expr>,
+    pub points: Amount,
+    pub identifiers: IdentifierExprs,
+    pub joins: Vec<Join>,
+}
+
 /// A mapping file, loaded and compiled: every expression parsed, every
 /// join resolved.
 #[derive(Debug)]
@@ -365,6 +478,8 @@ pub struct Mapping {
     pub references: Vec<Reference>,
     pub orders: Vec<OrderMapping>,
     pub refunds: Vec<RefundMapping>,
+    pub customers: Vec<CustomerMapping>,
+    pub redemptions: Vec<RedemptionMapping>,
 }
 
 impl Mapping {
@@ -413,10 +528,15 @@ impl Mapping {
             .iter()
             .map(|o| (&o.table, o.lines.as_ref()))
             .chain(self.refunds.iter().map(|r| (&r.table, r.lines.as_ref())));
-        let all = self.references.iter().map(|r| &r.table).chain(
-            documents
-                .flat_map(|(table, lines)| std::iter::once(table).chain(lines.map(|l| &l.table))),
-        );
+        let all =
+            self.references
+                .iter()
+                .map(|r| &r.table)
+                .chain(self.customers.iter().map(|c| &c.table))
+                .chain(documents.flat_map(|(table, lines)| {
+                    std::iter::once(table).chain(lines.map(|l| &l.table))
+                }))
+                .chain(self.redemptions.iter().map(|r| &r.table));
         for table in all {
             if seen.insert(table.clone()) {
                 tables.push(table.clone());
@@ -526,6 +646,54 @@ impl Mapping {
             if let Some(l) = &order.lines {
                 lines(&mut needs, &key, l);
             }
+        }
+        for (i, customer) in self.customers.iter().enumerate() {
+            let key = format!("customers[{i}]");
+            needs.push((
+                customer.table.clone(),
+                customer.key.clone(),
+                format!("{key}.key"),
+            ));
+            let joins: Vec<(String, &Expr)> = customer
+                .joins
+                .iter()
+                .map(|j| (format!("joins.{}", j.name), &j.key))
+                .collect();
+            let mut exprs: Vec<(&str, Option<&Expr>)> = customer.identifiers.named().to_vec();
+            exprs.extend([
+                ("when", customer.when.as_ref()),
+                ("email_opt_in", customer.email_opt_in.as_ref()),
+                ("sms_opt_in", customer.sms_opt_in.as_ref()),
+                ("push_opt_in", customer.push_opt_in.as_ref()),
+                ("timezone", customer.timezone.as_ref()),
+                ("locale", customer.locale.as_ref()),
+            ]);
+            exprs.extend(joins.iter().map(|(n, e)| (n.as_str(), Some(*e))));
+            expressions(&mut needs, &customer.table, &key, &exprs);
+        }
+        for (i, redemption) in self.redemptions.iter().enumerate() {
+            let key = format!("redemptions[{i}]");
+            needs.push((
+                redemption.table.clone(),
+                redemption.key.clone(),
+                format!("{key}.key"),
+            ));
+            for column in redemption.points.columns() {
+                needs.push((
+                    redemption.table.clone(),
+                    column.to_string(),
+                    format!("{key}.points"),
+                ));
+            }
+            let joins: Vec<(String, &Expr)> = redemption
+                .joins
+                .iter()
+                .map(|j| (format!("joins.{}", j.name), &j.key))
+                .collect();
+            let mut exprs: Vec<(&str, Option<&Expr>)> = redemption.identifiers.named().to_vec();
+            exprs.push(("when", redemption.when.as_ref()));
+            exprs.extend(joins.iter().map(|(n, e)| (n.as_str(), Some(*e))));
+            expressions(&mut needs, &redemption.table, &key, &exprs);
         }
         for (i, refund) in self.refunds.iter().enumerate() {
             let key = format!("refunds[{i}]");
@@ -794,6 +962,79 @@ fn compile(path: &Path, file: MappingFile, problem: &mut dyn FnMut(String, Strin
             });
         }
     }
+    let identifiers =
+        |key: &str, exprs: [(&str, Option<String>); 4], problem: &mut dyn FnMut(String, String)| {
+            let mut compiled = IdentifierExprs::default();
+            for (name, text) in exprs {
+                let expr = optional(format!("{key}.{name}"), text, problem);
+                match name {
+                    "customer" => compiled.customer = expr,
+                    "email" => compiled.email = expr,
+                    "phone" => compiled.phone = expr,
+                    _ => compiled.card = expr,
+                }
+            }
+            compiled
+        };
+    let mut customers = Vec::new();
+    for (i, customer) in file.customers.into_iter().enumerate() {
+        let key = format!("customers[{i}]");
+        customers.push(CustomerMapping {
+            when: optional(format!("{key}.when"), customer.when, problem),
+            identifiers: identifiers(
+                &key,
+                [
+                    ("customer", customer.customer),
+                    ("email", customer.email),
+                    ("phone", customer.phone),
+                    ("card", customer.card),
+                ],
+                problem,
+            ),
+            email_opt_in: optional(
+                format!("{key}.email_opt_in"),
+                customer.email_opt_in,
+                problem,
+            ),
+            sms_opt_in: optional(format!("{key}.sms_opt_in"), customer.sms_opt_in, problem),
+            push_opt_in: optional(format!("{key}.push_opt_in"), customer.push_opt_in, problem),
+            timezone: optional(format!("{key}.timezone"), customer.timezone, problem),
+            locale: optional(format!("{key}.locale"), customer.locale, problem),
+            joins: joins(key.clone(), customer.joins, problem),
+            table: customer.table,
+            key: customer.key,
+        });
+    }
+    let mut redemptions = Vec::new();
+    for (i, redemption) in file.redemptions.into_iter().enumerate() {
+        let key = format!("redemptions[{i}]");
+        let points = amount(format!("{key}.points"), &redemption.points, problem);
+        let redemption_joins = joins(key.clone(), redemption.joins, problem);
+        check_join_terms(
+            &format!("{key}.points"),
+            &points,
+            &redemption_joins,
+            &references,
+            problem,
+        );
+        redemptions.push(RedemptionMapping {
+            when: optional(format!("{key}.when"), redemption.when, problem),
+            points,
+            identifiers: identifiers(
+                &key,
+                [
+                    ("customer", redemption.customer),
+                    ("email", redemption.email),
+                    ("phone", redemption.phone),
+                    ("card", redemption.card),
+                ],
+                problem,
+            ),
+            joins: redemption_joins,
+            table: redemption.table,
+            key: redemption.key,
+        });
+    }
     Mapping {
         path: path.to_path_buf(),
         system: file.system,
@@ -801,6 +1042,8 @@ fn compile(path: &Path, file: MappingFile, problem: &mut dyn FnMut(String, Strin
         references,
         orders,
         refunds,
+        customers,
+        redemptions,
     }
 }
 

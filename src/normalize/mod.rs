@@ -98,11 +98,56 @@ pub struct RefundEvent {
     pub lines: Vec<Line>,
 }
 
+/// Profile and consent as a source states them; `None`: not stated (what
+/// the ledger knows stays).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Profile {
+    pub email_opt_in: Option<bool>,
+    pub sms_opt_in: Option<bool>,
+    pub push_opt_in: Option<bool>,
+    pub timezone: Option<String>,
+    pub locale: Option<String>,
+}
+
+/// A customer account or contact, new or changed: enrollment, profile,
+/// consent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomerEvent {
+    pub customer_ref: String,
+    pub identifiers: RawIdentifiers,
+    pub profile: Profile,
+}
+
+/// Points spent, recorded at the source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedemptionEvent {
+    pub redemption_ref: String,
+    pub points: i64,
+    pub identifiers: RawIdentifiers,
+}
+
 /// What happened, in loyalty terms.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MemberEvent {
     Order(OrderEvent),
     Refund(RefundEvent),
+    Customer(CustomerEvent),
+    Redemption(RedemptionEvent),
+}
+
+/// The identifiers a document's expressions give; one that cannot be read
+/// is absent (identifiers are optional by nature).
+fn raw_identifiers(exprs: &mapping::IdentifierExprs, scope: &Scope) -> RawIdentifiers {
+    let text = |expr: &Option<expr::Expr>| {
+        expr.as_ref()
+            .and_then(|e| e.text_value(scope).ok().flatten())
+    };
+    RawIdentifiers {
+        customer: text(&exprs.customer),
+        email: text(&exprs.email),
+        phone: text(&exprs.phone),
+        card: text(&exprs.card),
+    }
 }
 
 /// Where an event or a quarantined row came from.
@@ -338,6 +383,14 @@ impl Normalizer {
                         .refunds
                         .iter()
                         .any(|r| table_matches(&r.table, change))
+                    || mapping
+                        .customers
+                        .iter()
+                        .any(|c| table_matches(&c.table, change))
+                    || mapping
+                        .redemptions
+                        .iter()
+                        .any(|r| table_matches(&r.table, change))
                 {
                     documents.push(change.clone());
                 }
@@ -457,8 +510,142 @@ impl Normalizer {
                     .await?;
                 outcomes.extend(outcome);
             }
+            for customer in mapping
+                .customers
+                .iter()
+                .filter(|c| table_matches(&c.table, change))
+            {
+                let doc = Document::new(change, &customer.key, None, &lines);
+                let outcome = self
+                    .customer(customer, &doc, references, origin(&customer.table))
+                    .await?;
+                outcomes.extend(outcome);
+            }
+            for redemption in mapping
+                .redemptions
+                .iter()
+                .filter(|r| table_matches(&r.table, change))
+            {
+                let doc = Document::new(change, &redemption.key, None, &lines);
+                let outcome = self
+                    .redemption(redemption, &doc, references, origin(&redemption.table))
+                    .await?;
+                outcomes.extend(outcome);
+            }
         }
         Ok(outcomes)
+    }
+
+    async fn customer<R: References>(
+        &self,
+        customer: &mapping::CustomerMapping,
+        doc: &Document<'_>,
+        references: &mut R,
+        origin: Origin,
+    ) -> Result<Option<Outcome>, ConsumerError> {
+        let quarantine = |reason: String| {
+            Some(Outcome::Quarantine(Quarantined {
+                origin: origin.clone(),
+                op: doc.change.op,
+                reason,
+                row: doc.json(),
+            }))
+        };
+        let Some(customer_ref) = doc.key.clone() else {
+            return Ok(quarantine(format!("NULL key column `{}`", customer.key)));
+        };
+        let mut scope = doc.scope(None);
+        if let Err(error) = self.join(&customer.joins, &mut scope, references).await? {
+            return Ok(quarantine(error));
+        }
+        if let Some(when) = &customer.when {
+            match when.test(&scope) {
+                Ok(true) => {}
+                Ok(false) => return Ok(None),
+                Err(error) => return Ok(quarantine(error.to_string())),
+            }
+        }
+        let flag = |expr: &Option<expr::Expr>| -> Result<Option<bool>, String> {
+            expr.as_ref()
+                .map(|e| e.bool_value(&scope).map_err(|e| e.to_string()))
+                .transpose()
+                .map(Option::flatten)
+        };
+        let profile = (|| {
+            Ok::<_, String>(Profile {
+                email_opt_in: flag(&customer.email_opt_in)?,
+                sms_opt_in: flag(&customer.sms_opt_in)?,
+                push_opt_in: flag(&customer.push_opt_in)?,
+                timezone: customer
+                    .timezone
+                    .as_ref()
+                    .and_then(|e| e.text_value(&scope).ok().flatten()),
+                locale: customer
+                    .locale
+                    .as_ref()
+                    .and_then(|e| e.text_value(&scope).ok().flatten()),
+            })
+        })();
+        let profile = match profile {
+            Ok(profile) => profile,
+            Err(reason) => return Ok(quarantine(reason)),
+        };
+        Ok(Some(Outcome::Event(
+            MemberEvent::Customer(CustomerEvent {
+                customer_ref,
+                identifiers: raw_identifiers(&customer.identifiers, &scope),
+                profile,
+            }),
+            origin,
+        )))
+    }
+
+    async fn redemption<R: References>(
+        &self,
+        redemption: &mapping::RedemptionMapping,
+        doc: &Document<'_>,
+        references: &mut R,
+        origin: Origin,
+    ) -> Result<Option<Outcome>, ConsumerError> {
+        let quarantine = |reason: String| {
+            Some(Outcome::Quarantine(Quarantined {
+                origin: origin.clone(),
+                op: doc.change.op,
+                reason,
+                row: doc.json(),
+            }))
+        };
+        let Some(redemption_ref) = doc.key.clone() else {
+            return Ok(quarantine(format!("NULL key column `{}`", redemption.key)));
+        };
+        let mut scope = doc.scope(None);
+        let joined = match self.join(&redemption.joins, &mut scope, references).await? {
+            Ok(joined) => joined,
+            Err(error) => return Ok(quarantine(error)),
+        };
+        if let Some(when) = &redemption.when {
+            match when.test(&scope) {
+                Ok(true) => {}
+                Ok(false) => return Ok(None),
+                Err(error) => return Ok(quarantine(error.to_string())),
+            }
+        }
+        let points = match redemption.points.sum(|t| term_value(doc, &joined, t)) {
+            Ok(points) => points.abs().floor(),
+            Err(reason) => return Ok(quarantine(reason)),
+        };
+        use rust_decimal::prelude::ToPrimitive;
+        let Some(points) = points.to_i64() else {
+            return Ok(quarantine(format!("{points} points is out of range")));
+        };
+        Ok(Some(Outcome::Event(
+            MemberEvent::Redemption(RedemptionEvent {
+                redemption_ref,
+                points,
+                identifiers: raw_identifiers(&redemption.identifiers, &scope),
+            }),
+            origin,
+        )))
     }
 
     async fn order<R: References>(

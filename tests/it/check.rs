@@ -352,7 +352,7 @@ async fn check_validates_each_mapping_against_the_live_schema() {
     let run = run_cli(&config(&ledger.url(), &sources), &["check"], &[]).await;
     assert_eq!(run.code, 1, "{}", run.output());
     assert!(
-        run.stdout.contains("mapping Odoo POS fits (5 tables)"),
+        run.stdout.contains("mapping Odoo POS fits (7 tables)"),
         "{}",
         run.stdout
     );

@@ -185,7 +185,7 @@ async fn odoo_pos(db: &PgDatabase) -> tokio_postgres::Client {
     client
         .batch_execute(
             "INSERT INTO res_currency (id, name, symbol) VALUES (1, 'EUR', '€');
-             INSERT INTO res_partner (id, name, type, email) VALUES (1, 'My Company', 'contact', NULL);
+             INSERT INTO res_partner (id, name, type, is_company) VALUES (1, 'My Company', 'contact', true);
              INSERT INTO res_company (id, name, partner_id, currency_id) VALUES (1, 'My Company', 1, 1);
              INSERT INTO product_template (id, name) VALUES (1, '{\"en_US\": \"Coffee beans\"}');
              INSERT INTO product_product (id, default_code, product_tmpl_id) VALUES (1, 'COF-1KG', 1);
@@ -236,8 +236,8 @@ server_id = {server_id}
     // then half of it is refunded as a refund order.
     pos.batch_execute(
         "BEGIN;
-         INSERT INTO res_partner (id, name, type, email, phone, barcode)
-           VALUES (5, 'Anna Schmidt', 'contact', 'anna.schmidt@example.de', '030 1234567', '{\"1\": \"CARD-4711\"}');
+         INSERT INTO res_partner (id, name, type, email, phone, barcode, lang)
+           VALUES (5, 'Anna Schmidt', 'contact', 'anna.schmidt@example.de', '030 1234567', '{\"1\": \"CARD-4711\"}', 'de_DE');
          INSERT INTO pos_order (id, name, amount_tax, amount_total, amount_paid, amount_return, company_id,
                                 partner_id, config_id, is_refund, state)
            VALUES (1, 'Shop/0001', 19, 119, 119, 0, 1, 5, 1, false, 'paid');
@@ -266,6 +266,38 @@ server_id = {server_id}
         "100 earned at the till (silver reached at once), 50 clawed back by the half refund (no \
          downgrade before the period ends); `done` booked nothing"
     );
+    assert_eq!(
+        ledger
+            .scalar("SELECT count(*) FROM member_profiles WHERE locale = 'de_DE'")
+            .await,
+        1,
+        "the contact enrolled her with her language"
+    );
+
+    // She spends 30 points with her Odoo loyalty card; a second attempt to
+    // spend more than she has is refused (quarantined), never negative.
+    pos.batch_execute(
+        "INSERT INTO loyalty_card (id, partner_id, code, points) VALUES (1, 5, 'LC-0042', 0);
+         INSERT INTO loyalty_history (id, card_id, description, used, order_model, order_id)
+           VALUES (1, 1, 'Reward: 5 EUR off', 30, 'pos.order', 1);
+         INSERT INTO loyalty_history (id, card_id, description, used, order_model, order_id)
+           VALUES (2, 1, 'Reward: 100 EUR off', 500, 'pos.order', 1);",
+    )
+    .await
+    .unwrap();
+    wait_for("the redemptions", || async {
+        ledger.scalar("SELECT count(*) FROM quarantine").await == 1
+    })
+    .await;
+    assert_eq!(
+        ledger.quarantine_reasons().await,
+        ["redemption `2` of 500 points exceeds the 20 available; the balance never goes below zero"]
+    );
+    assert_eq!(
+        ledger.member_by_email("anna.schmidt@example.de").await,
+        Some((20, 0, 50, Some("silver".into()))),
+        "30 redeemed"
+    );
 
     // Shop: the same person's account (same email, other case) orders: new
     // (pending), invoiced (processing: still pending), shipped (complete:
@@ -288,7 +320,7 @@ server_id = {server_id}
     .await;
     wait_for("the shop order to be pending", || async {
         ledger.member_by_email("anna.schmidt@example.de").await
-            == Some((50, 90, 50, Some("silver".into())))
+            == Some((20, 90, 50, Some("silver".into())))
     })
     .await;
     shop.query_drop(
@@ -319,10 +351,11 @@ server_id = {server_id}
         2,
         "the configurable product counts once (its parent row), the mug once"
     );
-    // 50 (POS) + 90 (shop, complete) − 27 (credit memo: 27 of 90 refunded).
+    // 50 (POS) − 30 (redeemed) + 90 (shop, complete) − 27 (credit memo: 27
+    // of 90 refunded); lifetime counts earning, not spending.
     assert_eq!(
         ledger.member_by_email("anna.schmidt@example.de").await,
-        Some((113, 0, 113, Some("silver".into()))),
+        Some((83, 0, 113, Some("silver".into()))),
         "one member, one balance across both sources"
     );
 
@@ -393,6 +426,7 @@ server_id = {server_id}
     assert_eq!(
         ledger.quarantine_reasons().await,
         [
+            "redemption `2` of 500 points exceeds the 20 available; the balance never goes below zero".to_string(),
             "unknown status `weird_state`; list it under placed, completed, cancelled, refunded or ignored in "
                 .to_string()
                 + &connectors().join("magento2.toml").display().to_string(),
@@ -409,7 +443,7 @@ server_id = {server_id}
     );
     assert_eq!(
         ledger.member_by_email("anna.schmidt@example.de").await,
-        Some((128, 0, 128, Some("silver".into())))
+        Some((98, 0, 128, Some("silver".into())))
     );
     assert_eq!(ledger.scalar("SELECT count(*) FROM members").await, 1);
     assert_eq!(

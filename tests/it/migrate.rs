@@ -5,11 +5,12 @@ use loyalty_cdc::ledger;
 
 use crate::support::{run_cli, PgDatabase};
 
-const LEDGER_TABLES: [&str; 13] = [
+const LEDGER_TABLES: [&str; 14] = [
     "balances",
     "ledger_entries",
     "member_identifiers",
     "member_merges",
+    "member_profiles",
     "members",
     "order_refunds",
     "orders",
@@ -46,6 +47,7 @@ async fn migrate_creates_the_ledger_tables_and_a_second_run_applies_nothing() {
         first.stdout,
         "applied ledger migration V1__ledger_foundation\n\
          applied ledger migration V2__orders_references_identity\n\
+         applied ledger migration V3__member_profiles\n\
          ledger schema is current\n"
     );
     assert_eq!(tables(&db).await, LEDGER_TABLES);
@@ -71,8 +73,8 @@ async fn concurrent_migrations_apply_each_version_once() {
     let applied: Vec<i32> = a.iter().chain(b.iter()).map(|m| m.version).collect();
     assert_eq!(
         applied,
-        [1, 2],
-        "one of the two applied V1 and V2, the other nothing"
+        [1, 2, 3],
+        "one of the two applied every version, the other nothing"
     );
     let status = ledger::schema_status(&db.client().await).await.unwrap();
     assert!(status.is_current(), "{status:?}");
