@@ -247,6 +247,7 @@ async fn member_show(path: &Path, identifier: &str, json: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let client = ledger::db::Db::new(client);
     let member = match identifier.strip_prefix("member:").map(str::parse::<i64>) {
         Some(Ok(id)) => Ok(Some(id)),
         Some(Err(_)) => Err("member:ID needs a number".to_string()),

@@ -5,12 +5,13 @@
 //! transaction (a batch) for throughput; the reader is told only the
 //! position of what is committed.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::Client;
 
+use super::db::Db;
 use super::{members, orders, positions};
 use crate::config::{DatabaseUrl, ProgramSettings, Secret};
 use crate::connect;
@@ -47,7 +48,7 @@ pub struct WriterLock(Arc<tokio::sync::Mutex<()>>);
 pub struct LedgerConsumer {
     url: DatabaseUrl,
     password: Option<Secret>,
-    client: Client,
+    client: Db,
     source: Arc<str>,
     kind: SourceKind,
     normalizer: Normalizer,
@@ -62,8 +63,18 @@ pub struct LedgerConsumer {
     held: Option<tokio::sync::OwnedMutexGuard<()>>,
     last: Option<(Position, DateTime<Utc>)>,
     durable: Option<Position>,
+    /// Reference rows read or written by this connection (see
+    /// [`REFERENCE_CACHE_ROWS`]); emptied whenever a batch is rolled back.
+    reference_cache: ReferenceCache,
     pub counts: Arc<ApplyCounts>,
 }
+
+/// Reference rows kept in memory per source: lookups of customers, stores
+/// and registers repeat on every order. The bound on memory: at this many
+/// rows the cache starts over (a few hundred bytes each).
+pub const REFERENCE_CACHE_ROWS: usize = 100_000;
+
+type ReferenceCache = HashMap<(String, String), Option<serde_json::Map<String, serde_json::Value>>>;
 
 /// The server's own message (which names the constraint or column) when
 /// there is one; tokio-postgres's Display says only "db error".
@@ -89,7 +100,7 @@ impl LedgerConsumer {
         identity: Identity,
         program: Arc<ProgramSettings>,
     ) -> Result<Self, connect::ConnectError> {
-        let client = connect::postgres(url, password).await?;
+        let client = Db::new(connect::postgres(url, password).await?);
         Ok(Self {
             url: url.clone(),
             password: password.cloned(),
@@ -106,6 +117,7 @@ impl LedgerConsumer {
             held: None,
             last: None,
             durable: None,
+            reference_cache: HashMap::new(),
             counts: Arc::default(),
         })
     }
@@ -127,9 +139,15 @@ impl LedgerConsumer {
             return Ok(());
         }
         let (position, commit_ts) = self.last.clone().expect("a transaction was applied");
-        positions::store(&self.client, &self.source, self.kind, &position, commit_ts)
-            .await
-            .map_err(db)?;
+        positions::store(
+            self.client.client(),
+            &self.source,
+            self.kind,
+            &position,
+            commit_ts,
+        )
+        .await
+        .map_err(db)?;
         self.client.batch_execute("COMMIT").await.map_err(db)?;
         self.open = false;
         self.held = None;
@@ -139,9 +157,13 @@ impl LedgerConsumer {
     }
 
     async fn book(&mut self, txn: &mut SourceTxn) -> Result<(), ConsumerError> {
+        if self.reference_cache.len() >= REFERENCE_CACHE_ROWS {
+            self.reference_cache.clear();
+        }
         let mut references = StoredReferences {
             client: &self.client,
             source: &self.source,
+            cache: &mut self.reference_cache,
         };
         let outcomes = self.normalizer.normalize(txn, &mut references).await?;
         for outcome in outcomes {
@@ -310,9 +332,11 @@ impl LedgerConsumer {
 impl TxnConsumer for LedgerConsumer {
     async fn durable_position(&mut self) -> Result<Option<Position>, ConsumerError> {
         if self.client.is_closed() {
-            self.client = connect::postgres(&self.url, self.password.as_ref())
-                .await
-                .map_err(|e| ConsumerError::transient(e.to_string()))?;
+            self.client = Db::new(
+                connect::postgres(&self.url, self.password.as_ref())
+                    .await
+                    .map_err(|e| ConsumerError::transient(e.to_string()))?,
+            );
         } else if self.open {
             // The session that took these is over; it re-sends them.
             self.client.batch_execute("ROLLBACK").await.map_err(db)?;
@@ -321,7 +345,8 @@ impl TxnConsumer for LedgerConsumer {
         self.held = None;
         self.in_batch = 0;
         self.last = None;
-        let position = positions::load(&self.client, &self.source)
+        self.reference_cache.clear();
+        let position = positions::load(self.client.client(), &self.source)
             .await
             .map_err(|e| ConsumerError::transient(e.to_string()))?;
         self.durable = position.clone();
@@ -376,6 +401,7 @@ impl LedgerConsumer {
         self.held = None;
         self.in_batch = 0;
         self.last = None;
+        self.reference_cache.clear();
     }
 }
 
@@ -383,7 +409,8 @@ impl LedgerConsumer {
 /// transaction (so a lookup sees the rows written before it in the same
 /// batch, and a rollback takes them back with everything else).
 struct StoredReferences<'a> {
-    client: &'a Client,
+    cache: &'a mut ReferenceCache,
+    client: &'a Db,
     source: &'a str,
 }
 
@@ -393,6 +420,10 @@ impl References for StoredReferences<'_> {
         reference: &str,
         key: &str,
     ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, ConsumerError> {
+        let cache_key = (reference.to_string(), key.to_string());
+        if let Some(row) = self.cache.get(&cache_key) {
+            return Ok(row.clone());
+        }
         let row = self
             .client
             .query_opt(
@@ -401,10 +432,12 @@ impl References for StoredReferences<'_> {
             )
             .await
             .map_err(db)?;
-        Ok(row.and_then(|r| match r.get::<_, serde_json::Value>(0) {
+        let row = row.and_then(|r| match r.get::<_, serde_json::Value>(0) {
             serde_json::Value::Object(map) => Some(map),
             _ => None,
-        }))
+        });
+        self.cache.insert(cache_key, row.clone());
+        Ok(row)
     }
 
     async fn merge(
@@ -424,6 +457,7 @@ impl References for StoredReferences<'_> {
             )
             .await
             .map_err(db)?;
+        self.cache.remove(&(reference.to_string(), key.to_string()));
         Ok(())
     }
 
@@ -433,13 +467,13 @@ impl References for StoredReferences<'_> {
         key: &str,
         row: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<(), ConsumerError> {
-        match row {
-            Some(row) => self
+        match &row {
+            Some(data) => self
                 .client
                 .execute(
                     "INSERT INTO reference_rows (source, reference, key, row_data) VALUES ($1, $2, $3, $4)
                      ON CONFLICT (source, reference, key) DO UPDATE SET row_data = EXCLUDED.row_data",
-                    &[&self.source, &reference, &key, &serde_json::Value::Object(row)],
+                    &[&self.source, &reference, &key, &serde_json::Value::Object(data.clone())],
                 )
                 .await
                 .map_err(db)?,
@@ -452,6 +486,8 @@ impl References for StoredReferences<'_> {
                 .await
                 .map_err(db)?,
         };
+        self.cache
+            .insert((reference.to_string(), key.to_string()), row);
         Ok(())
     }
 }

@@ -16,8 +16,8 @@
 
 use std::collections::BTreeMap;
 
+use super::db::Db;
 use chrono::{DateTime, Utc};
-use tokio_postgres::GenericClient;
 
 use crate::identity::{Identifier, IdentifierKind, Identity};
 
@@ -53,13 +53,21 @@ pub struct EntryView {
 /// merging as the rules say. `None` when no identifier is usable
 /// (anonymous).
 pub async fn resolve(
-    client: &impl GenericClient,
+    client: &Db,
     identity: &Identity,
     source: &str,
     identifiers: &[Identifier],
     at: DateTime<Utc>,
 ) -> Result<Option<i64>, tokio_postgres::Error> {
-    let mut usable = not_shared(client, identifiers).await?;
+    let (mut usable, owners_now) = lookup(client, identifiers).await?;
+    // The common case, in one query: a returning customer whose
+    // identifiers all belong to one member already.
+    let mut first_owner = owners_now.values().map(|(_, m)| *m);
+    if let Some(member) = first_owner.next() {
+        if first_owner.all(|m| m == member) && usable.iter().all(|i| owners_now.contains_key(i)) {
+            return Ok(Some(member));
+        }
+    }
     // Each pass either resolves or sets one identifier aside: bounded.
     for _ in 0..=identifiers.len() {
         if usable.is_empty() {
@@ -77,6 +85,14 @@ pub async fn resolve(
                 )
                 .await?
                 .get(0);
+            // Every member has a balance row from the start: booking then
+            // only updates it (see `orders::book`).
+            client
+                .execute(
+                    "INSERT INTO balances (member_id, updated_at) VALUES ($1, $2)",
+                    &[&member, &at],
+                )
+                .await?;
             attach(client, member, source, &usable, at).await?;
             return Ok(Some(member));
         };
@@ -113,28 +129,43 @@ pub async fn resolve(
     Ok(None)
 }
 
-async fn not_shared(
-    client: &impl GenericClient,
+/// In one round trip: the identifiers not known to be shared, and the
+/// current owner of each known one.
+async fn lookup(
+    client: &Db,
     identifiers: &[Identifier],
-) -> Result<Vec<Identifier>, tokio_postgres::Error> {
+) -> Result<(Vec<Identifier>, BTreeMap<Identifier, (DateTime<Utc>, i64)>), tokio_postgres::Error> {
     let (kinds, values) = columns(identifiers);
     let rows = client
         .query(
-            "SELECT kind, value FROM shared_identifiers
-             WHERE (kind, value) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+            "SELECT t.kind, t.value, s.kind IS NOT NULL, m.created_at, m.member_id
+               FROM unnest($1::text[], $2::text[]) AS t(kind, value)
+               LEFT JOIN shared_identifiers s ON s.kind = t.kind AND s.value = t.value
+               LEFT JOIN member_identifiers i ON i.kind = t.kind AND i.value = t.value
+               LEFT JOIN members m ON m.member_id = i.member_id",
             &[&kinds, &values],
         )
         .await?;
-    let shared: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok(identifiers
-        .iter()
-        .filter(|i| {
-            !shared
-                .iter()
-                .any(|(k, v)| k == i.kind.as_str() && *v == i.value)
-        })
-        .cloned()
-        .collect())
+    let mut usable = Vec::new();
+    let mut owners = BTreeMap::new();
+    for row in rows {
+        let Some(kind) = IdentifierKind::parse(row.get(0)) else {
+            continue;
+        };
+        let identifier = Identifier {
+            kind,
+            value: row.get(1),
+        };
+        if row.get::<_, bool>(2) {
+            continue;
+        }
+        let member: Option<i64> = row.get(4);
+        if let Some(member) = member {
+            owners.insert(identifier.clone(), (row.get(3), member));
+        }
+        usable.push(identifier);
+    }
+    Ok((usable, owners))
 }
 
 fn columns(identifiers: &[Identifier]) -> (Vec<&str>, Vec<&str>) {
@@ -146,7 +177,7 @@ fn columns(identifiers: &[Identifier]) -> (Vec<&str>, Vec<&str>) {
 
 /// The current owner of each known identifier, with its creation time.
 async fn owners(
-    client: &impl GenericClient,
+    client: &Db,
     identifiers: &[Identifier],
 ) -> Result<BTreeMap<Identifier, (DateTime<Utc>, i64)>, tokio_postgres::Error> {
     let (kinds, values) = columns(identifiers);
@@ -178,7 +209,7 @@ async fn owners(
 /// The identifier to treat as shared if linking would exceed a per-kind
 /// limit: the weakest-kind one of the event that an owner already had.
 async fn over_limit(
-    client: &impl GenericClient,
+    client: &Db,
     identity: &Identity,
     survivor: i64,
     others: &[i64],
@@ -215,7 +246,7 @@ async fn over_limit(
 }
 
 async fn attach(
-    client: &impl GenericClient,
+    client: &Db,
     member: i64,
     source: &str,
     identifiers: &[Identifier],
@@ -236,7 +267,7 @@ async fn attach(
 /// Merges `from` into `into`: identifiers, entries, orders and balances
 /// move; `from` keeps a pointer and the merge is recorded.
 async fn merge(
-    client: &impl GenericClient,
+    client: &Db,
     from: i64,
     into: i64,
     via: &Identifier,
@@ -320,7 +351,7 @@ async fn merge(
 /// The member an identifier (already normalized) belongs to, following
 /// merges.
 pub async fn find(
-    client: &impl GenericClient,
+    client: &Db,
     identifier: &Identifier,
 ) -> Result<Option<i64>, tokio_postgres::Error> {
     let row = client
@@ -333,10 +364,7 @@ pub async fn find(
 }
 
 /// Everything `member show` prints.
-pub async fn view(
-    client: &impl GenericClient,
-    member: i64,
-) -> Result<Option<MemberView>, tokio_postgres::Error> {
+pub async fn view(client: &Db, member: i64) -> Result<Option<MemberView>, tokio_postgres::Error> {
     let Some(row) = client
         .query_opt(
             "SELECT m.tier, coalesce(b.available, 0), coalesce(b.pending, 0), coalesce(b.lifetime, 0),
@@ -401,7 +429,7 @@ pub async fn view(
 /// Records what a source states about a member's profile and consent;
 /// fields it does not state keep their value.
 pub async fn update_profile(
-    client: &impl GenericClient,
+    client: &Db,
     member: i64,
     profile: &crate::normalize::Profile,
     at: DateTime<Utc>,

@@ -12,6 +12,7 @@
 //! Only this module writes ledger tables; other modules pass it types.
 
 pub mod apply;
+pub mod db;
 pub mod members;
 pub mod orders;
 pub mod positions;

@@ -12,10 +12,10 @@
 //! cancelled or refunded from either. The same stage again (Odoo `paid` →
 //! `done`) books nothing.
 
+use super::db::Db;
 use chrono::{DateTime, Utc};
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
-use tokio_postgres::GenericClient;
 
 use crate::config::ProgramSettings;
 use crate::normalize::{OrderEvent, OrderStage, RefundEvent};
@@ -56,7 +56,7 @@ fn bucket(kind: &str) -> Bucket {
 /// booked before. Returns whether it was booked now.
 #[allow(clippy::too_many_arguments)]
 async fn book(
-    client: &impl GenericClient,
+    client: &Db,
     member: i64,
     kind: &str,
     points: i64,
@@ -68,37 +68,52 @@ async fn book(
     if points == 0 {
         return Ok(false);
     }
-    let inserted = client
-        .execute(
-            "INSERT INTO ledger_entries (member_id, kind, points, source, order_ref, effect_key, occurred_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (effect_key) DO NOTHING",
-            &[&member, &kind, &points, &source, &order_ref, &effect_key, &at],
-        )
-        .await?;
-    if inserted == 0 {
-        return Ok(false);
-    }
     let (pending, available, lifetime) = match (bucket(kind), kind) {
         (Bucket::Pending, _) => (points, 0, 0),
         (Bucket::Available, "earn_available" | "clawback") => (0, points, points),
         (Bucket::Available, _) => (0, points, 0),
     };
-    // Row first, then the change: an INSERT's CHECKs see the proposed row
-    // (a negative delta) even when ON CONFLICT turns it into an update.
-    client
-        .execute(
-            "INSERT INTO balances (member_id, updated_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            &[&member, &at],
+    // The entry and its balance change in one round trip.
+    let row = client
+        .query_one(
+            "WITH entry AS (
+                 INSERT INTO ledger_entries (member_id, kind, points, source, order_ref, effect_key, occurred_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (effect_key) DO NOTHING
+                 RETURNING member_id
+             ), changed AS (
+                 UPDATE balances SET available = available + $8, pending = pending + $9,
+                                     lifetime = lifetime + $10, updated_at = $7
+                  WHERE member_id = (SELECT member_id FROM entry)
+                 RETURNING 1
+             )
+             SELECT (SELECT count(*) FROM entry), (SELECT count(*) FROM changed)",
+            &[
+                &member, &kind, &points, &source, &order_ref, &effect_key, &at, &available, &pending, &lifetime,
+            ],
         )
         .await?;
-    client
-        .execute(
-            "UPDATE balances SET available = available + $2, pending = pending + $3,
-                                 lifetime = lifetime + $4, updated_at = $5
-              WHERE member_id = $1",
-            &[&member, &available, &pending, &lifetime, &at],
-        )
-        .await?;
+    let (inserted, changed): (i64, i64) = (row.get(0), row.get(1));
+    if inserted == 0 {
+        return Ok(false);
+    }
+    if changed == 0 {
+        // A member without a balance row (created before rows were made
+        // with members): make it, then apply the change.
+        client
+            .execute(
+                "INSERT INTO balances (member_id, updated_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&member, &at],
+            )
+            .await?;
+        client
+            .execute(
+                "UPDATE balances SET available = available + $2, pending = pending + $3,
+                                     lifetime = lifetime + $4, updated_at = $5
+                  WHERE member_id = $1",
+                &[&member, &available, &pending, &lifetime, &at],
+            )
+            .await?;
+    }
     Ok(true)
 }
 
@@ -120,7 +135,7 @@ fn stage(text: &str) -> OrderStage {
 }
 
 async fn known(
-    client: &impl GenericClient,
+    client: &Db,
     source: &str,
     order_ref: &str,
 ) -> Result<Option<Known>, tokio_postgres::Error> {
@@ -141,7 +156,7 @@ async fn known(
 
 /// Applies an order event for `member` (None: anonymous).
 pub async fn apply_order(
-    client: &impl GenericClient,
+    client: &Db,
     program: &ProgramSettings,
     source: &str,
     order: &OrderEvent,
@@ -209,7 +224,9 @@ pub async fn apply_order(
             }
             OrderStage::Cancelled | OrderStage::Refunded => false,
         };
-        update_tier(client, program, member).await?;
+        if booked {
+            update_tier(client, program, member).await?;
+        }
         return Ok(if booked {
             Booked::Points
         } else {
@@ -295,7 +312,9 @@ pub async fn apply_order(
             .await?
         }
     };
-    update_tier(client, program, member).await?;
+    if booked {
+        update_tier(client, program, member).await?;
+    }
     Ok(if booked {
         Booked::Points
     } else {
@@ -307,7 +326,7 @@ pub async fn apply_order(
 /// `floor(points × refunded / earn_basis)` (or `/ grand_total` for refunds
 /// of gross money) over all its refunds so far, never more than it earned.
 pub async fn apply_refund(
-    client: &impl GenericClient,
+    client: &Db,
     program: &ProgramSettings,
     source: &str,
     refund: &RefundEvent,
@@ -395,7 +414,9 @@ pub async fn apply_refund(
         at,
     )
     .await?;
-    update_tier(client, program, member).await?;
+    if booked {
+        update_tier(client, program, member).await?;
+    }
     Ok(if booked {
         Booked::Points
     } else {
@@ -407,51 +428,37 @@ pub async fn apply_refund(
 /// threshold is crossed. (Downgrades happen only at a period's end, which
 /// the scheduler owns.)
 async fn update_tier(
-    client: &impl GenericClient,
+    client: &Db,
     program: &ProgramSettings,
     member: i64,
 ) -> Result<(), tokio_postgres::Error> {
     if program.tiers.is_empty() {
         return Ok(());
     }
-    let lifetime: i64 = client
-        .query_opt(
-            "SELECT lifetime FROM balances WHERE member_id = $1",
-            &[&member],
+    // The highest tier the lifetime points reach, set only if it is above
+    // the current one: one round trip.
+    let names: Vec<&str> = program.tiers.iter().map(|t| t.name.as_str()).collect();
+    let thresholds: Vec<i64> = program.tiers.iter().map(|t| t.threshold).collect();
+    client
+        .execute(
+            "UPDATE members m SET tier = reached.name
+               FROM balances b,
+                    LATERAL (SELECT x.name, x.rank
+                               FROM unnest($2::text[], $3::bigint[]) WITH ORDINALITY AS x(name, threshold, rank)
+                              WHERE x.threshold <= b.lifetime
+                              ORDER BY x.rank DESC LIMIT 1) reached
+              WHERE m.member_id = $1 AND b.member_id = $1
+                AND coalesce(array_position($2::text[], m.tier), 0) < reached.rank",
+            &[&member, &names, &thresholds],
         )
-        .await?
-        .map_or(0, |r| r.get(0));
-    let reached = program
-        .tiers
-        .iter()
-        .rfind(|t| t.threshold <= lifetime)
-        .map(|t| t.name.clone());
-    let Some(reached) = reached else {
-        return Ok(());
-    };
-    let rank = |name: &Option<String>| {
-        name.as_ref()
-            .and_then(|n| program.tiers.iter().position(|t| &t.name == n))
-    };
-    let current: Option<String> = client
-        .query_one("SELECT tier FROM members WHERE member_id = $1", &[&member])
-        .await?
-        .get(0);
-    if rank(&Some(reached.clone())) > rank(&current) {
-        client
-            .execute(
-                "UPDATE members SET tier = $2 WHERE member_id = $1",
-                &[&member, &reached],
-            )
-            .await?;
-    }
+        .await?;
     Ok(())
 }
 
 /// Spends `redemption.points` of the member's available points, never
 /// below zero; booked once per redemption reference.
 pub async fn apply_redemption(
-    client: &impl GenericClient,
+    client: &Db,
     source: &str,
     redemption: &crate::normalize::RedemptionEvent,
     member: i64,

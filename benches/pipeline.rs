@@ -1,0 +1,381 @@
+//! End to end: Odoo POS orders (an order and 3 lines: 4 row changes per
+//! transaction) from source commit into the ledger, through the whole
+//! path (`pipeline::run`: reader, mapping, identity, ledger), against
+//! `pg_recvlogical` draining the same changes from a slot of its own.
+//!
+//!     cargo bench --bench pipeline                       # 20,000 orders, 3 runs
+//!     LCDC_BENCH_ORDERS=5000 cargo bench --bench pipeline
+//!
+//! 1. Throughput: for each run a ledger and a slot are set up (the service
+//!    starts once and stops, so its slot exists) and a `pg_recvlogical`
+//!    slot is created at the same point; then the orders are written once.
+//!    Each run times our service from start until every order is booked
+//!    (polled every 10 ms), and `pg_recvlogical` (pgoutput, to /dev/null)
+//!    until `--endpos`. Row changes per second, medians, ratio.
+//! 2. Latency: one service streams while a writer commits 1,000 orders/s
+//!    for 10 s; per order, the time from its COMMIT returning at the source
+//!    to the order being visible in the ledger (polled every 2 ms, so
+//!    figures carry up to 2 ms of polling). p50, p99, max.
+//!
+//! Prints JSON lines. Needs the local databases made ready by
+//! docker/setup-local-databases.sh.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use loyalty_cdc::config::Settings;
+use loyalty_cdc::pipeline;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+const RUNS: usize = 3;
+const PG: &str = "postgres://postgres@127.0.0.1:5432";
+
+async fn connect(database: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&format!("{PG}/{database}"), NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("connect {database}: {e}; run bash docker/setup-local-databases.sh")
+        });
+    tokio::spawn(connection);
+    client
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+struct Bench {
+    prefix: String,
+    admin: tokio_postgres::Client,
+    dir: tempfile::TempDir,
+}
+
+impl Bench {
+    fn pos(&self) -> String {
+        format!("{}_pos", self.prefix)
+    }
+
+    fn ledger(&self, run: &str) -> String {
+        format!("{}_ledger_{run}", self.prefix)
+    }
+
+    fn slot(&self, run: &str) -> String {
+        format!("{}_{run}", self.prefix)
+    }
+
+    async fn settings(&self, run: &str) -> Settings {
+        let ledger = self.ledger(run);
+        self.admin
+            .batch_execute(&format!("CREATE DATABASE {ledger}"))
+            .await
+            .unwrap();
+        let path = self.dir.path().join(format!("{run}.toml"));
+        let mapping = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("connectors/sources/odoo-pos.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[ledger]\nurl = \"{PG}/{ledger}\"\n\n[[sources]]\nname = \"pos\"\nkind = \"postgres\"\nurl = \"{PG}/{pos}\"\n\
+                 slot = \"{slot}\"\npublication = \"{pub_}\"\nmapping = \"{mapping}\"\n",
+                pos = self.pos(),
+                slot = self.slot(run),
+                pub_ = format!("{}_pub", self.prefix),
+                mapping = mapping.display()
+            ),
+        )
+        .unwrap();
+        Settings::load(&path).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// Runs the service until `done` says every order is booked; returns the
+/// seconds from start to then.
+async fn run_until(settings: Settings, ledger: &tokio_postgres::Client, orders: i64) -> f64 {
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let started = Instant::now();
+    let service = tokio::spawn(async move { pipeline::run(&settings, token, |_| {}).await });
+    loop {
+        let booked: i64 = ledger
+            .query_one("SELECT count(*) FROM orders", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if booked >= orders {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    service.await.unwrap().expect("pipeline stops cleanly");
+    seconds
+}
+
+/// Starts the service on an empty source and stops it once its snapshot
+/// is durable: its slot then exists, and everything written afterwards is
+/// streamed.
+async fn prime(settings: Settings, ledger_db: &str) {
+    let ledger = connect(ledger_db).await;
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let service = tokio::spawn(async move { pipeline::run(&settings, token, |_| {}).await });
+    loop {
+        let streaming = ledger
+            .query_one(
+                "SELECT count(*) FROM source_positions WHERE state = 'streaming'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) == 1)
+            .unwrap_or(false);
+        if streaming {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    service.await.unwrap().expect("pipeline stops cleanly");
+}
+
+/// One till sale: the order and 3 lines in one transaction.
+fn order_sql(id: i64) -> String {
+    let partner = 100 + id % 500;
+    let line = id * 3;
+    format!(
+        "BEGIN;
+         INSERT INTO pos_order (id, name, amount_tax, amount_total, amount_paid, amount_return, company_id, partner_id,
+                                config_id, is_refund, state)
+           VALUES ({id}, 'T/{id}', 3.00, 33.00, 33.00, 0, 1, {partner}, 1, false, 'paid');
+         INSERT INTO pos_order_line (id, name, product_id, qty, price_subtotal, price_subtotal_incl, order_id) VALUES
+           ({l0}, 'L1', 1, 1, 10, 11, {id}), ({l1}, 'L2', 1, 1, 10, 11, {id}), ({l2}, 'L3', 1, 1, 10, 11, {id});
+         COMMIT;",
+        l0 = line,
+        l1 = line + 1,
+        l2 = line + 2
+    )
+}
+
+fn pg_recvlogical(database: &str, slot: &str, publication: &str, end: &str) -> f64 {
+    let started = Instant::now();
+    let status = Command::new("pg_recvlogical")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            database,
+            "--slot",
+            slot,
+            "--start",
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            &format!("publication_names={publication}"),
+        ])
+        .args(["--endpos", end, "--no-loop", "-f", "/dev/null"])
+        .status()
+        .expect("pg_recvlogical (postgresql-client) on PATH");
+    assert!(status.success(), "pg_recvlogical failed");
+    started.elapsed().as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    let orders: i64 = std::env::var("LCDC_BENCH_ORDERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let bench = Bench {
+        prefix: format!("lcdc_bench_e2e_{}", std::process::id()),
+        admin: connect("postgres").await,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let pos_name = bench.pos();
+    bench
+        .admin
+        .batch_execute(&format!("CREATE DATABASE {pos_name}"))
+        .await
+        .unwrap();
+    let pos = connect(&pos_name).await;
+    let schema = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/schemas/odoo-pos.postgres.sql"),
+    )
+    .expect("../shared/schemas beside the project");
+    pos.batch_execute(&schema).await.unwrap();
+    pos.batch_execute(
+        "INSERT INTO res_currency (id, name, symbol) VALUES (1, 'EUR', '€');
+         INSERT INTO res_partner (id, name, type, is_company) VALUES (1, 'Store', 'contact', true);
+         INSERT INTO res_company (id, name, partner_id, currency_id) VALUES (1, 'Store', 1, 1);
+         INSERT INTO product_template (id, name) VALUES (1, '{\"en_US\": \"Coffee\"}');
+         INSERT INTO product_product (id, default_code, product_tmpl_id) VALUES (1, 'COF', 1);
+         INSERT INTO pos_config (id, name, currency_id, company_id) VALUES (1, 'Till', 1, 1);
+         INSERT INTO res_partner (id, name, type, email)
+           SELECT 100 + n, 'Member ' || n, 'contact', 'member' || n || '@mail.de' FROM generate_series(0, 499) n;",
+    )
+    .await
+    .unwrap();
+
+    // 1. Throughput.
+    let mut ledgers = Vec::new();
+    for run in 0..RUNS {
+        let name = format!("t{run}");
+        let settings = bench.settings(&name).await;
+        prime(settings, &bench.ledger(&name)).await;
+        ledgers.push(name);
+    }
+    let publication = format!("{}_pub", bench.prefix);
+    for run in 0..RUNS {
+        pos.execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&bench.slot(&format!("recv{run}"))],
+        )
+        .await
+        .unwrap();
+    }
+    let writing = Instant::now();
+    for id in 1..=orders {
+        pos.batch_execute(&order_sql(id)).await.unwrap();
+    }
+    let end: String = pos
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    eprintln!(
+        "wrote {orders} orders in {:.1} s",
+        writing.elapsed().as_secs_f64()
+    );
+    let changes = (orders * 4) as f64;
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for (run, name) in ledgers.iter().enumerate() {
+        let settings = bench.settings_existing(name);
+        let ledger = connect(&bench.ledger(name)).await;
+        let seconds = run_until(settings, &ledger, orders).await;
+        ours.push(changes / seconds);
+        println!(
+            r#"{{"bench":"pipeline","part":"throughput","tool":"loyalty-cdc","run":{run},"orders":{orders},"row_changes":{changes},"seconds":{seconds:.3},"row_changes_per_second":{:.0}}}"#,
+            changes / seconds
+        );
+        let seconds = pg_recvlogical(
+            &pos_name,
+            &bench.slot(&format!("recv{run}")),
+            &publication,
+            &end,
+        );
+        theirs.push(changes / seconds);
+        println!(
+            r#"{{"bench":"pipeline","part":"throughput","tool":"pg_recvlogical","run":{run},"row_changes":{changes},"seconds":{seconds:.3},"row_changes_per_second":{:.0}}}"#,
+            changes / seconds
+        );
+    }
+    let (ours, theirs) = (median(ours), median(theirs));
+    println!(
+        r#"{{"bench":"pipeline","part":"throughput","summary":true,"median_row_changes_per_second":{{"loyalty-cdc":{ours:.0},"pg_recvlogical":{theirs:.0}}},"ratio":{:.3}}}"#,
+        ours / theirs
+    );
+
+    // 2. Latency at a steady 1,000 orders/s.
+    let name = "lat".to_string();
+    let settings = bench.settings(&name).await;
+    prime(settings, &bench.ledger(&name)).await;
+    let settings = bench.settings_existing(&name);
+    let ledger = connect(&bench.ledger(&name)).await;
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let service = tokio::spawn(async move { pipeline::run(&settings, token, |_| {}).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rate = 1_000i64;
+    let seconds = 10i64;
+    let first = orders + 1;
+    let last = first + rate * seconds - 1;
+    let writer = tokio::spawn(async move {
+        let mut committed = Vec::with_capacity((last - first + 1) as usize);
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate as u64));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        for id in first..=last {
+            tick.tick().await;
+            pos.batch_execute(&order_sql(id)).await.unwrap();
+            committed.push(Instant::now());
+        }
+        committed
+    });
+    let mut seen_at: Vec<Option<Instant>> = vec![None; (last - first + 1) as usize];
+    let mut seen_up_to = first - 1;
+    while seen_up_to < last {
+        let max: Option<i64> = ledger
+            .query_one(
+                "SELECT max(order_ref::bigint) FROM orders WHERE order_ref::bigint >= $1",
+                &[&first],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let now = Instant::now();
+        if let Some(max) = max {
+            // One source, applied in commit order: everything up to the
+            // highest booked order is booked.
+            for id in (seen_up_to + 1)..=max {
+                seen_at[(id - first) as usize] = Some(now);
+            }
+            seen_up_to = seen_up_to.max(max);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let committed = writer.await.unwrap();
+    shutdown.cancel();
+    service.await.unwrap().expect("pipeline stops cleanly");
+    let mut latencies: Vec<f64> = committed
+        .iter()
+        .zip(&seen_at)
+        .map(|(c, s)| s.expect("seen").saturating_duration_since(*c).as_secs_f64() * 1000.0)
+        .collect();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        r#"{{"bench":"pipeline","part":"latency","orders_per_second":{rate},"orders":{},"p50_ms":{:.1},"p99_ms":{:.1},"max_ms":{:.1}}}"#,
+        latencies.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().unwrap()
+    );
+
+    // Clean up: slots first (they pin WAL), then the databases.
+    let _ = bench
+        .admin
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE '{}%'",
+            bench.prefix
+        ))
+        .await;
+    for name in ledgers.iter().chain(std::iter::once(&name)) {
+        let _ = bench
+            .admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                bench.ledger(name)
+            ))
+            .await;
+    }
+    let _ = bench
+        .admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {pos_name} WITH (FORCE)"))
+        .await;
+}
+
+impl Bench {
+    /// The settings of a run whose ledger already exists.
+    fn settings_existing(&self, run: &str) -> Settings {
+        Settings::load(&self.dir.path().join(format!("{run}.toml"))).unwrap()
+    }
+}
