@@ -16,7 +16,7 @@ use super::{members, orders, positions};
 use crate::config::{DatabaseUrl, ProgramSettings, Secret};
 use crate::connect;
 use crate::identity::Identity;
-use crate::normalize::{MemberEvent, Normalizer, Outcome, References};
+use crate::normalize::{MemberEvent, Normalizer, Outcome, ReferenceRow, References};
 use crate::source::{ConsumerError, Op, Position, SourceKind, SourceTxn, TxnConsumer};
 
 /// Source transactions per ledger commit: large enough that commit cost is
@@ -461,33 +461,46 @@ impl References for StoredReferences<'_> {
         Ok(())
     }
 
-    async fn put(
-        &mut self,
-        reference: &str,
-        key: &str,
-        row: Option<serde_json::Map<String, serde_json::Value>>,
-    ) -> Result<(), ConsumerError> {
-        match &row {
-            Some(data) => self
-                .client
+    async fn put_all(&mut self, rows: Vec<ReferenceRow>) -> Result<(), ConsumerError> {
+        let (mut names, mut keys, mut data) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut gone_names, mut gone_keys) = (Vec::new(), Vec::new());
+        for (reference, key, row) in &rows {
+            match row {
+                Some(row) => {
+                    names.push(reference.as_str());
+                    keys.push(key.as_str());
+                    data.push(serde_json::Value::Object(row.clone()));
+                }
+                None => {
+                    gone_names.push(reference.as_str());
+                    gone_keys.push(key.as_str());
+                }
+            }
+        }
+        if !names.is_empty() {
+            self.client
                 .execute(
-                    "INSERT INTO reference_rows (source, reference, key, row_data) VALUES ($1, $2, $3, $4)
+                    "INSERT INTO reference_rows (source, reference, key, row_data)
+                     SELECT $1, r, k, d FROM unnest($2::text[], $3::text[], $4::jsonb[]) AS t(r, k, d)
                      ON CONFLICT (source, reference, key) DO UPDATE SET row_data = EXCLUDED.row_data",
-                    &[&self.source, &reference, &key, &serde_json::Value::Object(data.clone())],
+                    &[&self.source, &names, &keys, &data],
                 )
                 .await
-                .map_err(db)?,
-            None => self
-                .client
+                .map_err(db)?;
+        }
+        if !gone_names.is_empty() {
+            self.client
                 .execute(
-                    "DELETE FROM reference_rows WHERE source = $1 AND reference = $2 AND key = $3",
-                    &[&self.source, &reference, &key],
+                    "DELETE FROM reference_rows
+                      WHERE source = $1 AND (reference, key) IN (SELECT * FROM unnest($2::text[], $3::text[]))",
+                    &[&self.source, &gone_names, &gone_keys],
                 )
                 .await
-                .map_err(db)?,
-        };
-        self.cache
-            .insert((reference.to_string(), key.to_string()), row);
+                .map_err(db)?;
+        }
+        for (reference, key, row) in rows {
+            self.cache.insert((reference, key), row);
+        }
         Ok(())
     }
 }

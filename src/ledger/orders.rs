@@ -57,6 +57,7 @@ fn bucket(kind: &str) -> Bucket {
 #[allow(clippy::too_many_arguments)]
 async fn book(
     client: &Db,
+    program: Option<&ProgramSettings>,
     member: i64,
     kind: &str,
     points: i64,
@@ -73,7 +74,15 @@ async fn book(
         (Bucket::Available, "earn_available" | "clawback") => (0, points, points),
         (Bucket::Available, _) => (0, points, 0),
     };
-    // The entry and its balance change in one round trip.
+    // The entry, its balance change and the tier it reaches in one round
+    // trip. The tier only goes up here (downgrades happen at a period's
+    // end, which the scheduler owns).
+    let names: Vec<&str> = program
+        .map(|p| p.tiers.iter().map(|t| t.name.as_str()).collect())
+        .unwrap_or_default();
+    let thresholds: Vec<i64> = program
+        .map(|p| p.tiers.iter().map(|t| t.threshold).collect())
+        .unwrap_or_default();
     let row = client
         .query_one(
             "WITH entry AS (
@@ -84,11 +93,22 @@ async fn book(
                  UPDATE balances SET available = available + $8, pending = pending + $9,
                                      lifetime = lifetime + $10, updated_at = $7
                   WHERE member_id = (SELECT member_id FROM entry)
+                 RETURNING lifetime
+             ), tiered AS (
+                 UPDATE members m SET tier = reached.name
+                   FROM changed,
+                        LATERAL (SELECT x.name, x.rank
+                                   FROM unnest($11::text[], $12::bigint[]) WITH ORDINALITY AS x(name, threshold, rank)
+                                  WHERE x.threshold <= changed.lifetime
+                                  ORDER BY x.rank DESC LIMIT 1) reached
+                  WHERE m.member_id = $1
+                    AND coalesce(array_position($11::text[], m.tier), 0) < reached.rank
                  RETURNING 1
              )
-             SELECT (SELECT count(*) FROM entry), (SELECT count(*) FROM changed)",
+             SELECT (SELECT count(*) FROM entry), (SELECT count(*) FROM changed), (SELECT count(*) FROM tiered)",
             &[
                 &member, &kind, &points, &source, &order_ref, &effect_key, &at, &available, &pending, &lifetime,
+                &names, &thresholds,
             ],
         )
         .await?;
@@ -113,6 +133,9 @@ async fn book(
                 &[&member, &available, &pending, &lifetime, &at],
             )
             .await?;
+        if let Some(program) = program {
+            update_tier(client, program, member).await?;
+        }
     }
     Ok(true)
 }
@@ -164,34 +187,43 @@ pub async fn apply_order(
     at: DateTime<Utc>,
 ) -> Result<Booked, tokio_postgres::Error> {
     let key = |what: &str| format!("{source}:order:{}:{what}", order.order_ref);
-    let Some(was) = known(client, source, &order.order_ref).await? else {
+    // First sight is the common case: try to record the order, and look at
+    // what the ledger knew only if it was there already.
+    let points = match (member, order.stage) {
+        (Some(_), OrderStage::Placed | OrderStage::Completed) => {
+            points_for(program, order.earn_basis)
+        }
+        _ => 0,
+    };
+    let first_sight = client
+        .execute(
+            "INSERT INTO orders (source, order_ref, member_id, stage, earn_basis, grand_total, currency,
+                                 channel, points, lines, placed_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11)
+             ON CONFLICT (source, order_ref) DO NOTHING",
+            &[
+                &source,
+                &order.order_ref,
+                &member,
+                &order.stage.as_str(),
+                &order.earn_basis,
+                &order.grand_total,
+                &order.currency,
+                &order.channel,
+                &points,
+                &(order.lines.len() as i32),
+                &at,
+            ],
+        )
+        .await?
+        == 1;
+    let was = if first_sight {
+        None
+    } else {
+        known(client, source, &order.order_ref).await?
+    };
+    let Some(was) = was else {
         // First sight of the order.
-        let points = match (member, order.stage) {
-            (Some(_), OrderStage::Placed | OrderStage::Completed) => {
-                points_for(program, order.earn_basis)
-            }
-            _ => 0,
-        };
-        client
-            .execute(
-                "INSERT INTO orders (source, order_ref, member_id, stage, earn_basis, grand_total, currency,
-                                     channel, points, lines, placed_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11)",
-                &[
-                    &source,
-                    &order.order_ref,
-                    &member,
-                    &order.stage.as_str(),
-                    &order.earn_basis,
-                    &order.grand_total,
-                    &order.currency,
-                    &order.channel,
-                    &points,
-                    &(order.lines.len() as i32),
-                    &at,
-                ],
-            )
-            .await?;
         let Some(member) = member else {
             return Ok(Booked::Nothing);
         };
@@ -199,6 +231,7 @@ pub async fn apply_order(
             OrderStage::Placed => {
                 book(
                     client,
+                    Some(program),
                     member,
                     "earn_pending",
                     points,
@@ -212,6 +245,7 @@ pub async fn apply_order(
             OrderStage::Completed => {
                 book(
                     client,
+                    Some(program),
                     member,
                     "earn_available",
                     points,
@@ -224,9 +258,6 @@ pub async fn apply_order(
             }
             OrderStage::Cancelled | OrderStage::Refunded => false,
         };
-        if booked {
-            update_tier(client, program, member).await?;
-        }
         return Ok(if booked {
             Booked::Points
         } else {
@@ -264,6 +295,7 @@ pub async fn apply_order(
         (OrderStage::Placed, OrderStage::Completed) => {
             book(
                 client,
+                Some(program),
                 member,
                 "pending_release",
                 -remaining,
@@ -275,6 +307,7 @@ pub async fn apply_order(
             .await?;
             book(
                 client,
+                Some(program),
                 member,
                 "earn_available",
                 remaining,
@@ -288,6 +321,7 @@ pub async fn apply_order(
         (OrderStage::Placed, _) => {
             book(
                 client,
+                Some(program),
                 member,
                 "pending_void",
                 -remaining,
@@ -301,6 +335,7 @@ pub async fn apply_order(
         (_, _) => {
             book(
                 client,
+                Some(program),
                 member,
                 "clawback",
                 -remaining,
@@ -312,9 +347,6 @@ pub async fn apply_order(
             .await?
         }
     };
-    if booked {
-        update_tier(client, program, member).await?;
-    }
     Ok(if booked {
         Booked::Points
     } else {
@@ -405,6 +437,7 @@ pub async fn apply_refund(
     let key = format!("{source}:refund:{}", refund.refund_ref);
     let booked = book(
         client,
+        Some(program),
         member,
         kind,
         -delta,
@@ -414,9 +447,6 @@ pub async fn apply_refund(
         at,
     )
     .await?;
-    if booked {
-        update_tier(client, program, member).await?;
-    }
     Ok(if booked {
         Booked::Points
     } else {
@@ -486,6 +516,7 @@ pub async fn apply_redemption(
     }
     book(
         client,
+        None,
         member,
         "redeem",
         -redemption.points,

@@ -79,11 +79,9 @@ impl Expr {
     }
 
     fn eval(&self, scope: &Scope) -> Result<Cel, EvalError> {
-        let mut context = Context::default();
-        for (name, value) in &scope.variables {
-            context.add_variable_from_value(name.clone(), value.clone());
-        }
-        self.program.execute(&context).map_err(|e| EvalError {
+        let mut built = scope.context.lock().unwrap_or_else(|e| e.into_inner());
+        let context = built.get_or_insert_with(|| scope.build());
+        self.program.execute(context).map_err(|e| EvalError {
             expression: self.text.clone(),
             problem: e.to_string(),
         })
@@ -146,15 +144,44 @@ fn type_name(value: &Cel) -> &'static str {
 }
 
 /// The variables one evaluation sees.
-#[derive(Default, Clone)]
+///
+/// Handing a variable to CEL converts it (a row of 40 columns is 40
+/// conversions), so the context is built once and reused by every
+/// expression evaluated against the same variables, and rebuilt only
+/// after one changes.
+#[derive(Default)]
 pub struct Scope {
     variables: Vec<(String, Cel)>,
+    context: std::sync::Mutex<Option<Context<'static, 'static>>>,
+}
+
+impl Clone for Scope {
+    fn clone(&self) -> Self {
+        Self {
+            variables: self.variables.clone(),
+            context: std::sync::Mutex::new(None),
+        }
+    }
 }
 
 impl Scope {
     pub fn set(&mut self, name: &str, value: Cel) {
         self.variables.retain(|(n, _)| n != name);
         self.variables.push((name.to_string(), value));
+        *self.context.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn build(&self) -> Context<'static, 'static> {
+        // The standard library's declarations are built once: building
+        // them per evaluation (what `Context::default()` does) was most of
+        // the time spent normalizing an order.
+        static STDLIB: std::sync::OnceLock<Arc<cel::Env>> = std::sync::OnceLock::new();
+        let env = STDLIB.get_or_init(|| Arc::new(cel::Env::stdlib()));
+        let mut context = Context::with_env(Arc::clone(env));
+        for (name, value) in &self.variables {
+            context.add_variable_from_value(name.clone(), value.clone());
+        }
+        context
     }
 }
 

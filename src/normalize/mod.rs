@@ -177,6 +177,13 @@ pub enum Outcome {
     Quarantine(Quarantined),
 }
 
+/// `(reference, key, row)`; `None` for a deleted row.
+pub type ReferenceRow = (
+    String,
+    String,
+    Option<serde_json::Map<String, serde_json::Value>>,
+);
+
 /// Reference data (`[[references]]`) as the ledger stores it, written and
 /// read inside the transaction that applies the source transaction.
 pub trait References: Send {
@@ -198,12 +205,11 @@ pub trait References: Send {
         value: serde_json::Value,
     ) -> impl Future<Output = Result<(), ConsumerError>> + Send;
 
-    /// `None` removes the row (a delete at the source).
-    fn put(
+    /// Writes whole rows, `(reference, key, row)`, at most one per
+    /// reference and key; `None` removes the row (a delete at the source).
+    fn put_all(
         &mut self,
-        reference: &str,
-        key: &str,
-        row: Option<serde_json::Map<String, serde_json::Value>>,
+        rows: Vec<ReferenceRow>,
     ) -> impl Future<Output = Result<(), ConsumerError>> + Send;
 }
 
@@ -410,6 +416,9 @@ impl Normalizer {
                 ConsumerError::transient(format!("reading the transaction's spilled changes: {e}"))
             })?;
 
+        // Whole rows are written together (one statement for a
+        // transaction's order lines); the last image of a key wins.
+        let mut puts: Vec<ReferenceRow> = Vec::new();
         for (r, change) in reference_changes {
             let reference = &mapping.references[r];
             let image = change.after.as_ref().or(change.before.as_ref());
@@ -467,7 +476,11 @@ impl Normalizer {
                         .collect()
                 }),
             };
-            references.put(&reference.name, &key, row).await?;
+            puts.retain(|(name, k, _)| !(*name == reference.name && *k == key));
+            puts.push((reference.name.clone(), key, row));
+        }
+        if !puts.is_empty() {
+            references.put_all(puts).await?;
         }
 
         let mut outcomes = Vec::new();
