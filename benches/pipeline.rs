@@ -83,10 +83,10 @@ impl Bench {
             &path,
             format!(
                 "[ledger]\nurl = \"{PG}/{ledger}\"\n\n[[sources]]\nname = \"pos\"\nkind = \"postgres\"\nurl = \"{PG}/{pos}\"\n\
-                 slot = \"{slot}\"\npublication = \"{pub_}\"\nmapping = \"{mapping}\"\n",
+                 slot = \"{slot}\"\npublication = \"{prefix}_pub\"\nmapping = \"{mapping}\"\n",
                 pos = self.pos(),
                 slot = self.slot(run),
-                pub_ = format!("{}_pub", self.prefix),
+                prefix = self.prefix,
                 mapping = mapping.display()
             ),
         )
