@@ -63,11 +63,16 @@ pub struct LedgerConsumer {
     held: Option<tokio::sync::OwnedMutexGuard<()>>,
     last: Option<(Position, DateTime<Utc>)>,
     durable: Option<Position>,
+    /// What the batch's transactions caused, booked at commit.
+    pending: Vec<Outcome>,
     /// Reference rows read or written by this connection (see
     /// [`REFERENCE_CACHE_ROWS`]); emptied whenever a batch is rolled back.
     reference_cache: ReferenceCache,
     pub counts: Arc<ApplyCounts>,
 }
+
+/// Outcomes booked together in one wave (statements in flight at once).
+const MAX_WAVE: usize = 64;
 
 /// Reference rows kept in memory per source: lookups of customers, stores
 /// and registers repeat on every order. The bound on memory: at this many
@@ -118,6 +123,7 @@ impl LedgerConsumer {
             last: None,
             durable: None,
             reference_cache: HashMap::new(),
+            pending: Vec::new(),
             counts: Arc::default(),
         })
     }
@@ -138,6 +144,7 @@ impl LedgerConsumer {
         if self.in_batch == 0 {
             return Ok(());
         }
+        self.book_pending().await?;
         let (position, commit_ts) = self.last.clone().expect("a transaction was applied");
         positions::store(
             self.client.client(),
@@ -166,16 +173,83 @@ impl LedgerConsumer {
             cache: &mut self.reference_cache,
         };
         let outcomes = self.normalizer.normalize(txn, &mut references).await?;
-        for outcome in outcomes {
-            match outcome {
-                Outcome::Quarantine(q) => {
-                    let op = match q.op {
-                        Op::Insert => "insert",
-                        Op::Update => "update",
-                        Op::Delete => "delete",
-                        Op::Truncate => "truncate",
-                    };
-                    self.client
+        self.pending.extend(outcomes);
+        Ok(())
+    }
+
+    /// Books what the batch's transactions caused, in waves: the outcomes
+    /// of one wave touch different orders and identifiers, so their
+    /// statements are sent together on the connection (tokio-postgres
+    /// pipelines futures polled at once) instead of one round trip after
+    /// another; a wave ends before an outcome that touches what it already
+    /// touches, so each order and identifier still sees its events in
+    /// source order. Redemptions read a balance: each is a wave of its own.
+    async fn book_pending(&mut self) -> Result<(), ConsumerError> {
+        let pending = std::mem::take(&mut self.pending);
+        let mut wave: Vec<Outcome> = Vec::new();
+        let mut touched: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for outcome in pending {
+            let keys = self.wave_keys(&outcome);
+            let alone = matches!(outcome, Outcome::Event(MemberEvent::Redemption(_), _));
+            if alone || keys.iter().any(|k| touched.contains(k)) || wave.len() >= MAX_WAVE {
+                self.book_wave(std::mem::take(&mut wave)).await?;
+                touched.clear();
+            }
+            touched.extend(keys);
+            wave.push(outcome);
+            if alone {
+                self.book_wave(std::mem::take(&mut wave)).await?;
+                touched.clear();
+            }
+        }
+        self.book_wave(wave).await
+    }
+
+    async fn book_wave(&self, wave: Vec<Outcome>) -> Result<(), ConsumerError> {
+        futures_util::future::try_join_all(wave.into_iter().map(|outcome| self.book_one(outcome)))
+            .await?;
+        Ok(())
+    }
+
+    /// What an outcome reads and writes that another outcome may too: its
+    /// order and its identifiers.
+    fn wave_keys(&self, outcome: &Outcome) -> Vec<String> {
+        let identifiers = |raw| {
+            self.identity
+                .identifiers(&self.source, raw)
+                .into_iter()
+                .map(|i| format!("{}:{}", i.kind.as_str(), i.value))
+        };
+        match outcome {
+            // Quarantined rows keep their source order among themselves.
+            Outcome::Quarantine(_) => vec!["quarantine".to_string()],
+            Outcome::Event(MemberEvent::Order(order), _) => {
+                std::iter::once(format!("order:{}", order.order_ref))
+                    .chain(identifiers(&order.identifiers))
+                    .collect()
+            }
+            Outcome::Event(MemberEvent::Refund(refund), _) => {
+                vec![format!("order:{}", refund.order_ref)]
+            }
+            Outcome::Event(MemberEvent::Customer(customer), _) => {
+                identifiers(&customer.identifiers).collect()
+            }
+            Outcome::Event(MemberEvent::Redemption(redemption), _) => {
+                identifiers(&redemption.identifiers).collect()
+            }
+        }
+    }
+
+    async fn book_one(&self, outcome: Outcome) -> Result<(), ConsumerError> {
+        match outcome {
+            Outcome::Quarantine(q) => {
+                let op = match q.op {
+                    Op::Insert => "insert",
+                    Op::Update => "update",
+                    Op::Delete => "delete",
+                    Op::Truncate => "truncate",
+                };
+                self.client
                         .execute(
                             "INSERT INTO quarantine (source, position, table_name, operation, reason, row_data)
                              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -183,87 +257,87 @@ impl LedgerConsumer {
                         )
                         .await
                         .map_err(db)?;
-                    // The reason names columns and statuses, never values.
-                    tracing::warn!(source = %q.origin.source, table = %q.origin.table, position = %q.origin.position, reason = %q.reason, "row quarantined");
-                    self.counts.quarantined.fetch_add(1, Ordering::Relaxed);
+                // The reason names columns and statuses, never values.
+                tracing::warn!(source = %q.origin.source, table = %q.origin.table, position = %q.origin.position, reason = %q.reason, "row quarantined");
+                self.counts.quarantined.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Event(MemberEvent::Order(order), origin) => {
+                let identifiers = self.identity.identifiers(&self.source, &order.identifiers);
+                let member = members::resolve(
+                    &self.client,
+                    &self.identity,
+                    &self.source,
+                    &identifiers,
+                    origin.occurred_at,
+                )
+                .await
+                .map_err(db)?;
+                if member.is_none() {
+                    self.counts.anonymous.fetch_add(1, Ordering::Relaxed);
                 }
-                Outcome::Event(MemberEvent::Order(order), origin) => {
-                    let identifiers = self.identity.identifiers(&self.source, &order.identifiers);
-                    let member = members::resolve(
+                orders::apply_order(
+                    &self.client,
+                    &self.program,
+                    &self.source,
+                    &order,
+                    member,
+                    origin.occurred_at,
+                )
+                .await
+                .map_err(db)?;
+                self.counts.events.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Event(MemberEvent::Customer(customer), origin) => {
+                let identifiers = self
+                    .identity
+                    .identifiers(&self.source, &customer.identifiers);
+                let member = members::resolve(
+                    &self.client,
+                    &self.identity,
+                    &self.source,
+                    &identifiers,
+                    origin.occurred_at,
+                )
+                .await
+                .map_err(db)?;
+                if let Some(member) = member {
+                    members::update_profile(
                         &self.client,
-                        &self.identity,
-                        &self.source,
-                        &identifiers,
-                        origin.occurred_at,
-                    )
-                    .await
-                    .map_err(db)?;
-                    if member.is_none() {
-                        self.counts.anonymous.fetch_add(1, Ordering::Relaxed);
-                    }
-                    orders::apply_order(
-                        &self.client,
-                        &self.program,
-                        &self.source,
-                        &order,
                         member,
+                        &customer.profile,
                         origin.occurred_at,
                     )
                     .await
                     .map_err(db)?;
                     self.counts.events.fetch_add(1, Ordering::Relaxed);
                 }
-                Outcome::Event(MemberEvent::Customer(customer), origin) => {
-                    let identifiers = self
-                        .identity
-                        .identifiers(&self.source, &customer.identifiers);
-                    let member = members::resolve(
+            }
+            Outcome::Event(MemberEvent::Redemption(redemption), origin) => {
+                let identifiers = self
+                    .identity
+                    .identifiers(&self.source, &redemption.identifiers);
+                let member = members::resolve(
+                    &self.client,
+                    &self.identity,
+                    &self.source,
+                    &identifiers,
+                    origin.occurred_at,
+                )
+                .await
+                .map_err(db)?;
+                let booked = match member {
+                    Some(member) => orders::apply_redemption(
                         &self.client,
-                        &self.identity,
                         &self.source,
-                        &identifiers,
+                        &redemption,
+                        member,
                         origin.occurred_at,
                     )
                     .await
-                    .map_err(db)?;
-                    if let Some(member) = member {
-                        members::update_profile(
-                            &self.client,
-                            member,
-                            &customer.profile,
-                            origin.occurred_at,
-                        )
-                        .await
-                        .map_err(db)?;
-                        self.counts.events.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Outcome::Event(MemberEvent::Redemption(redemption), origin) => {
-                    let identifiers = self
-                        .identity
-                        .identifiers(&self.source, &redemption.identifiers);
-                    let member = members::resolve(
-                        &self.client,
-                        &self.identity,
-                        &self.source,
-                        &identifiers,
-                        origin.occurred_at,
-                    )
-                    .await
-                    .map_err(db)?;
-                    let booked = match member {
-                        Some(member) => orders::apply_redemption(
-                            &self.client,
-                            &self.source,
-                            &redemption,
-                            member,
-                            origin.occurred_at,
-                        )
-                        .await
-                        .map_err(db)?,
-                        None => orders::Booked::UnknownOrder,
-                    };
-                    let reason = match booked {
+                    .map_err(db)?,
+                    None => orders::Booked::UnknownOrder,
+                };
+                let reason = match booked {
                         orders::Booked::Insufficient(available) => Some(format!(
                             "redemption `{}` of {} points exceeds the {available} available; the balance never goes below zero",
                             redemption.redemption_ref, redemption.points
@@ -274,32 +348,31 @@ impl LedgerConsumer {
                         )),
                         _ => None,
                     };
-                    match reason {
-                        Some(reason) => self.quarantine_reason(&origin, &reason).await?,
-                        None => {
-                            self.counts.events.fetch_add(1, Ordering::Relaxed);
-                        }
+                match reason {
+                    Some(reason) => self.quarantine_reason(&origin, &reason).await?,
+                    None => {
+                        self.counts.events.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Outcome::Event(MemberEvent::Refund(refund), origin) => {
-                    let booked = orders::apply_refund(
-                        &self.client,
-                        &self.program,
-                        &self.source,
-                        &refund,
-                        origin.occurred_at,
-                    )
-                    .await
-                    .map_err(db)?;
-                    if booked == orders::Booked::UnknownOrder {
-                        let reason = format!(
+            }
+            Outcome::Event(MemberEvent::Refund(refund), origin) => {
+                let booked = orders::apply_refund(
+                    &self.client,
+                    &self.program,
+                    &self.source,
+                    &refund,
+                    origin.occurred_at,
+                )
+                .await
+                .map_err(db)?;
+                if booked == orders::Booked::UnknownOrder {
+                    let reason = format!(
                             "refund `{}` of order `{}`, which the ledger has not seen (created before this source was first snapshotted?)",
                             refund.refund_ref, refund.order_ref
                         );
-                        self.quarantine_reason(&origin, &reason).await?;
-                    } else {
-                        self.counts.events.fetch_add(1, Ordering::Relaxed);
-                    }
+                    self.quarantine_reason(&origin, &reason).await?;
+                } else {
+                    self.counts.events.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -346,6 +419,7 @@ impl TxnConsumer for LedgerConsumer {
         self.in_batch = 0;
         self.last = None;
         self.reference_cache.clear();
+        self.pending.clear();
         let position = positions::load(self.client.client(), &self.source)
             .await
             .map_err(|e| ConsumerError::transient(e.to_string()))?;
@@ -402,6 +476,7 @@ impl LedgerConsumer {
         self.in_batch = 0;
         self.last = None;
         self.reference_cache.clear();
+        self.pending.clear();
     }
 }
 
