@@ -65,6 +65,8 @@ pub struct LedgerConsumer {
     durable: Option<Position>,
     /// What the batch's transactions caused, booked at commit.
     pending: Vec<Outcome>,
+    /// Reference rows the batch wrote, stored at commit.
+    pending_references: Vec<ReferenceRow>,
     /// Reference rows read or written by this connection (see
     /// [`REFERENCE_CACHE_ROWS`]); emptied whenever a batch is rolled back.
     reference_cache: ReferenceCache,
@@ -124,6 +126,7 @@ impl LedgerConsumer {
             durable: None,
             reference_cache: HashMap::new(),
             pending: Vec::new(),
+            pending_references: Vec::new(),
             counts: Arc::default(),
         })
     }
@@ -144,6 +147,12 @@ impl LedgerConsumer {
         if self.in_batch == 0 {
             return Ok(());
         }
+        write_references(
+            &self.client,
+            &self.source,
+            std::mem::take(&mut self.pending_references),
+        )
+        .await?;
         self.book_pending().await?;
         let (position, commit_ts) = self.last.clone().expect("a transaction was applied");
         positions::store(
@@ -156,6 +165,11 @@ impl LedgerConsumer {
         .await
         .map_err(db)?;
         self.client.batch_execute("COMMIT").await.map_err(db)?;
+        if self.reference_cache.len() >= REFERENCE_CACHE_ROWS {
+            // Only between batches: within one, the cache holds rows not
+            // yet written.
+            self.reference_cache.clear();
+        }
         self.open = false;
         self.held = None;
         self.in_batch = 0;
@@ -164,13 +178,11 @@ impl LedgerConsumer {
     }
 
     async fn book(&mut self, txn: &mut SourceTxn) -> Result<(), ConsumerError> {
-        if self.reference_cache.len() >= REFERENCE_CACHE_ROWS {
-            self.reference_cache.clear();
-        }
         let mut references = StoredReferences {
             client: &self.client,
             source: &self.source,
             cache: &mut self.reference_cache,
+            pending: &mut self.pending_references,
         };
         let outcomes = self.normalizer.normalize(txn, &mut references).await?;
         self.pending.extend(outcomes);
@@ -420,6 +432,7 @@ impl TxnConsumer for LedgerConsumer {
         self.last = None;
         self.reference_cache.clear();
         self.pending.clear();
+        self.pending_references.clear();
         let position = positions::load(self.client.client(), &self.source)
             .await
             .map_err(|e| ConsumerError::transient(e.to_string()))?;
@@ -477,6 +490,7 @@ impl LedgerConsumer {
         self.last = None;
         self.reference_cache.clear();
         self.pending.clear();
+        self.pending_references.clear();
     }
 }
 
@@ -485,6 +499,7 @@ impl LedgerConsumer {
 /// batch, and a rollback takes them back with everything else).
 struct StoredReferences<'a> {
     cache: &'a mut ReferenceCache,
+    pending: &'a mut Vec<ReferenceRow>,
     client: &'a Db,
     source: &'a str,
 }
@@ -536,46 +551,64 @@ impl References for StoredReferences<'_> {
         Ok(())
     }
 
+    /// Written at the batch's commit, in one statement (`write_references`);
+    /// until then the cache answers for them.
     async fn put_all(&mut self, rows: Vec<ReferenceRow>) -> Result<(), ConsumerError> {
-        let (mut names, mut keys, mut data) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut gone_names, mut gone_keys) = (Vec::new(), Vec::new());
-        for (reference, key, row) in &rows {
-            match row {
-                Some(row) => {
-                    names.push(reference.as_str());
-                    keys.push(key.as_str());
-                    data.push(serde_json::Value::Object(row.clone()));
-                }
-                None => {
-                    gone_names.push(reference.as_str());
-                    gone_keys.push(key.as_str());
-                }
-            }
-        }
-        if !names.is_empty() {
-            self.client
-                .execute(
-                    "INSERT INTO reference_rows (source, reference, key, row_data)
-                     SELECT $1, r, k, d FROM unnest($2::text[], $3::text[], $4::jsonb[]) AS t(r, k, d)
-                     ON CONFLICT (source, reference, key) DO UPDATE SET row_data = EXCLUDED.row_data",
-                    &[&self.source, &names, &keys, &data],
-                )
-                .await
-                .map_err(db)?;
-        }
-        if !gone_names.is_empty() {
-            self.client
-                .execute(
-                    "DELETE FROM reference_rows
-                      WHERE source = $1 AND (reference, key) IN (SELECT * FROM unnest($2::text[], $3::text[]))",
-                    &[&self.source, &gone_names, &gone_keys],
-                )
-                .await
-                .map_err(db)?;
-        }
         for (reference, key, row) in rows {
-            self.cache.insert((reference, key), row);
+            self.cache
+                .insert((reference.clone(), key.clone()), row.clone());
+            self.pending.push((reference, key, row));
         }
         Ok(())
     }
+}
+
+/// Writes the batch's reference rows (the last image of each key wins).
+async fn write_references(
+    client: &Db,
+    source: &str,
+    rows: Vec<ReferenceRow>,
+) -> Result<(), ConsumerError> {
+    let mut last: HashMap<(String, String), Option<serde_json::Map<String, serde_json::Value>>> =
+        HashMap::new();
+    for (reference, key, row) in rows {
+        last.insert((reference, key), row);
+    }
+    let (mut names, mut keys, mut data) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut gone_names, mut gone_keys) = (Vec::new(), Vec::new());
+    for ((reference, key), row) in last {
+        match row {
+            Some(row) => {
+                names.push(reference);
+                keys.push(key);
+                data.push(serde_json::Value::Object(row));
+            }
+            None => {
+                gone_names.push(reference);
+                gone_keys.push(key);
+            }
+        }
+    }
+    if !names.is_empty() {
+        client
+            .execute(
+                "INSERT INTO reference_rows (source, reference, key, row_data)
+                 SELECT $1, r, k, d FROM unnest($2::text[], $3::text[], $4::jsonb[]) AS t(r, k, d)
+                 ON CONFLICT (source, reference, key) DO UPDATE SET row_data = EXCLUDED.row_data",
+                &[&source, &names, &keys, &data],
+            )
+            .await
+            .map_err(db)?;
+    }
+    if !gone_names.is_empty() {
+        client
+            .execute(
+                "DELETE FROM reference_rows
+                  WHERE source = $1 AND (reference, key) IN (SELECT * FROM unnest($2::text[], $3::text[]))",
+                &[&source, &gone_names, &gone_keys],
+            )
+            .await
+            .map_err(db)?;
+    }
+    Ok(())
 }

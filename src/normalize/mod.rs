@@ -222,6 +222,29 @@ pub struct Normalizer {
     required: Arc<HashMap<String, Vec<(String, String)>>>,
     /// Tables already reported as parked (logged once, not per row).
     parked: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Per order and per refund mapping: whether its expressions read
+    /// `before` / `lines`. Handing CEL a variable costs a conversion of
+    /// every value in it, so only what is read is handed over.
+    order_uses: Arc<Vec<Uses>>,
+    refund_uses: Arc<Vec<Uses>>,
+}
+
+/// Which optional variables a document's expressions read.
+#[derive(Debug, Clone, Copy, Default)]
+struct Uses {
+    before: bool,
+    lines: bool,
+}
+
+impl Uses {
+    fn of<'a>(exprs: impl IntoIterator<Item = Option<&'a expr::Expr>>) -> Self {
+        let mut uses = Self::default();
+        for expr in exprs.into_iter().flatten() {
+            uses.before |= !expr.columns_of("before").is_empty() || expr.text().contains("before");
+            uses.lines |= expr.text().contains("lines");
+        }
+        uses
+    }
 }
 
 /// A table's name as mappings write it: `table` (PostgreSQL schema
@@ -296,10 +319,43 @@ impl Normalizer {
                 columns.push((column, key));
             }
         }
+        let order_uses = mapping
+            .orders
+            .iter()
+            .map(|o| {
+                Uses::of(
+                    [
+                        o.when.as_ref(),
+                        Some(&o.status),
+                        o.currency.as_ref(),
+                        o.channel.as_ref(),
+                        o.customer.as_ref(),
+                        o.email.as_ref(),
+                        o.phone.as_ref(),
+                        o.card.as_ref(),
+                    ]
+                    .into_iter()
+                    .chain(o.joins.iter().map(|j| Some(&j.key))),
+                )
+            })
+            .collect();
+        let refund_uses = mapping
+            .refunds
+            .iter()
+            .map(|r| {
+                Uses::of(
+                    [r.when.as_ref(), Some(&r.order)]
+                        .into_iter()
+                        .chain(r.joins.iter().map(|j| Some(&j.key))),
+                )
+            })
+            .collect();
         Self {
             mapping,
             required: Arc::new(required),
             parked: Arc::default(),
+            order_uses: Arc::new(order_uses),
+            refund_uses: Arc::new(refund_uses),
         }
     }
 
@@ -501,25 +557,40 @@ impl Normalizer {
             if matches!(change.op, Op::Delete | Op::Truncate) {
                 continue;
             }
-            for order in mapping
+            for (order_index, order) in mapping
                 .orders
                 .iter()
-                .filter(|o| table_matches(&o.table, change))
+                .enumerate()
+                .filter(|(_, o)| table_matches(&o.table, change))
             {
                 let doc = Document::new(change, &order.key, order.lines.as_ref(), &lines);
                 let outcome = self
-                    .order(order, &doc, txn, references, origin(&order.table))
+                    .order(
+                        order,
+                        order_index,
+                        &doc,
+                        txn,
+                        references,
+                        origin(&order.table),
+                    )
                     .await?;
                 outcomes.extend(outcome);
             }
-            for refund in mapping
+            for (refund_index, refund) in mapping
                 .refunds
                 .iter()
-                .filter(|r| table_matches(&r.table, change))
+                .enumerate()
+                .filter(|(_, r)| table_matches(&r.table, change))
             {
                 let doc = Document::new(change, &refund.key, refund.lines.as_ref(), &lines);
                 let outcome = self
-                    .refund(refund, &doc, references, origin(&refund.table))
+                    .refund(
+                        refund,
+                        refund_index,
+                        &doc,
+                        references,
+                        origin(&refund.table),
+                    )
                     .await?;
                 outcomes.extend(outcome);
             }
@@ -567,7 +638,10 @@ impl Normalizer {
         let Some(customer_ref) = doc.key.clone() else {
             return Ok(quarantine(format!("NULL key column `{}`", customer.key)));
         };
-        let mut scope = doc.scope(None);
+        let mut scope = doc.scope(Uses {
+            before: true,
+            lines: false,
+        });
         if let Err(error) = self.join(&customer.joins, &mut scope, references).await? {
             return Ok(quarantine(error));
         }
@@ -631,7 +705,10 @@ impl Normalizer {
         let Some(redemption_ref) = doc.key.clone() else {
             return Ok(quarantine(format!("NULL key column `{}`", redemption.key)));
         };
-        let mut scope = doc.scope(None);
+        let mut scope = doc.scope(Uses {
+            before: true,
+            lines: false,
+        });
         let joined = match self.join(&redemption.joins, &mut scope, references).await? {
             Ok(joined) => joined,
             Err(error) => return Ok(quarantine(error)),
@@ -664,6 +741,7 @@ impl Normalizer {
     async fn order<R: References>(
         &self,
         order: &mapping::OrderMapping,
+        order_index: usize,
         doc: &Document<'_>,
         txn: &SourceTxn,
         references: &mut R,
@@ -680,7 +758,7 @@ impl Normalizer {
         let Some(order_ref) = doc.key.clone() else {
             return Ok(quarantine(format!("NULL key column `{}`", order.key)));
         };
-        let mut scope = doc.scope(order.lines.as_ref());
+        let mut scope = doc.scope(self.order_uses[order_index]);
         let joined = match self.join(&order.joins, &mut scope, references).await? {
             Ok(joined) => joined,
             Err(error) => return Ok(quarantine(error)),
@@ -723,12 +801,7 @@ impl Normalizer {
             Ok(amount) => amount,
             Err(reason) => return Ok(quarantine(reason)),
         };
-        let lines = match order
-            .lines
-            .as_ref()
-            .map(|l| doc.lines(l, &scope))
-            .transpose()
-        {
+        let lines = match order.lines.as_ref().map(|l| doc.lines(l)).transpose() {
             Ok(lines) => lines.unwrap_or_default(),
             Err(reason) => return Ok(quarantine(reason)),
         };
@@ -768,6 +841,7 @@ impl Normalizer {
     async fn refund<R: References>(
         &self,
         refund: &mapping::RefundMapping,
+        refund_index: usize,
         doc: &Document<'_>,
         references: &mut R,
         origin: Origin,
@@ -783,7 +857,7 @@ impl Normalizer {
         let Some(refund_ref) = doc.key.clone() else {
             return Ok(quarantine(format!("NULL key column `{}`", refund.key)));
         };
-        let mut scope = doc.scope(refund.lines.as_ref());
+        let mut scope = doc.scope(self.refund_uses[refund_index]);
         if let Some(when) = &refund.when {
             match when.test(&scope) {
                 Ok(true) => {}
@@ -809,12 +883,7 @@ impl Normalizer {
             Ok(amount) => amount.abs(),
             Err(reason) => return Ok(quarantine(reason)),
         };
-        let lines = match refund
-            .lines
-            .as_ref()
-            .map(|l| doc.lines(l, &scope))
-            .transpose()
-        {
+        let lines = match refund.lines.as_ref().map(|l| doc.lines(l)).transpose() {
             Ok(lines) => lines.unwrap_or_default(),
             Err(reason) => return Ok(quarantine(reason)),
         };
@@ -885,7 +954,7 @@ impl<'a> Document<'a> {
         self.change.after_value(column)
     }
 
-    fn scope(&self, lines: Option<&Lines>) -> Scope {
+    fn scope(&self, uses: Uses) -> Scope {
         let mut scope = Scope::default();
         let table = &self.change.table;
         let after = self
@@ -893,29 +962,32 @@ impl<'a> Document<'a> {
             .after
             .as_ref()
             .map_or(cel::Value::Null, |r| row_map(&table.columns, &r.0));
-        let before = self
-            .change
-            .before
-            .as_ref()
-            .map_or(cel::Value::Null, |r| row_map(&table.columns, &r.0));
         scope.set("row", after);
-        scope.set("before", before);
-        let line_rows = lines.map_or_else(Vec::new, |_| {
-            self.lines
+        if uses.before {
+            let before = self
+                .change
+                .before
+                .as_ref()
+                .map_or(cel::Value::Null, |r| row_map(&table.columns, &r.0));
+            scope.set("before", before);
+        }
+        if uses.lines {
+            let line_rows = self
+                .lines
                 .iter()
                 .filter_map(|l| l.after.as_ref().map(|r| row_map(&l.table.columns, &r.0)))
-                .collect()
-        });
-        scope.set("lines", list(line_rows));
+                .collect();
+            scope.set("lines", list(line_rows));
+        }
         scope
     }
 
-    /// The counted lines.
-    fn lines(&self, mapping: &Lines, document: &Scope) -> Result<Vec<Line>, String> {
+    /// The counted lines. Their expressions see the line as `row`.
+    fn lines(&self, mapping: &Lines) -> Result<Vec<Line>, String> {
         let mut counted = Vec::new();
         for line in self.lines {
             let Some(after) = &line.after else { continue };
-            let mut scope = document.clone();
+            let mut scope = Scope::default();
             scope.set("row", row_map(&line.table.columns, &after.0));
             if let Some(when) = &mapping.when {
                 if !when.test(&scope).map_err(|e| e.to_string())? {
