@@ -294,7 +294,14 @@ async fn main() {
     let ledger = connect(&bench.ledger(&name)).await;
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
-    let service = tokio::spawn(async move { pipeline::run(&settings, token, |_| {}).await });
+    let (counts_tx, counts_rx) = tokio::sync::oneshot::channel();
+    let service = tokio::spawn(async move {
+        pipeline::run(&settings, token, move |sources| {
+            let _ = counts_tx.send(std::sync::Arc::clone(&sources[0].counts));
+        })
+        .await
+    });
+    let counts = counts_rx.await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rate = 1_000i64;
     let seconds = 10i64;
@@ -304,24 +311,32 @@ async fn main() {
         let mut committed = Vec::with_capacity((last - first + 1) as usize);
         let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate as u64));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let began = Instant::now();
         for id in first..=last {
             tick.tick().await;
             pos.batch_execute(&order_sql(id)).await.unwrap();
             committed.push(Instant::now());
         }
+        if std::env::var("LCDC_BENCH_TRACE").is_ok() {
+            eprintln!("writer done in {:?}", began.elapsed());
+        }
         committed
     });
     let mut seen_at: Vec<Option<Instant>> = vec![None; (last - first + 1) as usize];
     let mut seen_up_to = first - 1;
+    let started = Instant::now();
     while seen_up_to < last {
+        // The newest entry (an index lookup, so polling costs the ledger
+        // next to nothing): each till sale books one entry.
         let max: Option<i64> = ledger
-            .query_one(
-                "SELECT max(order_ref::bigint) FROM orders WHERE order_ref::bigint >= $1",
-                &[&first],
+            .query_opt(
+                "SELECT order_ref::bigint FROM ledger_entries ORDER BY entry_id DESC LIMIT 1",
+                &[],
             )
             .await
             .unwrap()
-            .get(0);
+            .map(|r| r.get(0))
+            .filter(|max: &i64| *max >= first);
         let now = Instant::now();
         if let Some(max) = max {
             // One source, applied in commit order: everything up to the
@@ -330,6 +345,17 @@ async fn main() {
                 seen_at[(id - first) as usize] = Some(now);
             }
             seen_up_to = seen_up_to.max(max);
+        }
+        if std::env::var("LCDC_BENCH_TRACE").is_ok() && seen_up_to % 500 == 0 {
+            eprintln!(
+                "{:?} booked up to {} ({} transactions in {} commits)",
+                started.elapsed(),
+                seen_up_to - first + 1,
+                counts
+                    .transactions
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                counts.commits.load(std::sync::atomic::Ordering::Relaxed)
+            );
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }

@@ -29,6 +29,8 @@ pub const DEFAULT_BATCH: usize = 100;
 #[derive(Debug, Default)]
 pub struct ApplyCounts {
     pub transactions: AtomicU64,
+    /// Ledger commits (batches).
+    pub commits: AtomicU64,
     pub events: AtomicU64,
     pub anonymous: AtomicU64,
     pub quarantined: AtomicU64,
@@ -165,6 +167,7 @@ impl LedgerConsumer {
         .await
         .map_err(db)?;
         self.client.batch_execute("COMMIT").await.map_err(db)?;
+        self.counts.commits.fetch_add(1, Ordering::Relaxed);
         if self.reference_cache.len() >= REFERENCE_CACHE_ROWS {
             // Only between batches: within one, the cache holds rows not
             // yet written.
@@ -198,6 +201,7 @@ impl LedgerConsumer {
     /// source order. Redemptions read a balance: each is a wave of its own.
     async fn book_pending(&mut self) -> Result<(), ConsumerError> {
         let pending = std::mem::take(&mut self.pending);
+        let pending = self.book_new_orders_together(pending).await?;
         let mut wave: Vec<Outcome> = Vec::new();
         let mut touched: std::collections::HashSet<String> = std::collections::HashSet::new();
         for outcome in pending {
@@ -215,6 +219,110 @@ impl LedgerConsumer {
             }
         }
         self.book_wave(wave).await
+    }
+
+    /// The common case booked set-wise: orders seen for the first time,
+    /// of members the ledger knows by all their identifiers. Booking them
+    /// together is the same as one after the other because each such
+    /// order appears once in the batch, its member exists, and earning
+    /// commutes with everything else a batch may do (a merge moves entries
+    /// with their member) — except a redemption, whose balance check must
+    /// see earlier earnings only: a batch with one books one by one.
+    /// Returns the outcomes left to book one by one, in source order.
+    async fn book_new_orders_together(
+        &self,
+        pending: Vec<Outcome>,
+    ) -> Result<Vec<Outcome>, ConsumerError> {
+        if pending
+            .iter()
+            .any(|o| matches!(o, Outcome::Event(MemberEvent::Redemption(_), _)))
+        {
+            return Ok(pending);
+        }
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for outcome in &pending {
+            match outcome {
+                Outcome::Event(MemberEvent::Order(order), _) => {
+                    *seen.entry(order.order_ref.as_str()).or_default() += 1
+                }
+                Outcome::Event(MemberEvent::Refund(refund), _) => {
+                    *seen.entry(refund.order_ref.as_str()).or_default() += 1
+                }
+                _ => {}
+            }
+        }
+        let candidates: Vec<(usize, Vec<crate::identity::Identifier>)> = pending
+            .iter()
+            .enumerate()
+            .filter_map(|(i, outcome)| match outcome {
+                Outcome::Event(MemberEvent::Order(order), _)
+                    if seen.get(order.order_ref.as_str()) == Some(&1) =>
+                {
+                    let identifiers = self.identity.identifiers(&self.source, &order.identifiers);
+                    (!identifiers.is_empty()).then_some((i, identifiers))
+                }
+                _ => None,
+            })
+            .collect();
+        if candidates.len() < 2 {
+            return Ok(pending);
+        }
+        let mut all: Vec<crate::identity::Identifier> = candidates
+            .iter()
+            .flat_map(|(_, ids)| ids.iter().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        let (usable, owners) = members::lookup(&self.client, &all).await.map_err(db)?;
+        let usable: std::collections::HashSet<_> = usable.into_iter().collect();
+        let mut simple: HashMap<usize, i64> = HashMap::new();
+        for (i, identifiers) in &candidates {
+            let mut member = None;
+            let mut fits = true;
+            for identifier in identifiers.iter().filter(|i| usable.contains(*i)) {
+                match (owners.get(identifier).map(|(_, m)| *m), member) {
+                    (Some(owner), None) => member = Some(owner),
+                    (Some(owner), Some(m)) if owner == m => {}
+                    _ => fits = false,
+                }
+            }
+            if let (true, Some(member)) = (fits, member) {
+                simple.insert(*i, member);
+            }
+        }
+        let mut batch = Vec::new();
+        let mut rest = Vec::new();
+        let mut simple_outcomes = Vec::new();
+        for (i, outcome) in pending.into_iter().enumerate() {
+            match simple.get(&i) {
+                Some(member) => simple_outcomes.push((outcome, *member)),
+                None => rest.push(outcome),
+            }
+        }
+        for (outcome, member) in &simple_outcomes {
+            if let Outcome::Event(MemberEvent::Order(order), origin) = outcome {
+                batch.push(orders::NewOrder {
+                    order,
+                    member: *member,
+                    at: origin.occurred_at,
+                });
+            }
+        }
+        let new = orders::apply_new_orders(&self.client, &self.program, &self.source, &batch)
+            .await
+            .map_err(db)?;
+        drop(batch);
+        for ((outcome, _), new) in simple_outcomes.into_iter().zip(new) {
+            if new {
+                self.counts.events.fetch_add(1, Ordering::Relaxed);
+            } else {
+                // Known already: a transition, booked one by one (its order
+                // appears nowhere else in the batch, so its place does not
+                // matter).
+                rest.push(outcome);
+            }
+        }
+        Ok(rest)
     }
 
     async fn book_wave(&self, wave: Vec<Outcome>) -> Result<(), ConsumerError> {

@@ -131,7 +131,7 @@ pub async fn resolve(
 
 /// In one round trip: the identifiers not known to be shared, and the
 /// current owner of each known one.
-async fn lookup(
+pub(crate) async fn lookup(
     client: &Db,
     identifiers: &[Identifier],
 ) -> Result<(Vec<Identifier>, BTreeMap<Identifier, (DateTime<Utc>, i64)>), tokio_postgres::Error> {

@@ -387,11 +387,11 @@ async fn idle_point<C: TxnConsumer>(
     if open.is_some() {
         return Ok(());
     }
-    if applied > durable {
-        if let Some(flushed) = consumer.flush().await? {
-            confirm(client, progress, durable, flushed);
-        }
-    }
+    // What was applied but is not durable yet is left to the quiet-flush
+    // timer: the server sends keepalives between transactions while it
+    // keeps up, and flushing on each one made every transaction a ledger
+    // commit of its own (measured: 570 instead of 4,400 orders/s).
+    let _ = consumer;
     progress.touch();
     if &*durable >= applied && durable.lsn().is_some_and(|confirmed| wal_end > confirmed) {
         client.update_applied_lsn(pgwire_replication::Lsn(wal_end.0));
