@@ -187,12 +187,48 @@ impl Scope {
 
 /// A row as a CEL map from column name to value.
 pub fn row_map(columns: &[crate::source::Column], values: &[Value]) -> Cel {
+    row_map_of(columns, values, None)
+}
+
+/// A row as a CEL map, keeping only `only`'s columns when given (what the
+/// expressions read: each value handed to CEL is converted twice).
+pub fn row_map_of(
+    columns: &[crate::source::Column],
+    values: &[Value],
+    only: Option<&std::collections::HashSet<String>>,
+) -> Cel {
     let map: HashMap<Key, Cel> = columns
         .iter()
         .zip(values)
+        .filter(|(column, _)| only.is_none_or(|only| only.contains(&column.name)))
         .map(|(column, value)| (Key::String(Arc::new(column.name.clone())), cel_value(value)))
         .collect();
     Cel::Map(Map { map: Arc::new(map) })
+}
+
+impl Expr {
+    /// Whether the expression uses `variable` other than as `variable.col`
+    /// (then every column must be handed over).
+    pub fn uses_whole(&self, variable: &str) -> bool {
+        let bytes = self.text.as_bytes();
+        let mut start = 0;
+        while let Some(at) = self.text[start..].find(variable) {
+            let at = start + at;
+            let end = at + variable.len();
+            let before_ok = at == 0
+                || !(bytes[at - 1].is_ascii_alphanumeric()
+                    || bytes[at - 1] == b'_'
+                    || bytes[at - 1] == b'.');
+            let after_ident = bytes
+                .get(end)
+                .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
+            if before_ok && !after_ident && bytes.get(end) != Some(&b'.') {
+                return true;
+            }
+            start = end;
+        }
+        false
+    }
 }
 
 /// A stored reference row (plain JSON object) as a CEL map; `columns`
@@ -334,5 +370,26 @@ mod tests {
             .test(&scope)
             .unwrap_err();
         assert!(error.to_string().contains("not a bool"), "{error}");
+    }
+}
+
+#[cfg(test)]
+mod whole_use_tests {
+    use super::*;
+
+    #[test]
+    fn a_variable_used_whole_is_told_from_its_columns() {
+        assert!(!Expr::compile("row.state == 'paid' && row.id > 0")
+            .unwrap()
+            .uses_whole("row"));
+        assert!(Expr::compile("has(row.state) && size(row) > 2")
+            .unwrap()
+            .uses_whole("row"));
+        assert!(Expr::compile("row['state'] == 'x'")
+            .unwrap()
+            .uses_whole("row"));
+        assert!(!Expr::compile("arrow.x == 1 && rows.y")
+            .unwrap()
+            .uses_whole("row"));
     }
 }

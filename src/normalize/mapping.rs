@@ -1156,6 +1156,28 @@ proportion_of = "gross"
     }
 
     #[test]
+    fn amounts_are_exact_and_say_which_column_failed() {
+        let amount = Amount::parse(&["total".into(), "-tax".into(), "ship?".into()]).unwrap();
+        let value = |t: &Term| match t.column.as_str() {
+            "total" => Some(AmountValue::Number("119.99".parse().unwrap())),
+            "tax" => Some(AmountValue::Number("19.15".parse().unwrap())),
+            _ => Some(AmountValue::Null),
+        };
+        assert_eq!(
+            amount.sum(value).unwrap(),
+            "100.84".parse::<Decimal>().unwrap()
+        );
+        let unparsable = amount.sum(|t| {
+            (t.column == "tax")
+                .then_some(AmountValue::Unparsable)
+                .or(Some(AmountValue::Number(Decimal::ONE)))
+        });
+        assert_eq!(unparsable.unwrap_err(), "unparsable amount in column `tax`");
+        let null = amount.sum(|_| Some(AmountValue::Null));
+        assert_eq!(null.unwrap_err(), "NULL amount in column `total`");
+    }
+
+    #[test]
     fn a_syntax_error_names_the_line() {
         let problems =
             load("system = \"x\"\nkind = \"mysql\"\n[[orders]]\ntable = 5\n").unwrap_err();

@@ -26,7 +26,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
 use crate::source::{Change, ConsumerError, Op, SourceTxn, TxnKind, Value};
-use expr::{json_map, list, plain_json, row_map, Scope};
+use expr::{json_map, list, plain_json, row_map, row_map_of, Scope};
 use mapping::{AmountValue, Lines, Mapping, StatusMeaning};
 
 /// Lines kept per document. Beyond this a document's lines are counted but
@@ -230,20 +230,38 @@ pub struct Normalizer {
 }
 
 /// Which optional variables a document's expressions read.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Uses {
     before: bool,
     lines: bool,
+    /// The columns of `row` (and `before`) read; `None`: all.
+    columns: Option<Arc<std::collections::HashSet<String>>>,
 }
 
 impl Uses {
+    /// What a document's expressions read; `amounts` are the columns its
+    /// exact sums read (those are taken from the row directly).
     fn of<'a>(exprs: impl IntoIterator<Item = Option<&'a expr::Expr>>) -> Self {
         let mut uses = Self::default();
+        let mut columns = std::collections::HashSet::new();
+        let mut all = false;
         for expr in exprs.into_iter().flatten() {
-            uses.before |= !expr.columns_of("before").is_empty() || expr.text().contains("before");
+            uses.before |= expr.text().contains("before");
             uses.lines |= expr.text().contains("lines");
+            all |= expr.uses_whole("row") || expr.uses_whole("before");
+            columns.extend(expr.columns_of("row"));
+            columns.extend(expr.columns_of("before"));
         }
+        uses.columns = (!all).then(|| Arc::new(columns));
         uses
+    }
+
+    fn all() -> Self {
+        Self {
+            before: true,
+            lines: false,
+            columns: None,
+        }
     }
 }
 
@@ -475,6 +493,7 @@ impl Normalizer {
         // Whole rows are written together (one statement for a
         // transaction's order lines); the last image of a key wins.
         let mut puts: Vec<ReferenceRow> = Vec::new();
+        let mut put_index: HashMap<(String, String), usize> = HashMap::new();
         for (r, change) in reference_changes {
             let reference = &mapping.references[r];
             let image = change.after.as_ref().or(change.before.as_ref());
@@ -532,8 +551,16 @@ impl Normalizer {
                         .collect()
                 }),
             };
-            puts.retain(|(name, k, _)| !(*name == reference.name && *k == key));
-            puts.push((reference.name.clone(), key, row));
+            // A key written twice keeps its place and takes the later
+            // image (an index, not a scan: a snapshot chunk holds
+            // thousands of rows).
+            match put_index.get(&(reference.name.clone(), key.clone())) {
+                Some(&at) => puts[at].2 = row,
+                None => {
+                    put_index.insert((reference.name.clone(), key.clone()), puts.len());
+                    puts.push((reference.name.clone(), key, row));
+                }
+            }
         }
         if !puts.is_empty() {
             references.put_all(puts).await?;
@@ -638,10 +665,7 @@ impl Normalizer {
         let Some(customer_ref) = doc.key.clone() else {
             return Ok(quarantine(format!("NULL key column `{}`", customer.key)));
         };
-        let mut scope = doc.scope(Uses {
-            before: true,
-            lines: false,
-        });
+        let mut scope = doc.scope(&Uses::all());
         if let Err(error) = self.join(&customer.joins, &mut scope, references).await? {
             return Ok(quarantine(error));
         }
@@ -705,10 +729,7 @@ impl Normalizer {
         let Some(redemption_ref) = doc.key.clone() else {
             return Ok(quarantine(format!("NULL key column `{}`", redemption.key)));
         };
-        let mut scope = doc.scope(Uses {
-            before: true,
-            lines: false,
-        });
+        let mut scope = doc.scope(&Uses::all());
         let joined = match self.join(&redemption.joins, &mut scope, references).await? {
             Ok(joined) => joined,
             Err(error) => return Ok(quarantine(error)),
@@ -758,7 +779,7 @@ impl Normalizer {
         let Some(order_ref) = doc.key.clone() else {
             return Ok(quarantine(format!("NULL key column `{}`", order.key)));
         };
-        let mut scope = doc.scope(self.order_uses[order_index]);
+        let mut scope = doc.scope(&self.order_uses[order_index]);
         let joined = match self.join(&order.joins, &mut scope, references).await? {
             Ok(joined) => joined,
             Err(error) => return Ok(quarantine(error)),
@@ -857,7 +878,7 @@ impl Normalizer {
         let Some(refund_ref) = doc.key.clone() else {
             return Ok(quarantine(format!("NULL key column `{}`", refund.key)));
         };
-        let mut scope = doc.scope(self.refund_uses[refund_index]);
+        let mut scope = doc.scope(&self.refund_uses[refund_index]);
         if let Some(when) = &refund.when {
             match when.test(&scope) {
                 Ok(true) => {}
@@ -954,21 +975,17 @@ impl<'a> Document<'a> {
         self.change.after_value(column)
     }
 
-    fn scope(&self, uses: Uses) -> Scope {
+    fn scope(&self, uses: &Uses) -> Scope {
         let mut scope = Scope::default();
         let table = &self.change.table;
-        let after = self
-            .change
-            .after
-            .as_ref()
-            .map_or(cel::Value::Null, |r| row_map(&table.columns, &r.0));
+        let after = self.change.after.as_ref().map_or(cel::Value::Null, |r| {
+            row_map_of(&table.columns, &r.0, uses.columns.as_deref())
+        });
         scope.set("row", after);
         if uses.before {
-            let before = self
-                .change
-                .before
-                .as_ref()
-                .map_or(cel::Value::Null, |r| row_map(&table.columns, &r.0));
+            let before = self.change.before.as_ref().map_or(cel::Value::Null, |r| {
+                row_map_of(&table.columns, &r.0, uses.columns.as_deref())
+            });
             scope.set("before", before);
         }
         if uses.lines {
