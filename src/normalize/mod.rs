@@ -274,6 +274,63 @@ fn table_matches(written: &str, change: &Change) -> bool {
     }
 }
 
+/// What one change does to a reference table.
+enum ReferenceUpdate {
+    /// The whole row (`None`: deleted).
+    Row(Option<serde_json::Map<String, serde_json::Value>>),
+    /// One field of a key/value ("pivot") table.
+    Field(String, serde_json::Value),
+}
+
+/// The key and the update a change makes to `reference`, if any.
+fn reference_update(
+    reference: &mapping::Reference,
+    change: &Change,
+) -> Option<(String, ReferenceUpdate)> {
+    let image = change.after.as_ref().or(change.before.as_ref())?;
+    let cell = |column: &str| {
+        change
+            .table
+            .column_index(column)
+            .and_then(|i| image.0.get(i))
+    };
+    let key = cell(&reference.key).and_then(key_text)?;
+    if let Some((name_column, value_column)) = &reference.pivot {
+        // One field of the entity: kept if the mapping lists it.
+        let field = cell(name_column).and_then(key_text)?;
+        if !reference.columns.contains(&field) {
+            return None;
+        }
+        let value = match change.op {
+            Op::Delete => serde_json::Value::Null,
+            Op::Truncate => return None,
+            Op::Insert | Op::Update => {
+                cell(value_column).map_or(serde_json::Value::Null, plain_json)
+            }
+        };
+        return Some((key, ReferenceUpdate::Field(field, value)));
+    }
+    let row = match change.op {
+        Op::Delete => None,
+        Op::Truncate => return None,
+        Op::Insert | Op::Update => change.after.as_ref().map(|after| {
+            reference
+                .columns
+                .iter()
+                .map(|column| {
+                    let value = change
+                        .table
+                        .column_index(column)
+                        .and_then(|i| after.0.get(i))
+                        .map_or(serde_json::Value::Null, plain_json);
+                    (column.clone(), value)
+                })
+                .collect()
+        }),
+    };
+    Some((key, ReferenceUpdate::Row(row)))
+}
+
 /// A key column's value as text (`42`, `abc`); `None` for NULL.
 fn key_text(value: &Value) -> Option<String> {
     match value {
@@ -428,7 +485,6 @@ impl Normalizer {
             position: position.clone(),
             occurred_at: txn.commit_ts,
         };
-        let mut reference_changes: Vec<(usize, Change)> = Vec::new();
         let mut documents: Vec<Change> = Vec::new();
         // (line table, parent key) → line rows, in source order.
         let mut lines: HashMap<(String, String), Vec<Change>> = HashMap::new();
@@ -443,39 +499,46 @@ impl Normalizer {
         line_tables.sort_unstable();
         line_tables.dedup();
         let mut broken: Vec<(Change, String)> = Vec::new();
-        txn.changes
-            .for_each(|change| {
-                let verdict = self.broken_layout(change);
-                if let Some(reason) = verdict {
-                    broken.push((change.clone(), reason));
+        // The changes are taken, not copied: a row goes where the mapping
+        // needs it (a reference update is computed on the spot), and is
+        // cloned only when two places need it (Odoo's order lines are both
+        // lines and reference data).
+        let mut reference_updates: Vec<(usize, String, ReferenceUpdate)> = Vec::new();
+        let changes = std::mem::replace(
+            &mut txn.changes,
+            crate::source::Changes::from_vec(Vec::new()),
+        );
+        changes
+            .into_each(|change| {
+                if let Some(reason) = self.broken_layout(&change) {
+                    broken.push((change, reason));
                     return;
                 }
                 for (r, reference) in mapping.references.iter().enumerate() {
-                    if table_matches(&reference.table, change) {
-                        reference_changes.push((r, change.clone()));
+                    if table_matches(&reference.table, &change) {
+                        if let Some((key, update)) = reference_update(reference, &change) {
+                            reference_updates.push((r, key, update));
+                        }
                     }
                 }
-                if mapping
+                let is_document = mapping
                     .orders
                     .iter()
-                    .any(|o| table_matches(&o.table, change))
+                    .any(|o| table_matches(&o.table, &change))
                     || mapping
                         .refunds
                         .iter()
-                        .any(|r| table_matches(&r.table, change))
+                        .any(|r| table_matches(&r.table, &change))
                     || mapping
                         .customers
                         .iter()
-                        .any(|c| table_matches(&c.table, change))
+                        .any(|c| table_matches(&c.table, &change))
                     || mapping
                         .redemptions
                         .iter()
-                        .any(|r| table_matches(&r.table, change))
-                {
-                    documents.push(change.clone());
-                }
+                        .any(|r| table_matches(&r.table, &change));
                 for (table, parent) in &line_tables {
-                    if !table_matches(table, change) || change.op == Op::Delete {
+                    if !table_matches(table, &change) || change.op == Op::Delete {
                         continue;
                     }
                     if let Some(parent) = change.after_value(parent).and_then(key_text) {
@@ -484,6 +547,9 @@ impl Normalizer {
                             held.push(change.clone());
                         }
                     }
+                }
+                if is_document {
+                    documents.push(change);
                 }
             })
             .map_err(|e| {
@@ -494,71 +560,25 @@ impl Normalizer {
         // transaction's order lines); the last image of a key wins.
         let mut puts: Vec<ReferenceRow> = Vec::new();
         let mut put_index: HashMap<(String, String), usize> = HashMap::new();
-        for (r, change) in reference_changes {
+        for (r, key, update) in reference_updates {
             let reference = &mapping.references[r];
-            let image = change.after.as_ref().or(change.before.as_ref());
-            let Some(key) = image
-                .and_then(|row| {
-                    change
-                        .table
-                        .column_index(&reference.key)
-                        .and_then(|i| row.0.get(i))
-                })
-                .and_then(key_text)
-            else {
-                continue;
-            };
-            if let Some((name_column, value_column)) = &reference.pivot {
-                // One field of the entity: kept if the mapping lists it.
-                let cell = |column: &str| {
-                    image.and_then(|row| {
-                        change.table.column_index(column).and_then(|i| row.0.get(i))
-                    })
-                };
-                let Some(field) = cell(name_column).and_then(key_text) else {
-                    continue;
-                };
-                if !reference.columns.contains(&field) {
-                    continue;
+            match update {
+                ReferenceUpdate::Field(field, value) => {
+                    references
+                        .merge(&reference.name, &key, &field, value)
+                        .await?;
                 }
-                let value = match change.op {
-                    Op::Delete => serde_json::Value::Null,
-                    Op::Truncate => continue,
-                    Op::Insert | Op::Update => {
-                        cell(value_column).map_or(serde_json::Value::Null, plain_json)
+                ReferenceUpdate::Row(row) => {
+                    // A key written twice keeps its place and takes the
+                    // later image (an index, not a scan: a snapshot chunk
+                    // holds thousands of rows).
+                    match put_index.get(&(reference.name.clone(), key.clone())) {
+                        Some(&at) => puts[at].2 = row,
+                        None => {
+                            put_index.insert((reference.name.clone(), key.clone()), puts.len());
+                            puts.push((reference.name.clone(), key, row));
+                        }
                     }
-                };
-                references
-                    .merge(&reference.name, &key, &field, value)
-                    .await?;
-                continue;
-            }
-            let row = match change.op {
-                Op::Delete => None,
-                Op::Truncate => continue,
-                Op::Insert | Op::Update => change.after.as_ref().map(|after| {
-                    reference
-                        .columns
-                        .iter()
-                        .map(|column| {
-                            let value = change
-                                .table
-                                .column_index(column)
-                                .and_then(|i| after.0.get(i))
-                                .map_or(serde_json::Value::Null, plain_json);
-                            (column.clone(), value)
-                        })
-                        .collect()
-                }),
-            };
-            // A key written twice keeps its place and takes the later
-            // image (an index, not a scan: a snapshot chunk holds
-            // thousands of rows).
-            match put_index.get(&(reference.name.clone(), key.clone())) {
-                Some(&at) => puts[at].2 = row,
-                None => {
-                    put_index.insert((reference.name.clone(), key.clone()), puts.len());
-                    puts.push((reference.name.clone(), key, row));
                 }
             }
         }

@@ -346,6 +346,19 @@ impl Changes {
         Ok(())
     }
 
+    /// Visits every change in order, handing each over (spilled ones are
+    /// read back one at a time, as in [`Changes::for_each`]).
+    pub fn into_each(mut self, mut visit: impl FnMut(Change)) -> Result<(), SpillError> {
+        let memory = std::mem::take(&mut self.memory);
+        if self.spilled.is_some() {
+            self.for_each(|change| visit(change.clone()))?;
+        }
+        for change in memory {
+            visit(change);
+        }
+        Ok(())
+    }
+
     /// All changes in memory. Only for transactions known to be small
     /// (tests, snapshot chunks); large ones use [`Changes::for_each`].
     pub fn to_vec(&mut self) -> Result<Vec<Change>, SpillError> {

@@ -314,14 +314,12 @@ pub async fn stream<C: TxnConsumer>(
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 idle_point(
                     client,
-                    consumer,
                     progress,
                     &open,
                     &applied,
                     &mut durable,
                     Lsn(wal_end.as_u64()),
-                )
-                .await?;
+                )?;
             }
             ReplicationEvent::Message {
                 transactional: false,
@@ -330,14 +328,12 @@ pub async fn stream<C: TxnConsumer>(
             } => {
                 idle_point(
                     client,
-                    consumer,
                     progress,
                     &open,
                     &applied,
                     &mut durable,
                     Lsn(lsn.as_u64()),
-                )
-                .await?;
+                )?;
             }
             // Transactional messages belong to their transaction; nothing
             // maps them today.
@@ -374,9 +370,8 @@ fn confirm(
 /// consumer, so confirming it is safe — and necessary: on a slot whose
 /// tables are quiet (or whose changes are all filtered out) it is the only
 /// way `confirmed_flush_lsn` moves and the server can recycle WAL.
-async fn idle_point<C: TxnConsumer>(
+fn idle_point(
     client: &ReplicationClient,
-    consumer: &mut C,
     progress: &SourceProgress,
     open: &Option<OpenTxn>,
     applied: &Position,
@@ -391,7 +386,6 @@ async fn idle_point<C: TxnConsumer>(
     // timer: the server sends keepalives between transactions while it
     // keeps up, and flushing on each one made every transaction a ledger
     // commit of its own (measured: 570 instead of 4,400 orders/s).
-    let _ = consumer;
     progress.touch();
     if &*durable >= applied && durable.lsn().is_some_and(|confirmed| wal_end > confirmed) {
         client.update_applied_lsn(pgwire_replication::Lsn(wal_end.0));
