@@ -75,6 +75,11 @@ pub struct LedgerConsumer {
     pub counts: Arc<ApplyCounts>,
 }
 
+/// Events and reference rows a batch holds before it commits, whatever
+/// its number of transactions: the memory bound of a batch of snapshot
+/// chunks (10,000 rows each).
+const MAX_PENDING: usize = 20_000;
+
 /// Outcomes booked together in one wave (statements in flight at once).
 const MAX_WAVE: usize = 64;
 
@@ -579,7 +584,9 @@ impl LedgerConsumer {
         self.in_batch += 1;
         self.last = Some((txn.position.clone(), txn.commit_ts));
         self.counts.transactions.fetch_add(1, Ordering::Relaxed);
-        if self.in_batch >= self.batch {
+        if self.in_batch >= self.batch
+            || self.pending.len() + self.pending_references.len() >= MAX_PENDING
+        {
             self.commit().await?;
         }
         Ok(self.durable.clone())
