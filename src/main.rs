@@ -106,7 +106,11 @@ const NO_BOUND_VALUES_IN_LOGS: &str = "tokio_postgres::query=info";
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER))
-        .add_directive(NO_BOUND_VALUES_IN_LOGS.parse().expect("constant directive"));
+        .add_directive(
+            // A constant that parses (every start of the binary, and the
+            // CLI tests, run this line).
+            NO_BOUND_VALUES_IN_LOGS.parse().expect("constant directive"),
+        );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -192,12 +196,21 @@ async fn run(path: &Path) -> ExitCode {
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler");
+        let terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+        if let Err(error) = &terminate {
+            tracing::warn!(%error, "cannot listen for SIGTERM; stop with SIGINT (Ctrl-C)");
+        }
+        let sigterm = async {
+            match terminate {
+                Ok(mut terminate) => {
+                    terminate.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
+            _ = sigterm => {}
         }
         tracing::info!("shutting down: finishing the open batch");
         on_signal.cancel();
@@ -275,13 +288,16 @@ async fn member_show(path: &Path, identifier: &str, json: bool) -> ExitCode {
         Err(message) => Err(message),
     };
     match view {
-        Ok(Some(view)) if json => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&view).expect("member view serializes")
-            );
-            ExitCode::SUCCESS
-        }
+        Ok(Some(view)) if json => match serde_json::to_string_pretty(&view) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: cannot print the member as JSON: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Ok(Some(view)) => {
             println!("member {}", view.member_id);
             println!("  identifiers  {}", view.identifiers.join(", "));

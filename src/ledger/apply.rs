@@ -151,9 +151,11 @@ impl LedgerConsumer {
     }
 
     async fn commit(&mut self) -> Result<(), ConsumerError> {
-        if self.in_batch == 0 {
+        // `last` is set with every transaction taken and cleared with the
+        // batch: nothing to commit without it.
+        let Some((position, commit_ts)) = self.last.clone() else {
             return Ok(());
-        }
+        };
         write_references(
             &self.client,
             &self.source,
@@ -161,7 +163,6 @@ impl LedgerConsumer {
         )
         .await?;
         self.book_pending().await?;
-        let (position, commit_ts) = self.last.clone().expect("a transaction was applied");
         positions::store(
             self.client.client(),
             &self.source,
@@ -181,6 +182,7 @@ impl LedgerConsumer {
         self.open = false;
         self.held = None;
         self.in_batch = 0;
+        self.last = None;
         self.durable = Some(position);
         Ok(())
     }
@@ -366,37 +368,18 @@ impl LedgerConsumer {
     }
 
     async fn book_one(&self, outcome: Outcome) -> Result<(), ConsumerError> {
-        match outcome {
+        let (event, origin) = match outcome {
             Outcome::Quarantine(q) => {
-                let op = match q.op {
-                    Op::Insert => "insert",
-                    Op::Update => "update",
-                    Op::Delete => "delete",
-                    Op::Truncate => "truncate",
-                };
-                self.client
-                        .execute(
-                            "INSERT INTO quarantine (source, position, table_name, operation, reason, row_data)
-                             VALUES ($1, $2, $3, $4, $5, $6)",
-                            &[&&*q.origin.source, &q.origin.position, &q.origin.table, &op, &q.reason, &q.row],
-                        )
-                        .await
-                        .map_err(db)?;
-                // The reason names columns and statuses, never values.
-                tracing::warn!(source = %q.origin.source, table = %q.origin.table, position = %q.origin.position, reason = %q.reason, "row quarantined");
-                self.counts.quarantined.fetch_add(1, Ordering::Relaxed);
+                return self
+                    .quarantine(&q.origin, q.op, &q.reason, Some(&q.row))
+                    .await
             }
-            Outcome::Event(MemberEvent::Order(order), origin) => {
-                let identifiers = self.identity.identifiers(&self.source, &order.identifiers);
-                let member = members::resolve(
-                    &self.client,
-                    &self.identity,
-                    &self.source,
-                    &identifiers,
-                    origin.occurred_at,
-                )
-                .await
-                .map_err(db)?;
+            Outcome::Event(event, origin) => (event, origin),
+        };
+        let at = origin.occurred_at;
+        let problem = match event {
+            MemberEvent::Order(order) => {
+                let member = self.member_of(&order.identifiers, at).await?;
                 if member.is_none() {
                     self.counts.anonymous.fetch_add(1, Ordering::Relaxed);
                 }
@@ -406,122 +389,112 @@ impl LedgerConsumer {
                     &self.source,
                     &order,
                     member,
-                    origin.occurred_at,
+                    at,
                 )
                 .await
                 .map_err(db)?;
-                self.counts.events.fetch_add(1, Ordering::Relaxed);
+                None
             }
-            Outcome::Event(MemberEvent::Customer(customer), origin) => {
-                let identifiers = self
-                    .identity
-                    .identifiers(&self.source, &customer.identifiers);
-                let member = members::resolve(
-                    &self.client,
-                    &self.identity,
-                    &self.source,
-                    &identifiers,
-                    origin.occurred_at,
-                )
-                .await
-                .map_err(db)?;
-                if let Some(member) = member {
-                    members::update_profile(
-                        &self.client,
-                        member,
-                        &customer.profile,
-                        origin.occurred_at,
-                    )
-                    .await
-                    .map_err(db)?;
-                    self.counts.events.fetch_add(1, Ordering::Relaxed);
+            MemberEvent::Customer(customer) => {
+                // No usable identifier: nobody to enroll (counted as an
+                // event all the same; nothing is lost, the row had nothing).
+                if let Some(member) = self.member_of(&customer.identifiers, at).await? {
+                    members::update_profile(&self.client, member, &customer.profile, at)
+                        .await
+                        .map_err(db)?;
                 }
+                None
             }
-            Outcome::Event(MemberEvent::Redemption(redemption), origin) => {
-                let identifiers = self
-                    .identity
-                    .identifiers(&self.source, &redemption.identifiers);
-                let member = members::resolve(
-                    &self.client,
-                    &self.identity,
-                    &self.source,
-                    &identifiers,
-                    origin.occurred_at,
-                )
-                .await
-                .map_err(db)?;
-                let booked = match member {
-                    Some(member) => orders::apply_redemption(
-                        &self.client,
-                        &self.source,
-                        &redemption,
-                        member,
-                        origin.occurred_at,
-                    )
-                    .await
-                    .map_err(db)?,
-                    None => orders::Booked::UnknownOrder,
-                };
-                let reason = match booked {
+            MemberEvent::Redemption(redemption) => {
+                match self.member_of(&redemption.identifiers, at).await? {
+                    None => Some(format!(
+                        "redemption `{}` names no usable identifier, so no member can pay for it",
+                        redemption.redemption_ref
+                    )),
+                    Some(member) => {
+                        match orders::apply_redemption(&self.client, &self.source, &redemption, member, at)
+                        .await
+                        .map_err(db)?
+                    {
                         orders::Booked::Insufficient(available) => Some(format!(
                             "redemption `{}` of {} points exceeds the {available} available; the balance never goes below zero",
                             redemption.redemption_ref, redemption.points
                         )),
-                        orders::Booked::UnknownOrder => Some(format!(
-                            "redemption `{}` names no usable identifier, so no member can pay for it",
-                            redemption.redemption_ref
-                        )),
                         _ => None,
-                    };
-                match reason {
-                    Some(reason) => self.quarantine_reason(&origin, &reason).await?,
-                    None => {
-                        self.counts.events.fetch_add(1, Ordering::Relaxed);
+                    }
                     }
                 }
             }
-            Outcome::Event(MemberEvent::Refund(refund), origin) => {
-                let booked = orders::apply_refund(
-                    &self.client,
-                    &self.program,
-                    &self.source,
-                    &refund,
-                    origin.occurred_at,
-                )
-                .await
-                .map_err(db)?;
-                if booked == orders::Booked::UnknownOrder {
-                    let reason = format!(
-                            "refund `{}` of order `{}`, which the ledger has not seen (created before this source was first snapshotted?)",
-                            refund.refund_ref, refund.order_ref
-                        );
-                    self.quarantine_reason(&origin, &reason).await?;
-                } else {
-                    self.counts.events.fetch_add(1, Ordering::Relaxed);
+            MemberEvent::Refund(refund) => {
+                match orders::apply_refund(&self.client, &self.program, &self.source, &refund, at)
+                    .await
+                    .map_err(db)?
+                {
+                    orders::Booked::UnknownOrder => Some(format!(
+                        "refund `{}` of order `{}`, which the ledger has not seen (created before this source was first snapshotted?)",
+                        refund.refund_ref, refund.order_ref
+                    )),
+                    _ => None,
                 }
             }
+        };
+        match problem {
+            Some(reason) => self.quarantine(&origin, Op::Insert, &reason, None).await,
+            None => {
+                self.counts.events.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
         }
-        Ok(())
+    }
+
+    /// The member the identifiers a source wrote belong to (created or
+    /// merged as the identity rules say); `None`: anonymous.
+    async fn member_of(
+        &self,
+        raw: &crate::normalize::RawIdentifiers,
+        at: DateTime<Utc>,
+    ) -> Result<Option<i64>, ConsumerError> {
+        let identifiers = self.identity.identifiers(&self.source, raw);
+        members::resolve(&self.client, &self.identity, &self.source, &identifiers, at)
+            .await
+            .map_err(db)
     }
 }
 
 impl LedgerConsumer {
-    /// Quarantines an event the ledger cannot book (the row itself was
-    /// mapped; the reason says what is missing).
-    async fn quarantine_reason(
+    /// Keeps what could not be booked, with the reason: a row that could
+    /// not be mapped (`row` is its image) or a mapped event the ledger
+    /// cannot book (no row: the reason says what is missing).
+    async fn quarantine(
         &self,
         origin: &crate::normalize::Origin,
+        op: Op,
         reason: &str,
+        row: Option<&serde_json::Value>,
     ) -> Result<(), ConsumerError> {
+        let operation = match op {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Truncate => "truncate",
+        };
         self.client
             .execute(
                 "INSERT INTO quarantine (source, position, table_name, operation, reason, row_data)
-                 VALUES ($1, $2, $3, 'insert', $4, NULL)",
-                &[&&*origin.source, &origin.position, &origin.table, &reason],
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &&*origin.source,
+                    &origin.position,
+                    &origin.table,
+                    &operation,
+                    &reason,
+                    &row,
+                ],
             )
             .await
             .map_err(db)?;
-        tracing::warn!(source = %origin.source, table = %origin.table, position = %origin.position, reason = %reason, "event quarantined");
+        // The reason names columns, statuses and references, never values.
+        tracing::warn!(source = %origin.source, table = %origin.table, position = %origin.position, reason = %reason, "quarantined");
         self.counts.quarantined.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

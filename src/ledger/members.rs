@@ -112,11 +112,14 @@ pub async fn resolve(
             continue;
         }
         for other in others {
-            let via = usable
+            // `others` are owners of `usable` identifiers: the identifier
+            // that shows it is the same person is among them.
+            if let Some(via) = usable
                 .iter()
                 .find(|i| owners.get(*i).map(|(_, m)| *m) == Some(other))
-                .expect("an owner is found through an identifier");
-            merge(client, other, survivor, via, at).await?;
+            {
+                merge(client, other, survivor, via, at).await?;
+            }
         }
         let new: Vec<Identifier> = usable
             .iter()

@@ -504,13 +504,25 @@ impl Normalizer {
         // cloned only when two places need it (Odoo's order lines are both
         // lines and reference data).
         let mut reference_updates: Vec<(usize, String, ReferenceUpdate)> = Vec::new();
+        let mut layouts: Vec<(Arc<crate::source::Table>, Option<String>)> = Vec::new();
         let changes = std::mem::replace(
             &mut txn.changes,
             crate::source::Changes::from_vec(Vec::new()),
         );
         changes
             .into_each(|change| {
-                if let Some(reason) = self.broken_layout(&change) {
+                // Judged once per table layout (every change of one layout
+                // shares its `Arc`; holding it keeps the address from being
+                // reused by another layout).
+                let verdict = match layouts.iter().find(|(t, _)| Arc::ptr_eq(t, &change.table)) {
+                    Some((_, verdict)) => verdict.clone(),
+                    None => {
+                        let verdict = self.broken_layout(&change);
+                        layouts.push((Arc::clone(&change.table), verdict.clone()));
+                        verdict
+                    }
+                };
+                if let Some(reason) = verdict {
                     broken.push((change, reason));
                     return;
                 }
@@ -674,28 +686,22 @@ impl Normalizer {
         references: &mut R,
         origin: Origin,
     ) -> Result<Option<Outcome>, ConsumerError> {
-        let quarantine = |reason: String| {
-            Some(Outcome::Quarantine(Quarantined {
-                origin: origin.clone(),
-                op: doc.change.op,
-                reason,
-                row: doc.json(),
-            }))
+        let quarantine = |reason: String| Some(quarantined(doc, &origin, reason));
+        let (customer_ref, scope, _joined) = match self
+            .prepare(
+                doc,
+                &customer.key,
+                &Uses::all(),
+                &customer.joins,
+                customer.when.as_ref(),
+                references,
+            )
+            .await?
+        {
+            Prepared::Ready(key, scope, joined) => (key, scope, joined),
+            Prepared::Skip => return Ok(None),
+            Prepared::Quarantine(reason) => return Ok(quarantine(reason)),
         };
-        let Some(customer_ref) = doc.key.clone() else {
-            return Ok(quarantine(format!("NULL key column `{}`", customer.key)));
-        };
-        let mut scope = doc.scope(&Uses::all());
-        if let Err(error) = self.join(&customer.joins, &mut scope, references).await? {
-            return Ok(quarantine(error));
-        }
-        if let Some(when) = &customer.when {
-            match when.test(&scope) {
-                Ok(true) => {}
-                Ok(false) => return Ok(None),
-                Err(error) => return Ok(quarantine(error.to_string())),
-            }
-        }
         let flag = |expr: &Option<expr::Expr>| -> Result<Option<bool>, String> {
             expr.as_ref()
                 .map(|e| e.bool_value(&scope).map_err(|e| e.to_string()))
@@ -738,29 +744,22 @@ impl Normalizer {
         references: &mut R,
         origin: Origin,
     ) -> Result<Option<Outcome>, ConsumerError> {
-        let quarantine = |reason: String| {
-            Some(Outcome::Quarantine(Quarantined {
-                origin: origin.clone(),
-                op: doc.change.op,
-                reason,
-                row: doc.json(),
-            }))
+        let quarantine = |reason: String| Some(quarantined(doc, &origin, reason));
+        let (redemption_ref, scope, joined) = match self
+            .prepare(
+                doc,
+                &redemption.key,
+                &Uses::all(),
+                &redemption.joins,
+                redemption.when.as_ref(),
+                references,
+            )
+            .await?
+        {
+            Prepared::Ready(key, scope, joined) => (key, scope, joined),
+            Prepared::Skip => return Ok(None),
+            Prepared::Quarantine(reason) => return Ok(quarantine(reason)),
         };
-        let Some(redemption_ref) = doc.key.clone() else {
-            return Ok(quarantine(format!("NULL key column `{}`", redemption.key)));
-        };
-        let mut scope = doc.scope(&Uses::all());
-        let joined = match self.join(&redemption.joins, &mut scope, references).await? {
-            Ok(joined) => joined,
-            Err(error) => return Ok(quarantine(error)),
-        };
-        if let Some(when) = &redemption.when {
-            match when.test(&scope) {
-                Ok(true) => {}
-                Ok(false) => return Ok(None),
-                Err(error) => return Ok(quarantine(error.to_string())),
-            }
-        }
         let points = match redemption.points.sum(|t| term_value(doc, &joined, t)) {
             Ok(points) => points.abs().floor(),
             Err(reason) => return Ok(quarantine(reason)),
@@ -788,29 +787,22 @@ impl Normalizer {
         references: &mut R,
         origin: Origin,
     ) -> Result<Option<Outcome>, ConsumerError> {
-        let quarantine = |reason: String| {
-            Some(Outcome::Quarantine(Quarantined {
-                origin: origin.clone(),
-                op: doc.change.op,
-                reason,
-                row: doc.json(),
-            }))
+        let quarantine = |reason: String| Some(quarantined(doc, &origin, reason));
+        let (order_ref, scope, joined) = match self
+            .prepare(
+                doc,
+                &order.key,
+                &self.order_uses[order_index],
+                &order.joins,
+                order.when.as_ref(),
+                references,
+            )
+            .await?
+        {
+            Prepared::Ready(key, scope, joined) => (key, scope, joined),
+            Prepared::Skip => return Ok(None),
+            Prepared::Quarantine(reason) => return Ok(quarantine(reason)),
         };
-        let Some(order_ref) = doc.key.clone() else {
-            return Ok(quarantine(format!("NULL key column `{}`", order.key)));
-        };
-        let mut scope = doc.scope(&self.order_uses[order_index]);
-        let joined = match self.join(&order.joins, &mut scope, references).await? {
-            Ok(joined) => joined,
-            Err(error) => return Ok(quarantine(error)),
-        };
-        if let Some(when) = &order.when {
-            match when.test(&scope) {
-                Ok(true) => {}
-                Ok(false) => return Ok(None),
-                Err(error) => return Ok(quarantine(error.to_string())),
-            }
-        }
         let status = match order.status.text_value(&scope) {
             Ok(Some(status)) => status,
             Ok(None) => {
@@ -887,28 +879,21 @@ impl Normalizer {
         references: &mut R,
         origin: Origin,
     ) -> Result<Option<Outcome>, ConsumerError> {
-        let quarantine = |reason: String| {
-            Some(Outcome::Quarantine(Quarantined {
-                origin: origin.clone(),
-                op: doc.change.op,
-                reason,
-                row: doc.json(),
-            }))
-        };
-        let Some(refund_ref) = doc.key.clone() else {
-            return Ok(quarantine(format!("NULL key column `{}`", refund.key)));
-        };
-        let mut scope = doc.scope(&self.refund_uses[refund_index]);
-        if let Some(when) = &refund.when {
-            match when.test(&scope) {
-                Ok(true) => {}
-                Ok(false) => return Ok(None),
-                Err(error) => return Ok(quarantine(error.to_string())),
-            }
-        }
-        let joined = match self.join(&refund.joins, &mut scope, references).await? {
-            Ok(joined) => joined,
-            Err(error) => return Ok(quarantine(error)),
+        let quarantine = |reason: String| Some(quarantined(doc, &origin, reason));
+        let (refund_ref, scope, joined) = match self
+            .prepare(
+                doc,
+                &refund.key,
+                &self.refund_uses[refund_index],
+                &refund.joins,
+                refund.when.as_ref(),
+                references,
+            )
+            .await?
+        {
+            Prepared::Ready(key, scope, joined) => (key, scope, joined),
+            Prepared::Skip => return Ok(None),
+            Prepared::Quarantine(reason) => return Ok(quarantine(reason)),
         };
         let order_ref = match refund.order.text_value(&scope) {
             Ok(Some(order_ref)) => order_ref,
@@ -940,6 +925,48 @@ impl Normalizer {
         )))
     }
 
+    /// The common start of every document: its key, its variables, its
+    /// joins and its `when`. `when` is tested before the joins unless it
+    /// reads one, so rows a mapping skips cost no lookups.
+    async fn prepare<R: References>(
+        &self,
+        doc: &Document<'_>,
+        key_column: &str,
+        uses: &Uses,
+        joins: &[mapping::Join],
+        when: Option<&expr::Expr>,
+        references: &mut R,
+    ) -> Result<Prepared, ConsumerError> {
+        let Some(key) = doc.key.clone() else {
+            return Ok(Prepared::Quarantine(format!(
+                "NULL key column `{key_column}`"
+            )));
+        };
+        let mut scope = doc.scope(uses);
+        let reads_joins =
+            when.is_some_and(|w| joins.iter().any(|j| w.text().contains(j.name.as_str())));
+        let test = |scope: &Scope| match when.map(|w| w.test(scope)) {
+            None | Some(Ok(true)) => None,
+            Some(Ok(false)) => Some(Prepared::Skip),
+            Some(Err(error)) => Some(Prepared::Quarantine(error.to_string())),
+        };
+        if !reads_joins {
+            if let Some(verdict) = test(&scope) {
+                return Ok(verdict);
+            }
+        }
+        let joined = match self.join(joins, &mut scope, references).await? {
+            Ok(joined) => joined,
+            Err(error) => return Ok(Prepared::Quarantine(error)),
+        };
+        if reads_joins {
+            if let Some(verdict) = test(&scope) {
+                return Ok(verdict);
+            }
+        }
+        Ok(Prepared::Ready(key, scope, joined))
+    }
+
     /// Looks up each join in order; a key that cannot be computed is a
     /// mapping problem for this row (`Ok(Err(reason))`), an unknown key a
     /// row of nulls.
@@ -965,6 +992,24 @@ impl Normalizer {
         }
         Ok(Ok(joined))
     }
+}
+
+/// How a document row starts: skipped (its `when` is false), quarantined
+/// (no key, a join or `when` that cannot be evaluated), or ready with its
+/// key, its variables and its joined rows.
+enum Prepared {
+    Skip,
+    Quarantine(String),
+    Ready(String, Scope, Joined),
+}
+
+fn quarantined(doc: &Document<'_>, origin: &Origin, reason: String) -> Outcome {
+    Outcome::Quarantine(Quarantined {
+        origin: origin.clone(),
+        op: doc.change.op,
+        reason,
+        row: doc.json(),
+    })
 }
 
 /// One order or refund row and its lines.

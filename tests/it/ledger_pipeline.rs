@@ -281,17 +281,23 @@ server_id = {server_id}
          INSERT INTO loyalty_history (id, card_id, description, used, order_model, order_id)
            VALUES (1, 1, 'Reward: 5 EUR off', 30, 'pos.order', 1);
          INSERT INTO loyalty_history (id, card_id, description, used, order_model, order_id)
-           VALUES (2, 1, 'Reward: 100 EUR off', 500, 'pos.order', 1);",
+           VALUES (2, 1, 'Reward: 100 EUR off', 500, 'pos.order', 1);
+         INSERT INTO loyalty_card (id, partner_id, code, points) VALUES (2, NULL, '0000', 0);
+         INSERT INTO loyalty_history (id, card_id, description, used, order_model, order_id)
+           VALUES (3, 2, 'Reward on a placeholder card', 5, 'pos.order', 1);",
     )
     .await
     .unwrap();
     wait_for("the redemptions", || async {
-        ledger.scalar("SELECT count(*) FROM quarantine").await == 1
+        ledger.scalar("SELECT count(*) FROM quarantine").await == 2
     })
     .await;
     assert_eq!(
         ledger.quarantine_reasons().await,
-        ["redemption `2` of 500 points exceeds the 20 available; the balance never goes below zero"]
+        [
+            "redemption `2` of 500 points exceeds the 20 available; the balance never goes below zero",
+            "redemption `3` names no usable identifier, so no member can pay for it"
+        ]
     );
     assert_eq!(
         ledger.member_by_email("anna.schmidt@example.de").await,
@@ -427,6 +433,7 @@ server_id = {server_id}
         ledger.quarantine_reasons().await,
         [
             "redemption `2` of 500 points exceeds the 20 available; the balance never goes below zero".to_string(),
+            "redemption `3` names no usable identifier, so no member can pay for it".into(),
             "unknown status `weird_state`; list it under placed, completed, cancelled, refunded or ignored in "
                 .to_string()
                 + &connectors().join("magento2.toml").display().to_string(),
