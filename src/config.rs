@@ -86,6 +86,9 @@ pub struct Settings {
     /// Which trigger goes to which provider.
     #[serde(default)]
     pub triggers: TriggerSettings,
+    /// Delivery: retries, timeouts, consent and contact policy.
+    #[serde(default)]
+    pub delivery: crate::delivery::DeliverySettings,
     /// The HTTP listener: metrics, health and the admin API.
     #[serde(default)]
     pub api: ApiSettings,
@@ -249,29 +252,85 @@ pub struct ProviderSettings {
     /// `{ file = "path" }`, e.g. `secrets.api_key = { env = "KLAVIYO_KEY" }`.
     #[serde(default)]
     pub secrets: BTreeMap<String, Secret>,
+    /// Non-secret values the template asks for (its `settings` list), e.g.
+    /// `settings.from_email = "club@shop.example"`.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
+    /// Requests per second at most (token bucket; default 50).
+    #[serde(default = "default_rate_per_second")]
+    pub rate_per_second: u32,
+    /// Requests in flight at most (default 8).
+    #[serde(default = "default_provider_concurrency")]
+    pub concurrency: u32,
+    /// The template file, compiled by `validate` (not a configuration key).
+    #[serde(skip)]
+    pub compiled: Option<std::sync::Arc<crate::delivery::template::ProviderTemplate>>,
+}
+
+fn default_rate_per_second() -> u32 {
+    50
+}
+
+fn default_provider_concurrency() -> u32 {
+    8
 }
 
 /// `[triggers]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerSettings {
-    /// `[[triggers.routes]]`: send `trigger` through `provider`.
+    /// `[[triggers.routes]]`: send `trigger` through `provider`. A trigger
+    /// with no route fires nothing (`points_earned` is the usual one left
+    /// out).
     #[serde(default)]
     pub routes: Vec<TriggerRoute>,
+    /// `[triggers.milestones]`: thresholds that fire `milestone` once each.
+    #[serde(default)]
+    pub milestones: MilestoneSettings,
+}
+
+/// `[triggers.milestones]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MilestoneSettings {
+    /// The member's nth purchase, e.g. `[1, 10, 50]`.
+    #[serde(default)]
+    pub purchases: Vec<i64>,
+    /// Lifetime points reached, e.g. `[1000, 5000]`.
+    #[serde(default)]
+    pub lifetime_points: Vec<i64>,
 }
 
 /// One `[[triggers.routes]]` entry.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerRoute {
+    /// Names the route in the outbox (default `<trigger>_<provider>`);
+    /// unique. Renaming a route makes its queued messages undeliverable.
+    #[serde(default)]
+    pub name: Option<String>,
     /// Which trigger.
     pub trigger: TriggerKind,
     /// Name of a configured provider.
     pub provider: String,
+    /// Values the provider template asks for (its `params` list): message
+    /// text, subject, template or campaign ids. Each is a template itself,
+    /// e.g. `text = "You are {{ trigger.data.tier }} now!"`.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+}
+
+impl TriggerRoute {
+    /// The route's name in the outbox.
+    pub fn route_name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("{}_{}", self.trigger.as_str(), self.provider))
+    }
 }
 
 /// The triggers the program can fire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TriggerKind {
     Welcome,
@@ -285,6 +344,24 @@ pub enum TriggerKind {
     PointsExpiring,
     PriceDrop,
     SegmentEntered,
+}
+
+impl TriggerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Welcome => "welcome",
+            Self::PointsEarned => "points_earned",
+            Self::TierUpgrade => "tier_upgrade",
+            Self::TierDowngrade => "tier_downgrade",
+            Self::Milestone => "milestone",
+            Self::Redemption => "redemption",
+            Self::LapseRisk => "lapse_risk",
+            Self::ReplenishmentDue => "replenishment_due",
+            Self::PointsExpiring => "points_expiring",
+            Self::PriceDrop => "price_drop",
+            Self::SegmentEntered => "segment_entered",
+        }
+    }
 }
 
 /// `[api]`
@@ -571,6 +648,7 @@ impl Settings {
     pub fn validate(&mut self, origin: &str, base_dir: &Path) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         let mut mapping_problems_found = Vec::new();
+        let mut problems_later: Vec<ConfigProblem> = Vec::new();
         let mut problem = |key: String, message: String| {
             problems.push(ConfigProblem {
                 origin: origin.to_string(),
@@ -755,13 +833,69 @@ impl Settings {
             }
         }
 
-        for (index, route) in self.triggers.routes.iter().enumerate() {
-            if !provider_names.contains(&route.provider) {
+        // Provider templates: compiled here, so a bad template fails at
+        // start naming its file and key; then what each provider entry
+        // must supply for its template.
+        for (index, provider) in self.providers.iter_mut().enumerate() {
+            if !provider.template.is_file() {
+                continue;
+            }
+            match crate::delivery::template::ProviderTemplate::load(&provider.template) {
+                Ok(template) => {
+                    for (key, message) in template.problems_with(provider) {
+                        problem(format!("providers[{index}].{key}"), message);
+                    }
+                    provider.compiled = Some(std::sync::Arc::new(template));
+                }
+                Err(template_problems) => problems_later.extend(template_problems),
+            }
+            if provider.rate_per_second == 0 || provider.concurrency == 0 {
                 problem(
-                    format!("triggers.routes[{index}].provider"),
-                    format!("no provider is named `{}`; add a [[providers]] entry with that name or fix the route", route.provider),
+                    format!("providers[{index}].rate_per_second"),
+                    "rate_per_second and concurrency must be 1 or more (defaults 50 and 8)".into(),
                 );
             }
+        }
+
+        let mut route_names = HashSet::new();
+        for (index, route) in self.triggers.routes.iter().enumerate() {
+            let provider = self.providers.iter().find(|p| p.name == route.provider);
+            match provider {
+                None => problem(
+                    format!("triggers.routes[{index}].provider"),
+                    format!("no provider is named `{}`; add a [[providers]] entry with that name or fix the route", route.provider),
+                ),
+                Some(provider) => {
+                    if let Some(template) = &provider.compiled {
+                        for (key, message) in template.problems_with_route(route) {
+                            problem(format!("triggers.routes[{index}].{key}"), message);
+                        }
+                    }
+                }
+            }
+            if !route_names.insert(route.route_name()) {
+                problem(
+                    format!("triggers.routes[{index}].name"),
+                    format!(
+                        "route `{}` is defined twice; give one of them another `name`",
+                        route.route_name()
+                    ),
+                );
+            }
+        }
+        for (key, values) in [
+            ("purchases", &self.triggers.milestones.purchases),
+            ("lifetime_points", &self.triggers.milestones.lifetime_points),
+        ] {
+            if values.iter().any(|v| *v <= 0) {
+                problem(
+                    format!("triggers.milestones.{key}"),
+                    "milestones are counts above 0, e.g. [1, 10, 50]".into(),
+                );
+            }
+        }
+        for (key, message) in self.delivery.problems() {
+            problem(key, message);
         }
 
         if let Some(secret) = &mut self.api.token {
@@ -801,6 +935,7 @@ impl Settings {
         }
 
         problems.extend(mapping_problems_found);
+        problems.extend(problems_later);
         if problems.is_empty() {
             Ok(())
         } else {

@@ -11,17 +11,23 @@
 //! - [`normalize`]: source transactions → member events, by mapping files.
 //! - [`identity`]: identifiers normalized, placeholders blocked, linking rules.
 //! - [`ledger`]: the ledger database: members, orders, points, positions.
-//! - [`pipeline`]: `loyalty-cdc run`: every source into the ledger.
+//! - [`triggers`]: event triggers detected in the ledger transaction.
+//! - [`delivery`]: the outbox worker: policy, provider templates, signing,
+//!   retries, dead letters.
+//! - [`pipeline`]: `loyalty-cdc run`: every source into the ledger, and
+//!   delivery.
 //! - [`preflight`]: `loyalty-cdc check`, every prerequisite with its fix.
 
 pub mod config;
 pub mod connect;
+pub mod delivery;
 pub mod identity;
 pub mod ledger;
 pub mod normalize;
 pub mod pipeline;
 pub mod preflight;
 pub mod source;
+pub mod triggers;
 
 /// How the caller should react to an error. Every module's error type maps
 /// each of its variants to one of these.

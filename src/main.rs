@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use loyalty_cdc::config::{Settings, DEFAULT_CONFIG_PATH};
+use loyalty_cdc::delivery::outbox;
 use loyalty_cdc::identity::{
     normalize_card, normalize_email, Identifier, IdentifierKind, Identity,
 };
@@ -54,6 +55,30 @@ enum Command {
     /// Members of the program.
     #[command(subcommand)]
     Member(MemberCommand),
+    /// Messages providers refused for good, or that ran out of attempts.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Open dead letters, oldest first: id, provider, trigger, member,
+    /// reason and the provider's answer.
+    List {
+        /// At most this many (default 100).
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make dead letters due again (same message id, fresh attempts) and
+    /// re-enable their providers' endpoints.
+    Replay {
+        /// Dead letter ids, as `dlq list` shows them.
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -90,6 +115,10 @@ fn main() -> ExitCode {
             Command::Member(MemberCommand::Show { identifier, json }) => {
                 member_show(&cli.config, &identifier, json).await
             }
+            Command::Dlq(DlqCommand::List { limit, json }) => {
+                dlq_list(&cli.config, limit, json).await
+            }
+            Command::Dlq(DlqCommand::Replay { ids }) => dlq_replay(&cli.config, &ids).await,
         }
     })
 }
@@ -325,6 +354,95 @@ async fn member_show(path: &Path, identifier: &str, json: bool) -> ExitCode {
         }
         Err(message) => {
             eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The ledger database, or the error printed.
+async fn ledger_db(path: &Path) -> Option<ledger::db::Db> {
+    let settings = load(path)?;
+    match ledger::connect(&settings.ledger).await {
+        Ok(client) => Some(ledger::db::Db::new(client)),
+        Err(error) => {
+            eprintln!("error: ledger: {error}\n  fix: {}", error.fix());
+            None
+        }
+    }
+}
+
+async fn dlq_list(path: &Path, limit: i64, json: bool) -> ExitCode {
+    let Some(db) = ledger_db(path).await else {
+        return ExitCode::FAILURE;
+    };
+    let letters = match outbox::dead_letters(&db, limit.max(1)).await {
+        Ok(letters) => letters,
+        Err(error) => {
+            eprintln!("error: ledger: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        return match serde_json::to_string_pretty(&letters) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: cannot print JSON: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if letters.is_empty() {
+        println!("no dead letters");
+    }
+    for letter in &letters {
+        println!(
+            "{:>6}  {}  {:<12} {:<14} member {:<8} {}",
+            letter.id,
+            letter.dead_at.format("%Y-%m-%d %H:%M:%S"),
+            letter.provider,
+            letter.trigger,
+            letter.member_id.map_or("-".to_string(), |m| m.to_string()),
+            letter.reason
+        );
+        if let Some(body) = &letter.response_body {
+            // The provider's answer may name the recipient: it is shown to
+            // the operator who asked, never logged.
+            println!(
+                "        answer: {}",
+                outbox::truncate(body, 500).replace('\n', " ")
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+async fn dlq_replay(path: &Path, ids: &[i64]) -> ExitCode {
+    let Some(db) = ledger_db(path).await else {
+        return ExitCode::FAILURE;
+    };
+    match outbox::replay(&db, ids, chrono::Utc::now()).await {
+        Ok(replayed) => {
+            let missing: Vec<String> = ids
+                .iter()
+                .filter(|id| !replayed.contains(id))
+                .map(|id| id.to_string())
+                .collect();
+            println!("{} dead letter(s) due again", replayed.len());
+            if missing.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "not replayed (unknown or replayed before): {}",
+                    missing.join(", ")
+                );
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("error: ledger: {error}");
             ExitCode::FAILURE
         }
     }

@@ -73,6 +73,7 @@ pub async fn run(
     drop(client);
     let program = Arc::new(settings.program.clone());
 
+    let triggers = crate::triggers::Triggers::from_settings(settings);
     let writer = WriterLock::default();
     let mut tasks = tokio::task::JoinSet::new();
     let mut running = Vec::new();
@@ -93,7 +94,8 @@ pub async fn run(
         )
         .await
         .map_err(|e| PipelineError::Ledger(format!("{e}; fix: {}", e.fix())))?
-        .with_writer_lock(writer.clone());
+        .with_writer_lock(writer.clone())
+        .with_triggers(Arc::clone(&triggers));
         let counts = Arc::clone(&consumer.counts);
         let name = source.name.clone();
         let shutdown = shutdown.clone();
@@ -131,6 +133,19 @@ pub async fn run(
         }
     }
     started(running);
+
+    // Delivery: one worker for every provider, stopped with the sources.
+    if settings.delivery.enabled && !settings.providers.is_empty() {
+        let worker =
+            crate::delivery::worker::Worker::new(settings, Arc::new(crate::delivery::SystemClock))
+                .await
+                .map_err(|e| PipelineError::Ledger(format!("delivery: {e}")))?;
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            worker.run(shutdown).await;
+            ("delivery".to_string(), Ok(()))
+        });
+    }
 
     let mut first_error = None;
     while let Some(joined) = tasks.join_next().await {

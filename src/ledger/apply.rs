@@ -18,6 +18,7 @@ use crate::connect;
 use crate::identity::Identity;
 use crate::normalize::{MemberEvent, Normalizer, Outcome, ReferenceRow, References};
 use crate::source::{ConsumerError, Op, Position, SourceKind, SourceTxn, TxnConsumer};
+use crate::triggers::{self, BatchFacts, Triggers};
 
 /// Source transactions per ledger commit: large enough that commit cost is
 /// shared (≈ 1 ms each), small enough that a batch commits within a tenth
@@ -73,6 +74,10 @@ pub struct LedgerConsumer {
     /// [`REFERENCE_CACHE_ROWS`]); emptied whenever a batch is rolled back.
     reference_cache: ReferenceCache,
     pub counts: Arc<ApplyCounts>,
+    /// What fires and where to.
+    triggers: Arc<Triggers>,
+    /// What the batch did that may fire triggers, recorded at commit.
+    facts: std::sync::Mutex<BatchFacts>,
 }
 
 /// Events and reference rows a batch holds before it commits, whatever
@@ -135,7 +140,20 @@ impl LedgerConsumer {
             pending: Vec::new(),
             pending_references: Vec::new(),
             counts: Arc::default(),
+            triggers: Arc::default(),
+            facts: std::sync::Mutex::default(),
         })
+    }
+
+    /// The triggers this consumer detects (default: none routed; marks
+    /// are still kept, so routes added later never fire for the past).
+    pub fn with_triggers(mut self, triggers: Arc<Triggers>) -> Self {
+        self.triggers = triggers;
+        self
+    }
+
+    fn facts(&self) -> std::sync::MutexGuard<'_, BatchFacts> {
+        self.facts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Shares `lock` with the other sources' consumers (see [`WriterLock`]).
@@ -163,6 +181,10 @@ impl LedgerConsumer {
         )
         .await?;
         self.book_pending().await?;
+        let facts = std::mem::take(&mut *self.facts());
+        triggers::record(&self.client, &self.triggers, facts)
+            .await
+            .map_err(db)?;
         positions::store(
             self.client.client(),
             &self.source,
@@ -319,9 +341,29 @@ impl LedgerConsumer {
             .await
             .map_err(db)?;
         drop(batch);
-        for ((outcome, _), new) in simple_outcomes.into_iter().zip(new) {
+        for ((outcome, member), new) in simple_outcomes.into_iter().zip(new) {
             if new {
                 self.counts.events.fetch_add(1, Ordering::Relaxed);
+                if let Outcome::Event(MemberEvent::Order(order), origin) = &outcome {
+                    let mut facts = self.facts();
+                    facts.touched(member, origin.live, origin.occurred_at);
+                    let points = match order.stage {
+                        crate::normalize::OrderStage::Placed
+                        | crate::normalize::OrderStage::Completed => {
+                            orders::points_for(&self.program, order.earn_basis)
+                        }
+                        _ => 0,
+                    };
+                    if origin.live && points > 0 && self.triggers.wants_points_earned() {
+                        facts.earned(
+                            &self.source,
+                            member,
+                            &order.order_ref,
+                            points,
+                            origin.occurred_at,
+                        );
+                    }
+                }
             } else {
                 // Known already: a transition, booked one by one (its order
                 // appears nowhere else in the batch, so its place does not
@@ -383,7 +425,7 @@ impl LedgerConsumer {
                 if member.is_none() {
                     self.counts.anonymous.fetch_add(1, Ordering::Relaxed);
                 }
-                orders::apply_order(
+                let booked = orders::apply_order(
                     &self.client,
                     &self.program,
                     &self.source,
@@ -393,6 +435,15 @@ impl LedgerConsumer {
                 )
                 .await
                 .map_err(db)?;
+                if let Some(member) = member {
+                    let mut facts = self.facts();
+                    facts.touched(member, origin.live, at);
+                    if let orders::Booked::Earned(points) = booked {
+                        if origin.live && self.triggers.wants_points_earned() {
+                            facts.earned(&self.source, member, &order.order_ref, points, at);
+                        }
+                    }
+                }
                 None
             }
             MemberEvent::Customer(customer) => {
@@ -402,6 +453,7 @@ impl LedgerConsumer {
                     members::update_profile(&self.client, member, &customer.profile, at)
                         .await
                         .map_err(db)?;
+                    self.facts().touched(member, origin.live, at);
                 }
                 None
             }
@@ -420,6 +472,14 @@ impl LedgerConsumer {
                             "redemption `{}` of {} points exceeds the {available} available; the balance never goes below zero",
                             redemption.redemption_ref, redemption.points
                         )),
+                        orders::Booked::Points => {
+                            let mut facts = self.facts();
+                            facts.touched(member, origin.live, at);
+                            if origin.live {
+                                facts.redeemed(&self.source, member, &redemption.redemption_ref, redemption.points, at);
+                            }
+                            None
+                        }
                         _ => None,
                     }
                     }
@@ -519,6 +579,7 @@ impl TxnConsumer for LedgerConsumer {
         self.reference_cache.clear();
         self.pending.clear();
         self.pending_references.clear();
+        *self.facts() = BatchFacts::default();
         let position = positions::load(self.client.client(), &self.source)
             .await
             .map_err(|e| ConsumerError::transient(e.to_string()))?;
@@ -579,6 +640,7 @@ impl LedgerConsumer {
         self.reference_cache.clear();
         self.pending.clear();
         self.pending_references.clear();
+        *self.facts() = BatchFacts::default();
     }
 }
 

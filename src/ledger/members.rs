@@ -313,8 +313,9 @@ async fn merge(
     // merged member.
     client
         .execute(
-            "INSERT INTO member_profiles (member_id, email_opt_in, sms_opt_in, push_opt_in, timezone, locale, updated_at)
-             SELECT $2, email_opt_in, sms_opt_in, push_opt_in, timezone, locale, $3
+            "INSERT INTO member_profiles (member_id, email_opt_in, sms_opt_in, push_opt_in, timezone, locale,
+                                          push_token, line_user_id, updated_at)
+             SELECT $2, email_opt_in, sms_opt_in, push_opt_in, timezone, locale, push_token, line_user_id, $3
                FROM member_profiles WHERE member_id = $1
              ON CONFLICT (member_id) DO UPDATE SET
                email_opt_in = coalesce(member_profiles.email_opt_in, EXCLUDED.email_opt_in),
@@ -322,12 +323,27 @@ async fn merge(
                push_opt_in = coalesce(member_profiles.push_opt_in, EXCLUDED.push_opt_in),
                timezone = coalesce(member_profiles.timezone, EXCLUDED.timezone),
                locale = coalesce(member_profiles.locale, EXCLUDED.locale),
+               push_token = coalesce(member_profiles.push_token, EXCLUDED.push_token),
+               line_user_id = coalesce(member_profiles.line_user_id, EXCLUDED.line_user_id),
                updated_at = EXCLUDED.updated_at",
             &[&from, &into, &at],
         )
         .await?;
     client
         .execute("DELETE FROM member_profiles WHERE member_id = $1", &[&from])
+        .await?;
+    // What the merged member reached and was told (welcome, tiers,
+    // milestones) counts for the survivor: merged history fires nothing.
+    client
+        .execute(
+            "INSERT INTO trigger_marks (member_id, mark, reached_at, announced)
+             SELECT $2, mark, reached_at, announced FROM trigger_marks WHERE member_id = $1
+             ON CONFLICT DO NOTHING",
+            &[&from, &into],
+        )
+        .await?;
+    client
+        .execute("DELETE FROM trigger_marks WHERE member_id = $1", &[&from])
         .await?;
     client
         .execute(
@@ -439,14 +455,17 @@ pub async fn update_profile(
 ) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
-            "INSERT INTO member_profiles (member_id, email_opt_in, sms_opt_in, push_opt_in, timezone, locale, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+            "INSERT INTO member_profiles (member_id, email_opt_in, sms_opt_in, push_opt_in, timezone, locale,
+                                          push_token, line_user_id, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              ON CONFLICT (member_id) DO UPDATE SET
                email_opt_in = coalesce(EXCLUDED.email_opt_in, member_profiles.email_opt_in),
                sms_opt_in = coalesce(EXCLUDED.sms_opt_in, member_profiles.sms_opt_in),
                push_opt_in = coalesce(EXCLUDED.push_opt_in, member_profiles.push_opt_in),
                timezone = coalesce(EXCLUDED.timezone, member_profiles.timezone),
                locale = coalesce(EXCLUDED.locale, member_profiles.locale),
+               push_token = coalesce(EXCLUDED.push_token, member_profiles.push_token),
+               line_user_id = coalesce(EXCLUDED.line_user_id, member_profiles.line_user_id),
                updated_at = EXCLUDED.updated_at",
             &[
                 &member,
@@ -455,9 +474,83 @@ pub async fn update_profile(
                 &profile.push_opt_in,
                 &profile.timezone,
                 &profile.locale,
+                &profile.push_token,
+                &profile.line_user_id,
                 &at,
             ],
         )
         .await?;
     Ok(())
+}
+
+/// What delivery needs to know of a member: where to reach it, what it
+/// consented to, and what the message may say (tier, points).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Contact {
+    /// The surviving member (a merged member's messages go to its survivor).
+    pub member_id: i64,
+    pub erased: bool,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub tier: Option<String>,
+    pub available: i64,
+    pub pending: i64,
+    pub lifetime: i64,
+    pub email_opt_in: Option<bool>,
+    pub sms_opt_in: Option<bool>,
+    pub push_opt_in: Option<bool>,
+    pub timezone: Option<String>,
+    pub locale: Option<String>,
+    pub push_token: Option<String>,
+    pub line_user_id: Option<String>,
+}
+
+/// The contact of `member`, following merges to the survivor; `None` for
+/// an unknown member. The address of a kind is the one first seen.
+pub async fn contact(client: &Db, member: i64) -> Result<Option<Contact>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "WITH RECURSIVE chain (member_id, merged_into, depth) AS (
+                 SELECT member_id, merged_into, 0 FROM members WHERE member_id = $1
+                 UNION ALL
+                 SELECT m.member_id, m.merged_into, c.depth + 1
+                   FROM members m JOIN chain c ON m.member_id = c.merged_into
+                  WHERE c.depth < 32
+             )
+             SELECT m.member_id, m.erased_at IS NOT NULL, m.tier,
+                    (SELECT value FROM member_identifiers i
+                      WHERE i.member_id = m.member_id AND i.kind = 'email'
+                      ORDER BY i.first_seen_at, i.value LIMIT 1),
+                    (SELECT value FROM member_identifiers i
+                      WHERE i.member_id = m.member_id AND i.kind = 'phone'
+                      ORDER BY i.first_seen_at, i.value LIMIT 1),
+                    coalesce(b.available, 0), coalesce(b.pending, 0), coalesce(b.lifetime, 0),
+                    p.email_opt_in, p.sms_opt_in, p.push_opt_in, p.timezone, p.locale,
+                    p.push_token, p.line_user_id
+               FROM chain c
+               JOIN members m ON m.member_id = c.member_id
+               LEFT JOIN balances b ON b.member_id = m.member_id
+               LEFT JOIN member_profiles p ON p.member_id = m.member_id
+              WHERE c.merged_into IS NULL
+              LIMIT 1",
+            &[&member],
+        )
+        .await?;
+    Ok(row.map(|r| Contact {
+        member_id: r.get(0),
+        erased: r.get(1),
+        tier: r.get(2),
+        email: r.get(3),
+        phone: r.get(4),
+        available: r.get(5),
+        pending: r.get(6),
+        lifetime: r.get(7),
+        email_opt_in: r.get(8),
+        sms_opt_in: r.get(9),
+        push_opt_in: r.get(10),
+        timezone: r.get(11),
+        locale: r.get(12),
+        push_token: r.get(13),
+        line_user_id: r.get(14),
+    }))
 }

@@ -25,6 +25,8 @@ use crate::normalize::{OrderEvent, OrderStage, RefundEvent};
 pub enum Booked {
     /// Points moved.
     Points,
+    /// An order seen for the first time earned these points.
+    Earned(i64),
     /// Recorded, no points moved (same stage again, anonymous, terminal).
     Nothing,
     /// A refund of an order the ledger never saw.
@@ -259,7 +261,7 @@ pub async fn apply_order(
             OrderStage::Cancelled | OrderStage::Refunded => false,
         };
         return Ok(if booked {
-            Booked::Points
+            Booked::Earned(points)
         } else {
             Booked::Nothing
         });

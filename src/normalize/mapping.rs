@@ -73,6 +73,12 @@ pub struct CustomerFile {
     /// CEL, text: language or locale (`de_DE`).
     #[serde(default)]
     pub locale: Option<String>,
+    /// CEL, text: device registration token for push messages.
+    #[serde(default)]
+    pub push_token: Option<String>,
+    /// CEL, text: LINE user id for LINE messages.
+    #[serde(default)]
+    pub line_user_id: Option<String>,
     #[serde(default)]
     pub joins: Vec<JoinFile>,
 }
@@ -454,6 +460,8 @@ pub struct CustomerMapping {
     pub push_opt_in: Option<Expr>,
     pub timezone: Option<Expr>,
     pub locale: Option<Expr>,
+    pub push_token: Option<Expr>,
+    pub line_user_id: Option<Expr>,
     pub joins: Vec<Join>,
 }
 
@@ -667,6 +675,8 @@ impl Mapping {
                 ("push_opt_in", customer.push_opt_in.as_ref()),
                 ("timezone", customer.timezone.as_ref()),
                 ("locale", customer.locale.as_ref()),
+                ("push_token", customer.push_token.as_ref()),
+                ("line_user_id", customer.line_user_id.as_ref()),
             ]);
             exprs.extend(joins.iter().map(|(n, e)| (n.as_str(), Some(*e))));
             expressions(&mut needs, &customer.table, &key, &exprs);
@@ -1000,6 +1010,12 @@ fn compile(path: &Path, file: MappingFile, problem: &mut dyn FnMut(String, Strin
             push_opt_in: optional(format!("{key}.push_opt_in"), customer.push_opt_in, problem),
             timezone: optional(format!("{key}.timezone"), customer.timezone, problem),
             locale: optional(format!("{key}.locale"), customer.locale, problem),
+            push_token: optional(format!("{key}.push_token"), customer.push_token, problem),
+            line_user_id: optional(
+                format!("{key}.line_user_id"),
+                customer.line_user_id,
+                problem,
+            ),
             joins: joins(key.clone(), customer.joins, problem),
             table: customer.table,
             key: customer.key,

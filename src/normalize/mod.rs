@@ -107,6 +107,10 @@ pub struct Profile {
     pub push_opt_in: Option<bool>,
     pub timezone: Option<String>,
     pub locale: Option<String>,
+    /// Device registration token for push messages.
+    pub push_token: Option<String>,
+    /// LINE user id for LINE messages.
+    pub line_user_id: Option<String>,
 }
 
 /// A customer account or contact, new or changed: enrollment, profile,
@@ -158,6 +162,9 @@ pub struct Origin {
     pub position: String,
     /// Source commit time: business time.
     pub occurred_at: DateTime<Utc>,
+    /// From the change stream, not a snapshot's copy of history: only
+    /// live changes fire triggers.
+    pub live: bool,
 }
 
 /// A row that could not be mapped: kept with the reason.
@@ -484,6 +491,7 @@ impl Normalizer {
             table: table.to_string(),
             position: position.clone(),
             occurred_at: txn.commit_ts,
+            live: txn.kind != crate::source::TxnKind::Snapshot,
         };
         let mut documents: Vec<Change> = Vec::new();
         // (line table, parent key) → line rows, in source order.
@@ -719,6 +727,14 @@ impl Normalizer {
                     .and_then(|e| e.text_value(&scope).ok().flatten()),
                 locale: customer
                     .locale
+                    .as_ref()
+                    .and_then(|e| e.text_value(&scope).ok().flatten()),
+                push_token: customer
+                    .push_token
+                    .as_ref()
+                    .and_then(|e| e.text_value(&scope).ok().flatten()),
+                line_user_id: customer
+                    .line_user_id
                     .as_ref()
                     .and_then(|e| e.text_value(&scope).ok().flatten()),
             })

@@ -42,8 +42,16 @@ fn only_problem(text: &str) -> ConfigProblem {
 fn a_complete_config_loads_with_defaults_filled_in() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("connectors/providers")).unwrap();
-    std::fs::write(dir.path().join("connectors/providers/webhook.toml"), "").unwrap();
-    std::fs::write(dir.path().join("webhook-secret"), "whsec_abc\n").unwrap();
+    std::fs::copy(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("connectors/providers/webhook.toml"),
+        dir.path().join("connectors/providers/webhook.toml"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("webhook-secret"),
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n",
+    )
+    .unwrap();
     let path = dir.path().join("loyalty-cdc.toml");
     std::fs::write(
         &path,
@@ -89,13 +97,65 @@ provider = "crm_webhook"
     assert_eq!(settings.program.tiers[1].name, "gold");
     assert_eq!(
         settings.providers[0].secrets["signing_secret"].expose(),
-        Some("whsec_abc")
+        Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
     );
     assert_eq!(settings.api.listen.to_string(), "127.0.0.1:8787");
     // Neither the URL password nor the file secret shows in debug output.
     let debug = format!("{settings:?}");
     assert!(!debug.contains("s3cret"), "{debug}");
-    assert!(!debug.contains("whsec_abc"), "{debug}");
+    assert!(!debug.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), "{debug}");
+}
+
+#[test]
+fn provider_templates_and_routes_say_what_they_lack() {
+    let providers = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("connectors/providers");
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        "name = \"B\"\nchannel = \"sms\"\nbase_url = \"https://x.test\"\npath = \"/{{ oops \"\nencoding = \"form\"\n[form]\nTo = \"x\"\n",
+    )
+    .unwrap();
+    let (origin, problems) = problems(&format!(
+        r#"{LEDGER}
+[[providers]]
+name = "twilio"
+template = "{twilio}"
+secrets.account_sid = "AC1"
+settings.from = "+15005550006"
+
+[[providers]]
+name = "broken"
+template = "{broken}"
+
+[[triggers.routes]]
+trigger = "tier_upgrade"
+provider = "twilio"
+params.txt = "typo"
+
+[delivery]
+quiet_hours = {{ start = "9pm" }}
+"#,
+        twilio = providers.join("twilio.toml").display(),
+        broken = broken.display()
+    ));
+    let found: Vec<(String, String, String)> = problems
+        .iter()
+        .map(|p| (p.origin.clone(), p.key.clone(), p.message.clone()))
+        .collect();
+    let has = |file: &str, key: &str, words: &str| {
+        assert!(
+            found
+                .iter()
+                .any(|(o, k, m)| o.ends_with(file) && k == key && m.contains(words)),
+            "no problem {file} {key} `{words}` in {found:#?}"
+        )
+    };
+    has(&origin, "providers[0].secrets.auth_token", "needs the secret `auth_token`");
+    has(&origin, "triggers.routes[0].params.text", "needs the route parameter `text`");
+    has(&origin, "triggers.routes[0].params.txt", "takes no parameter `txt` (it takes: text)");
+    has(&origin, "delivery.quiet_hours.start", "use HH:MM");
+    has("broken.toml", "path", "does not compile");
 }
 
 #[test]

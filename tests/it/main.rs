@@ -6,6 +6,7 @@ mod support;
 
 mod check;
 mod config;
+mod delivery;
 mod ledger_pipeline;
 mod migrate;
 mod mysql_binlog;

@@ -5,8 +5,10 @@ use loyalty_cdc::ledger;
 
 use crate::support::{run_cli, PgDatabase};
 
-const LEDGER_TABLES: [&str; 14] = [
+const LEDGER_TABLES: [&str; 18] = [
     "balances",
+    "dead_letters",
+    "delivery_attempts",
     "ledger_entries",
     "member_identifiers",
     "member_merges",
@@ -15,11 +17,13 @@ const LEDGER_TABLES: [&str; 14] = [
     "order_refunds",
     "orders",
     "outbox",
+    "provider_endpoints",
     "quarantine",
     "reference_rows",
     "refinery_schema_history",
     "shared_identifiers",
     "source_positions",
+    "trigger_marks",
 ];
 
 async fn tables(db: &PgDatabase) -> Vec<String> {
@@ -48,6 +52,7 @@ async fn migrate_creates_the_ledger_tables_and_a_second_run_applies_nothing() {
         "applied ledger migration V1__ledger_foundation\n\
          applied ledger migration V2__orders_references_identity\n\
          applied ledger migration V3__member_profiles\n\
+         applied ledger migration V4__triggers_delivery\n\
          ledger schema is current\n"
     );
     assert_eq!(tables(&db).await, LEDGER_TABLES);
@@ -73,7 +78,7 @@ async fn concurrent_migrations_apply_each_version_once() {
     let applied: Vec<i32> = a.iter().chain(b.iter()).map(|m| m.version).collect();
     assert_eq!(
         applied,
-        [1, 2, 3],
+        [1, 2, 3, 4],
         "one of the two applied every version, the other nothing"
     );
     let status = ledger::schema_status(&db.client().await).await.unwrap();

@@ -19,6 +19,7 @@
 
 pub mod heap;
 pub mod reader;
+pub mod receiver;
 pub mod sink;
 
 use std::path::PathBuf;

@@ -1,0 +1,690 @@
+//! The delivery worker: claims due outbox rows, judges them by the
+//! policy, renders and signs their requests, sends them, and records what
+//! happened. Retries (408, 429, 5xx, timeouts, connection errors) back off
+//! exponentially with jitter (the `backoff` crate) or as `Retry-After`
+//! says; other 4xx are terminal and dead-lettered with the response; a 410
+//! disables the provider's endpoint. Nothing is lost on restart: a claimed
+//! row whose worker died is due again when its lease runs out, and it
+//! carries the same message id.
+
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration as StdDuration, Instant};
+
+use backoff::backoff::Backoff as _;
+use chrono::{DateTime, Duration, SecondsFormat, Utc};
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::outbox::{self, Attempt, Claimed, Outcome};
+use super::policy::{self, Decision};
+use super::sign::SigningKey;
+use super::template::{self, ProviderTemplate, Signing};
+use super::{Clock, DeliverySettings};
+use crate::config::{DatabaseUrl, Secret, Settings, TriggerRoute};
+use crate::connect;
+use crate::ledger::db::Db;
+use crate::ledger::members;
+
+/// Response bytes read at most (the dead letter keeps 8 KiB): a provider
+/// answering with megabytes cannot fill memory.
+const RESPONSE_READ_LIMIT: usize = 16 * 1024;
+/// Response bytes kept in an attempt's detail.
+const DETAIL_BYTES: usize = 300;
+/// The longest `Retry-After` honoured.
+const MAX_RETRY_AFTER: StdDuration = StdDuration::from_secs(24 * 3600);
+
+/// What the worker did, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct DeliveryCounts {
+    pub sent: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead: AtomicU64,
+    pub held: AtomicU64,
+    pub suppressed: AtomicU64,
+}
+
+/// A configured provider, ready to send.
+struct Provider {
+    name: String,
+    template: Arc<ProviderTemplate>,
+    base_url: Option<String>,
+    secrets: BTreeMap<String, Secret>,
+    settings: BTreeMap<String, String>,
+    signing_key: Option<SigningKey>,
+    limiter: governor::DefaultDirectRateLimiter,
+    in_flight: Arc<Semaphore>,
+}
+
+/// Why the worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("provider `{0}`: {1}")]
+    Provider(String, String),
+    #[error("{0}")]
+    Connect(#[from] connect::ConnectError),
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+pub struct Worker {
+    url: DatabaseUrl,
+    password: Option<Secret>,
+    db: Mutex<Arc<Db>>,
+    settings: DeliverySettings,
+    providers: HashMap<String, Provider>,
+    routes: HashMap<String, TriggerRoute>,
+    http: reqwest::Client,
+    clock: Arc<dyn Clock>,
+    in_flight: Arc<Semaphore>,
+    pub counts: Arc<DeliveryCounts>,
+}
+
+impl Worker {
+    pub async fn new(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Self>, WorkerError> {
+        let mut providers = HashMap::new();
+        for provider in &settings.providers {
+            let template = provider.compiled.clone().ok_or_else(|| {
+                WorkerError::Provider(provider.name.clone(), "template not compiled".into())
+            })?;
+            let signing_key = match template.signing {
+                Signing::None => None,
+                Signing::StandardWebhooks => Some(
+                    provider
+                        .secrets
+                        .get("signing_secret")
+                        .and_then(|s| s.expose())
+                        .map(SigningKey::parse)
+                        .transpose()
+                        .map_err(|m| WorkerError::Provider(provider.name.clone(), m))?
+                        .ok_or_else(|| {
+                            WorkerError::Provider(provider.name.clone(), "no signing_secret".into())
+                        })?,
+                ),
+            };
+            let rate = NonZeroU32::new(provider.rate_per_second).unwrap_or(NonZeroU32::MIN);
+            providers.insert(
+                provider.name.clone(),
+                Provider {
+                    name: provider.name.clone(),
+                    template,
+                    base_url: provider.base_url.clone(),
+                    secrets: provider.secrets.clone(),
+                    settings: provider.settings.clone(),
+                    signing_key,
+                    limiter: governor::RateLimiter::direct(governor::Quota::per_second(rate)),
+                    in_flight: Arc::new(Semaphore::new(provider.concurrency.max(1) as usize)),
+                },
+            );
+        }
+        let routes = settings
+            .triggers
+            .routes
+            .iter()
+            .map(|r| (r.route_name(), r.clone()))
+            .collect();
+        let http = reqwest::Client::builder()
+            .timeout(StdDuration::from_secs(settings.delivery.timeout_seconds))
+            .connect_timeout(StdDuration::from_secs(
+                settings.delivery.timeout_seconds.min(5),
+            ))
+            .user_agent(concat!("loyalty-cdc/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let db = Db::new(
+            connect::postgres(&settings.ledger.url, settings.ledger.password.as_ref()).await?,
+        );
+        Ok(Arc::new(Self {
+            url: settings.ledger.url.clone(),
+            password: settings.ledger.password.clone(),
+            db: Mutex::new(Arc::new(db)),
+            settings: settings.delivery.clone(),
+            providers,
+            routes,
+            http,
+            clock,
+            in_flight: Arc::new(Semaphore::new(settings.delivery.concurrency.max(1) as usize)),
+            counts: Arc::default(),
+        }))
+    }
+
+    /// The ledger connection, reconnected if it was lost.
+    async fn db(&self) -> Result<Arc<Db>, tokio_postgres::Error> {
+        let current = Arc::clone(&self.db.lock().unwrap_or_else(|e| e.into_inner()));
+        if !current.is_closed() {
+            return Ok(current);
+        }
+        match connect::postgres(&self.url, self.password.as_ref()).await {
+            Ok(client) => {
+                let fresh = Arc::new(Db::new(client));
+                *self.db.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&fresh);
+                Ok(fresh)
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "delivery: ledger connection lost; retrying");
+                Ok(current)
+            }
+        }
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::seconds(self.settings.claim_lease_seconds as i64)
+    }
+
+    /// Claims every message due now and delivers them, waiting for all
+    /// (tests and one-shot runs). Returns how many were claimed.
+    pub async fn run_once(self: &Arc<Self>) -> Result<usize, tokio_postgres::Error> {
+        let db = self.db().await?;
+        let claimed = outbox::claim(
+            &db,
+            self.clock.now(),
+            self.lease(),
+            self.settings.concurrency as i64,
+        )
+        .await?;
+        let count = claimed.len();
+        futures_util::future::try_join_all(claimed.into_iter().map(|m| self.deliver(m))).await?;
+        Ok(count)
+    }
+
+    /// Delivers until `shutdown`, at most `concurrency` messages at once;
+    /// in-flight sends finish (within the timeout) before it returns.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tasks = tokio::task::JoinSet::new();
+        let poll = StdDuration::from_millis(self.settings.poll_interval_ms.max(1));
+        while !shutdown.is_cancelled() {
+            while let Some(done) = tasks.try_join_next() {
+                if let Ok(Err(error)) = done {
+                    tracing::warn!(error = %error, "delivery: recording an attempt failed; the message is retried after its lease");
+                }
+            }
+            let free = self.in_flight.available_permits();
+            let mut claimed = Vec::new();
+            if free > 0 {
+                match self.db().await {
+                    Ok(db) => match outbox::claim(&db, self.clock.now(), self.lease(), free as i64)
+                        .await
+                    {
+                        Ok(rows) => claimed = rows,
+                        Err(error) => {
+                            tracing::warn!(error = %error, "delivery: claiming failed; retrying")
+                        }
+                    },
+                    Err(error) => {
+                        tracing::warn!(error = %error, "delivery: no ledger connection; retrying")
+                    }
+                }
+            }
+            let idle = claimed.is_empty();
+            for message in claimed {
+                let Ok(permit) = Arc::clone(&self.in_flight).acquire_owned().await else {
+                    break;
+                };
+                let worker = Arc::clone(&self);
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    worker.deliver(message).await
+                });
+            }
+            if idle {
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// One message: policy, template, request, outcome.
+    async fn deliver(&self, message: Claimed) -> Result<(), tokio_postgres::Error> {
+        let db = self.db().await?;
+        let now = self.clock.now();
+        let no_request = |detail: String| Attempt {
+            requested: false,
+            status_code: None,
+            latency_ms: None,
+            detail: Some(detail),
+        };
+        let provider_name = message.provider.clone();
+        let dead = |reason: String| Outcome::Dead { reason, body: None };
+        let Some(provider) = self.providers.get(&message.provider) else {
+            let reason = format!(
+                "provider `{}` is no longer configured; add it back and `dlq replay` the message",
+                message.provider
+            );
+            return self
+                .finish(
+                    &db,
+                    &message,
+                    &provider_name,
+                    now,
+                    dead(reason.clone()),
+                    no_request(reason),
+                )
+                .await;
+        };
+        let Some(route) = self.routes.get(&message.route) else {
+            let reason = format!(
+                "route `{}` is no longer configured; add it back and `dlq replay` the message",
+                message.route
+            );
+            return self
+                .finish(
+                    &db,
+                    &message,
+                    &provider_name,
+                    now,
+                    dead(reason.clone()),
+                    no_request(reason),
+                )
+                .await;
+        };
+        if let Some(why) = outbox::disabled(&db, &provider.name).await? {
+            let reason = format!("the provider's endpoint is disabled ({why}); fix it, then `dlq replay` re-enables it");
+            return self
+                .finish(
+                    &db,
+                    &message,
+                    &provider_name,
+                    now,
+                    dead(reason.clone()),
+                    no_request(reason),
+                )
+                .await;
+        }
+        let contact = match message.member {
+            Some(member) => members::contact(&db, member).await?,
+            None => None,
+        };
+        let Some(contact) = contact else {
+            let reason = "the message names no known member".to_string();
+            return self
+                .finish(
+                    &db,
+                    &message,
+                    &provider_name,
+                    now,
+                    Outcome::Suppressed,
+                    no_request(reason),
+                )
+                .await;
+        };
+        let recent = outbox::recent_sends(
+            &db,
+            contact.member_id,
+            now - policy::lookback(&self.settings),
+        )
+        .await?;
+        let channel = message.channel.unwrap_or(provider.template.channel);
+        match policy::judge(
+            &self.settings,
+            channel,
+            &provider.template.requires,
+            &message.trigger,
+            &contact,
+            &recent,
+            now,
+        ) {
+            Decision::Send => {}
+            Decision::Hold { until, reason } => {
+                self.counts.held.fetch_add(1, Ordering::Relaxed);
+                return self
+                    .finish(
+                        &db,
+                        &message,
+                        &provider_name,
+                        now,
+                        Outcome::Held(until),
+                        no_request(reason),
+                    )
+                    .await;
+            }
+            Decision::Suppress(reason) => {
+                self.counts.suppressed.fetch_add(1, Ordering::Relaxed);
+                return self
+                    .finish(
+                        &db,
+                        &message,
+                        &provider_name,
+                        now,
+                        Outcome::Suppressed,
+                        no_request(reason),
+                    )
+                    .await;
+            }
+        }
+        let request = match render(provider, route, &message, &contact) {
+            Ok(request) => request,
+            Err(error) => {
+                let reason = error.to_string();
+                return self
+                    .finish(
+                        &db,
+                        &message,
+                        &provider_name,
+                        now,
+                        dead(reason.clone()),
+                        no_request(reason),
+                    )
+                    .await;
+            }
+        };
+
+        provider.limiter.until_ready().await;
+        let _slot = provider.in_flight.acquire().await;
+        let started = Instant::now();
+        let sent_at = self.clock.now();
+        let mut builder = self
+            .http
+            .request(request.method.clone(), &request.url)
+            .body(request.body.clone());
+        if !request
+            .headers
+            .iter()
+            .any(|(h, _)| h.eq_ignore_ascii_case("content-type"))
+        {
+            builder = builder.header(reqwest::header::CONTENT_TYPE, request.content_type);
+        }
+        for (name, value) in &request.headers {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        if let Some(key) = &provider.signing_key {
+            let id = message.message_id.to_string();
+            let timestamp = sent_at.timestamp();
+            builder = builder
+                .header("webhook-id", &id)
+                .header("webhook-timestamp", timestamp.to_string())
+                .header("webhook-signature", key.sign(&id, timestamp, &request.body));
+        }
+        let attempt_number = message.attempts + 1;
+        let result = builder.send().await;
+        let (outcome, attempt) = match result {
+            Ok(mut response) => {
+                let status = response.status();
+                let retry_after = retry_after(response.headers(), sent_at);
+                let mut body = Vec::new();
+                while let Ok(Some(chunk)) = response.chunk().await {
+                    body.extend_from_slice(
+                        &chunk[..chunk.len().min(RESPONSE_READ_LIMIT - body.len())],
+                    );
+                    if body.len() >= RESPONSE_READ_LIMIT {
+                        break;
+                    }
+                }
+                let latency = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
+                let body = String::from_utf8_lossy(&body).into_owned();
+                let code = status.as_u16();
+                let detail = Some(format!(
+                    "{code} {}",
+                    scrub(outbox::truncate(&body, DETAIL_BYTES))
+                ));
+                let attempt = Attempt {
+                    requested: true,
+                    status_code: Some(code),
+                    latency_ms: Some(latency),
+                    detail,
+                };
+                let outcome = if status.is_success()
+                    || provider.template.duplicate_statuses.contains(&code)
+                {
+                    Outcome::Sent
+                } else if code == 410 {
+                    Outcome::Disabled { body: Some(body) }
+                } else if code == 408 || code == 429 || status.is_server_error() {
+                    self.retry(
+                        attempt_number,
+                        sent_at,
+                        retry_after,
+                        &provider.name,
+                        code.to_string(),
+                        Some(body),
+                    )
+                } else {
+                    Outcome::Dead {
+                        reason: format!(
+                            "provider `{}` refused the message with {code}",
+                            provider.name
+                        ),
+                        body: Some(body),
+                    }
+                };
+                (outcome, attempt)
+            }
+            Err(error) => {
+                let latency = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
+                let what = if error.is_timeout() {
+                    format!("no answer within {} s", self.settings.timeout_seconds)
+                } else if error.is_connect() {
+                    "connection failed".to_string()
+                } else {
+                    format!("request failed: {}", error.without_url())
+                };
+                let attempt = Attempt {
+                    requested: true,
+                    status_code: None,
+                    latency_ms: Some(latency),
+                    detail: Some(what.clone()),
+                };
+                (
+                    self.retry(attempt_number, sent_at, None, &provider.name, what, None),
+                    attempt,
+                )
+            }
+        };
+        match &outcome {
+            Outcome::Sent => self.counts.sent.fetch_add(1, Ordering::Relaxed),
+            Outcome::Retry(_) => self.counts.retried.fetch_add(1, Ordering::Relaxed),
+            _ => self.counts.dead.fetch_add(1, Ordering::Relaxed),
+        };
+        tracing::debug!(message_id = %message.message_id, provider = %provider.name, attempt = attempt_number, status = ?attempt.status_code, "delivery attempt");
+        self.finish(
+            &db,
+            &message,
+            &provider_name,
+            self.clock.now(),
+            outcome,
+            attempt,
+        )
+        .await
+    }
+
+    async fn finish(
+        &self,
+        db: &Db,
+        message: &Claimed,
+        provider: &str,
+        now: DateTime<Utc>,
+        outcome: Outcome,
+        attempt: Attempt,
+    ) -> Result<(), tokio_postgres::Error> {
+        if let Outcome::Dead { reason, .. } = &outcome {
+            tracing::warn!(message_id = %message.message_id, provider = %provider, reason = %reason, "dead-lettered");
+        }
+        if let Outcome::Disabled { .. } = &outcome {
+            tracing::error!(provider = %provider, "provider answered 410 Gone: its endpoint is disabled until `dlq replay`");
+        }
+        outbox::finish(db, message, provider, now, &outcome, &attempt).await
+    }
+
+    /// The next try after failed attempt `attempt`, or the dead letters
+    /// once the attempts are used up.
+    fn retry(
+        &self,
+        attempt: i32,
+        now: DateTime<Utc>,
+        retry_after: Option<StdDuration>,
+        provider: &str,
+        last: String,
+        body: Option<String>,
+    ) -> Outcome {
+        if attempt >= self.settings.max_attempts {
+            return Outcome::Dead {
+                reason: format!(
+                    "provider `{provider}`: gave up after {attempt} attempts (last: {last})"
+                ),
+                body,
+            };
+        }
+        let delay = retry_after.unwrap_or_else(|| backoff_delay(&self.settings, attempt));
+        Outcome::Retry(now + Duration::from_std(delay).unwrap_or(Duration::hours(1)))
+    }
+}
+
+/// The delay after failed attempt `attempt` (1-based): exponential from
+/// `initial_backoff_ms`, doubled each time up to `max_backoff_seconds`,
+/// ±50 % jitter so that a provider's outage does not end in a stampede.
+pub fn backoff_delay(settings: &DeliverySettings, attempt: i32) -> StdDuration {
+    let mut backoff = backoff::ExponentialBackoffBuilder::new()
+        .with_initial_interval(StdDuration::from_millis(settings.initial_backoff_ms))
+        .with_multiplier(2.0)
+        .with_randomization_factor(0.5)
+        .with_max_interval(StdDuration::from_secs(settings.max_backoff_seconds))
+        .with_max_elapsed_time(None)
+        .build();
+    let mut delay = StdDuration::from_millis(settings.initial_backoff_ms);
+    for _ in 0..attempt.max(1) {
+        if let Some(next) = backoff.next_backoff() {
+            delay = next;
+        }
+    }
+    delay
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn retry_after(headers: &reqwest::header::HeaderMap, now: DateTime<Utc>) -> Option<StdDuration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    let delay = match value.parse::<u64>() {
+        Ok(seconds) => StdDuration::from_secs(seconds),
+        Err(_) => {
+            let at = DateTime::parse_from_rfc2822(value)
+                .ok()?
+                .with_timezone(&Utc);
+            (at - now).to_std().unwrap_or(StdDuration::ZERO)
+        }
+    };
+    Some(delay.min(MAX_RETRY_AFTER))
+}
+
+/// Masks e-mail addresses and phone numbers in a response excerpt: the
+/// attempt log is read by operators, and providers echo recipients.
+pub fn scrub(text: &str) -> String {
+    static PATTERNS: std::sync::OnceLock<(regex::Regex, regex::Regex)> = std::sync::OnceLock::new();
+    let (email, phone) = PATTERNS.get_or_init(|| {
+        (
+            regex::Regex::new(r"[^\s@\x22',;:<>()\[\]{}]+@[^\s@\x22',;:<>()\[\]{}]+")
+                .unwrap_or_else(|_| regex::Regex::new("$^").unwrap()),
+            regex::Regex::new(r"\+?\d[\d\s().-]{6,}\d")
+                .unwrap_or_else(|_| regex::Regex::new("$^").unwrap()),
+        )
+    });
+    let masked = email.replace_all(text, "***@***");
+    phone.replace_all(&masked, "***").into_owned()
+}
+
+/// The template context of a message (names in connectors/providers/README.md).
+fn context(
+    provider: &Provider,
+    message: &Claimed,
+    contact: &members::Contact,
+) -> serde_json::Value {
+    let text = |v: &Option<String>| v.clone().unwrap_or_default();
+    let secrets: BTreeMap<&str, &str> = provider
+        .secrets
+        .iter()
+        .filter_map(|(k, v)| v.expose().map(|v| (k.as_str(), v)))
+        .collect();
+    json!({
+        "message": {
+            "id": message.message_id.to_string(),
+            "created_at": message.created_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+        },
+        "trigger": message.payload.get("trigger").cloned().unwrap_or_else(|| json!({ "kind": message.trigger, "data": {} })),
+        "offer": message.payload.get("offer").cloned().unwrap_or(serde_json::Value::Null),
+        "member": {
+            "id": contact.member_id,
+            "external_id": contact.member_id.to_string(),
+            "email": text(&contact.email),
+            "phone": text(&contact.phone),
+            "push_token": text(&contact.push_token),
+            "line_user_id": text(&contact.line_user_id),
+            "tier": text(&contact.tier),
+            "locale": text(&contact.locale),
+            "timezone": text(&contact.timezone),
+            "points": {
+                "available": contact.available,
+                "pending": contact.pending,
+                "lifetime": contact.lifetime,
+            },
+        },
+        "settings": provider.settings,
+        "secrets": secrets,
+    })
+}
+
+fn render(
+    provider: &Provider,
+    route: &TriggerRoute,
+    message: &Claimed,
+    contact: &members::Contact,
+) -> Result<template::RenderedRequest, template::RenderError> {
+    let mut context = context(provider, message, contact);
+    let params =
+        template::render_params(&route.params, &minijinja::Value::from_serialize(&context))?;
+    context["params"] = json!(params);
+    provider.template.render(
+        provider.base_url.as_deref(),
+        &minijinja::Value::from_serialize(&context),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_stays_bounded() {
+        let settings = DeliverySettings::default();
+        for attempt in 1..=20 {
+            let delay = backoff_delay(&settings, attempt);
+            let base = (1000u64 << (attempt - 1).min(20) as u64).min(3_600_000) as f64;
+            let ms = delay.as_millis() as f64;
+            assert!(
+                ms >= base * 0.5 - 1.0 && ms <= (base * 1.5).min(3_600_000.0 * 1.5) + 1.0,
+                "attempt {attempt}: {ms} ms vs {base}"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let now = DateTime::parse_from_rfc3339("2026-11-25T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("retry-after", "7".parse().unwrap());
+        assert_eq!(retry_after(&headers, now), Some(StdDuration::from_secs(7)));
+        headers.insert(
+            "retry-after",
+            "Wed, 25 Nov 2026 12:00:30 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&headers, now), Some(StdDuration::from_secs(30)));
+    }
+
+    #[test]
+    fn scrub_masks_addresses_and_numbers() {
+        assert_eq!(
+            scrub(
+                r#"{"error":"invalid recipient jane.doe@mail.test","to":"+49 151 1234 5678","code":21211}"#
+            ),
+            r#"{"error":"invalid recipient ***@***","to":"***","code":21211}"#
+        );
+    }
+}

@@ -1,0 +1,346 @@
+//! Event triggers, detected inside the ledger transaction that caused
+//! them and written to the outbox in that same transaction: welcome on
+//! enrollment, tier upgrade, milestones (nth purchase, lifetime points),
+//! redemption confirmed, points earned.
+//!
+//! Welcome, tiers and milestones are judged from state, not from the code
+//! path that booked the points: at each commit, for every member the batch
+//! touched, what the member has reached now (tier, purchases, lifetime
+//! points) is compared with the marks it has (`trigger_marks`, owned here).
+//! A new mark is written once (the primary key says so), and only a mark
+//! reached by a live change fires a trigger: the history a snapshot copies
+//! in reaches its marks silently, and no replay, restart or re-snapshot
+//! fires twice. Redemptions and earned points are events of their own,
+//! keyed by their source reference.
+//!
+//! Each trigger becomes one outbox row per route configured for it, keyed
+//! `<occasion>:<route>` (unique), so the same occasion is delivered once.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use crate::config::{MilestoneSettings, Settings, TierSettings, TriggerKind};
+use crate::delivery::outbox::{self, NewMessage};
+use crate::delivery::template::Channel;
+use crate::ledger::db::Db;
+
+/// A configured route, as the trigger detector needs it.
+#[derive(Debug, Clone)]
+struct Route {
+    name: String,
+    provider: String,
+    channel: Channel,
+}
+
+/// What fires and where to: built once from the settings.
+#[derive(Debug, Default)]
+pub struct Triggers {
+    routes: HashMap<TriggerKind, Vec<Route>>,
+    milestones: MilestoneSettings,
+    tiers: Vec<TierSettings>,
+}
+
+impl Triggers {
+    pub fn from_settings(settings: &Settings) -> Arc<Self> {
+        let mut routes: HashMap<TriggerKind, Vec<Route>> = HashMap::new();
+        for route in &settings.triggers.routes {
+            let channel = settings
+                .providers
+                .iter()
+                .find(|p| p.name == route.provider)
+                .and_then(|p| p.compiled.as_ref())
+                .map_or(Channel::Webhook, |t| t.channel);
+            routes.entry(route.trigger).or_default().push(Route {
+                name: route.route_name(),
+                provider: route.provider.clone(),
+                channel,
+            });
+        }
+        Arc::new(Self {
+            routes,
+            milestones: settings.triggers.milestones.clone(),
+            tiers: settings.program.tiers.clone(),
+        })
+    }
+
+    fn routed(&self, kind: TriggerKind) -> bool {
+        self.routes.contains_key(&kind)
+    }
+}
+
+/// What a batch did that may fire triggers, gathered while it books.
+#[derive(Debug, Default)]
+pub struct BatchFacts {
+    /// Members the batch touched: whether a live change (not a snapshot)
+    /// touched it, and the business time of the last one.
+    members: HashMap<i64, (bool, DateTime<Utc>)>,
+    events: Vec<EventFact>,
+}
+
+#[derive(Debug)]
+struct EventFact {
+    kind: TriggerKind,
+    member: i64,
+    occasion: String,
+    at: DateTime<Utc>,
+    data: serde_json::Value,
+}
+
+impl BatchFacts {
+    pub fn touched(&mut self, member: i64, live: bool, at: DateTime<Utc>) {
+        let entry = self.members.entry(member).or_insert((live, at));
+        entry.0 |= live;
+        entry.1 = entry.1.max(at);
+    }
+
+    /// A redemption booked by a live change.
+    pub fn redeemed(
+        &mut self,
+        source: &str,
+        member: i64,
+        reference: &str,
+        points: i64,
+        at: DateTime<Utc>,
+    ) {
+        self.events.push(EventFact {
+            kind: TriggerKind::Redemption,
+            member,
+            occasion: format!("redemption:{source}:{reference}"),
+            at,
+            data: json!({ "points": points, "redemption_ref": reference }),
+        });
+    }
+
+    /// Points earned by an order booked by a live change.
+    pub fn earned(
+        &mut self,
+        source: &str,
+        member: i64,
+        order_ref: &str,
+        points: i64,
+        at: DateTime<Utc>,
+    ) {
+        self.events.push(EventFact {
+            kind: TriggerKind::PointsEarned,
+            member,
+            occasion: format!("points_earned:{source}:{order_ref}"),
+            at,
+            data: json!({ "points": points, "order_ref": order_ref }),
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty() && self.events.is_empty()
+    }
+}
+
+/// A trigger that fired.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fired {
+    pub kind: TriggerKind,
+    pub member: i64,
+    pub occasion: String,
+    pub occurred_at: DateTime<Utc>,
+    pub data: serde_json::Value,
+}
+
+/// Where a member stands now.
+struct Standing {
+    tier: Option<String>,
+    lifetime: i64,
+    purchases: i64,
+}
+
+/// Records the batch's marks and writes its triggers to the outbox, in
+/// the open ledger transaction. Returns the triggers that fired.
+pub async fn record(
+    db: &Db,
+    triggers: &Triggers,
+    facts: BatchFacts,
+) -> Result<Vec<Fired>, tokio_postgres::Error> {
+    if facts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let member_ids: Vec<i64> = facts.members.keys().copied().collect();
+    // Members merged into another during the batch are left out: the
+    // survivor was touched too (identity resolves to survivors).
+    let rows = db
+        .query(
+            "SELECT m.member_id, m.tier, coalesce(b.lifetime, 0),
+                    (SELECT count(*) FROM orders o
+                      WHERE o.member_id = m.member_id AND o.stage <> 'cancelled')
+               FROM members m LEFT JOIN balances b ON b.member_id = m.member_id
+              WHERE m.member_id = ANY($1) AND m.merged_into IS NULL",
+            &[&member_ids],
+        )
+        .await?;
+    let standings: HashMap<i64, Standing> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i64>(0),
+                Standing {
+                    tier: r.get(1),
+                    lifetime: r.get(2),
+                    purchases: r.get(3),
+                },
+            )
+        })
+        .collect();
+    let mut marks_held: HashMap<i64, HashSet<String>> = HashMap::new();
+    for row in db
+        .query(
+            "SELECT member_id, mark FROM trigger_marks WHERE member_id = ANY($1)",
+            &[&member_ids],
+        )
+        .await?
+    {
+        marks_held.entry(row.get(0)).or_default().insert(row.get(1));
+    }
+
+    // New marks and the triggers they would fire.
+    let mut new_marks: Vec<(i64, String, DateTime<Utc>, bool)> = Vec::new();
+    let mut candidates: BTreeMap<(i64, String), Fired> = BTreeMap::new();
+    let rank = |tier: &str| self_rank(&triggers.tiers, tier);
+    for (&member, standing) in &standings {
+        let (live, at) = facts.members[&member];
+        let held = marks_held.remove(&member).unwrap_or_default();
+        // `fires`: whether reaching this mark is news worth a message.
+        let mut reach = |mark: String, kind: TriggerKind, data: serde_json::Value, fires: bool| {
+            if held.contains(&mark) {
+                return;
+            }
+            let live = live && fires;
+            if live {
+                candidates.insert(
+                    (member, mark.clone()),
+                    Fired {
+                        kind,
+                        member,
+                        occasion: format!("{mark}:member:{member}"),
+                        occurred_at: at,
+                        data,
+                    },
+                );
+            }
+            new_marks.push((member, mark, at, live));
+        };
+        reach("welcome".into(), TriggerKind::Welcome, json!({}), true);
+        if let Some(tier) = &standing.tier {
+            let previous = held
+                .iter()
+                .filter_map(|m| m.strip_prefix("tier:"))
+                .max_by_key(|t| rank(t))
+                .map(str::to_string);
+            // The entry tier (threshold 0) is where members start, not an
+            // upgrade: marked silently, so a later upgrade knows where it
+            // came from.
+            reach(
+                format!("tier:{tier}"),
+                TriggerKind::TierUpgrade,
+                json!({ "tier": tier, "previous_tier": previous }),
+                rank(tier) > 0,
+            );
+        }
+        for &n in &triggers.milestones.purchases {
+            if standing.purchases >= n {
+                reach(
+                    format!("milestone:purchases:{n}"),
+                    TriggerKind::Milestone,
+                    json!({ "milestone": "purchases", "value": n }),
+                    true,
+                );
+            }
+        }
+        for &n in &triggers.milestones.lifetime_points {
+            if standing.lifetime >= n {
+                reach(
+                    format!("milestone:lifetime_points:{n}"),
+                    TriggerKind::Milestone,
+                    json!({ "milestone": "lifetime_points", "value": n }),
+                    true,
+                );
+            }
+        }
+    }
+
+    // Marks are written once: only the ones this statement inserted fire
+    // (another writer that got there first fired them).
+    let mut fired: Vec<Fired> = Vec::new();
+    if !new_marks.is_empty() {
+        let members: Vec<i64> = new_marks.iter().map(|m| m.0).collect();
+        let marks: Vec<&str> = new_marks.iter().map(|m| m.1.as_str()).collect();
+        let ats: Vec<DateTime<Utc>> = new_marks.iter().map(|m| m.2).collect();
+        let announced: Vec<bool> = new_marks.iter().map(|m| m.3).collect();
+        let inserted = db
+            .query(
+                "INSERT INTO trigger_marks (member_id, mark, reached_at, announced)
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::bool[])
+                 ON CONFLICT DO NOTHING
+                 RETURNING member_id, mark",
+                &[&members, &marks, &ats, &announced],
+            )
+            .await?;
+        for row in inserted {
+            if let Some(trigger) = candidates.remove(&(row.get(0), row.get(1))) {
+                fired.push(trigger);
+            }
+        }
+    }
+    fired.extend(facts.events.into_iter().map(|e| Fired {
+        kind: e.kind,
+        member: e.member,
+        occasion: e.occasion,
+        occurred_at: e.at,
+        data: e.data,
+    }));
+
+    let messages: Vec<NewMessage> = fired
+        .iter()
+        .flat_map(|trigger| {
+            triggers
+                .routes
+                .get(&trigger.kind)
+                .into_iter()
+                .flatten()
+                .map(move |route| NewMessage {
+                    dedupe_key: format!("{}:{}", trigger.occasion, route.name),
+                    member: trigger.member,
+                    trigger: trigger.kind.as_str(),
+                    route: route.name.clone(),
+                    provider: route.provider.clone(),
+                    channel: route.channel,
+                    occurred_at: trigger.occurred_at,
+                    payload: json!({
+                        "trigger": {
+                            "kind": trigger.kind.as_str(),
+                            "occurred_at": trigger.occurred_at,
+                            "data": trigger.data,
+                        },
+                    }),
+                })
+        })
+        .collect();
+    outbox::enqueue(db, &messages).await?;
+    Ok(fired)
+}
+
+/// A tier's rank: 0 for the entry tier, −1 for a tier no longer
+/// configured.
+fn self_rank(tiers: &[TierSettings], tier: &str) -> i64 {
+    tiers
+        .iter()
+        .position(|t| t.name == tier)
+        .map_or(-1, |i| i as i64)
+}
+
+impl Triggers {
+    /// Whether earned points are routed anywhere (they are gathered only
+    /// then: most programs leave them out).
+    pub fn wants_points_earned(&self) -> bool {
+        self.routed(TriggerKind::PointsEarned)
+    }
+}
