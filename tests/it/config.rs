@@ -103,7 +103,10 @@ provider = "crm_webhook"
     // Neither the URL password nor the file secret shows in debug output.
     let debug = format!("{settings:?}");
     assert!(!debug.contains("s3cret"), "{debug}");
-    assert!(!debug.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), "{debug}");
+    assert!(
+        !debug.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        "{debug}"
+    );
 }
 
 #[test]
@@ -151,9 +154,21 @@ quiet_hours = {{ start = "9pm" }}
             "no problem {file} {key} `{words}` in {found:#?}"
         )
     };
-    has(&origin, "providers[0].secrets.auth_token", "needs the secret `auth_token`");
-    has(&origin, "triggers.routes[0].params.text", "needs the route parameter `text`");
-    has(&origin, "triggers.routes[0].params.txt", "takes no parameter `txt` (it takes: text)");
+    has(
+        &origin,
+        "providers[0].secrets.auth_token",
+        "needs the secret `auth_token`",
+    );
+    has(
+        &origin,
+        "triggers.routes[0].params.text",
+        "needs the route parameter `text`",
+    );
+    has(
+        &origin,
+        "triggers.routes[0].params.txt",
+        "takes no parameter `txt` (it takes: text)",
+    );
     has(&origin, "delivery.quiet_hours.start", "use HH:MM");
     has("broken.toml", "path", "does not compile");
 }

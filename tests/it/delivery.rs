@@ -28,6 +28,7 @@ struct Fixture {
     _ledger_db: PgDatabase,
     db: Db,
     settings: Settings,
+    path: PathBuf,
 }
 
 /// A migrated ledger and a configuration with `body` after `[ledger]`.
@@ -50,6 +51,7 @@ async fn fixture(body: &str) -> Fixture {
         db: Db::new(client),
         _ledger_db: ledger_db,
         settings,
+        path,
     }
 }
 
@@ -760,4 +762,78 @@ async fn policy_holds_sms_at_night_and_suppresses_without_consent_or_over_the_ca
     // The same occasion again adds nothing (dedupe).
     let again = enqueue(&fx, capped, "milestone_mail", "m1").await;
     assert_eq!(again, mail1);
+}
+
+fn spawn_service(config: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(crate::support::binary())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start loyalty-cdc")
+}
+
+#[tokio::test]
+async fn a_service_killed_mid_send_delivers_after_restart_with_the_same_webhook_id() {
+    let receiver = Receiver::start(Reply::status(200)).await;
+    let fx = fixture(&format!(
+        r#"
+[delivery]
+timeout_seconds = 5
+claim_lease_seconds = 6
+poll_interval_ms = 50
+
+[[providers]]
+name = "webhook"
+template = "PROVIDERS/webhook.toml"
+base_url = "{url}/hook"
+secrets.signing_secret = "{SIGNING_SECRET}"
+
+[[triggers.routes]]
+trigger = "tier_upgrade"
+provider = "webhook"
+"#,
+        url = receiver.url
+    ))
+    .await;
+    let member = member(&fx.db, "UTC", true).await;
+    let id = enqueue(&fx, member, "tier_upgrade_webhook", "crash").await;
+    // The first request hangs: the service is killed while it waits.
+    receiver.script([Reply::status(200).delay(Duration::from_secs(60))]);
+    let mut service = spawn_service(&fx.path);
+    receiver.wait_for(1).await;
+    service.kill().await.expect("SIGKILL loyalty-cdc");
+    let (status, attempts, _) = state(&fx.db, id).await;
+    assert_eq!(
+        (status.as_str(), attempts),
+        ("pending", 0),
+        "claimed, never finished"
+    );
+
+    // Restarted: once the dead worker's lease runs out, delivered.
+    let mut service = spawn_service(&fx.path);
+    let requests = receiver.wait_for(2).await;
+    assert_eq!(
+        requests[0].header("webhook-id"),
+        Some(id.to_string().as_str())
+    );
+    assert_eq!(
+        requests[1].header("webhook-id"),
+        requests[0].header("webhook-id")
+    );
+    assert_eq!(
+        requests[1].body, requests[0].body,
+        "the same message, byte for byte"
+    );
+    for _ in 0..500 {
+        if state(&fx.db, id).await.0 == "sent" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state(&fx.db, id).await, ("sent".into(), 1, None));
+    service.kill().await.unwrap();
 }

@@ -773,3 +773,161 @@ async fn saleor_orders_and_granted_refunds_book_exact_points() {
         .expect("pipeline stops")
         .unwrap();
 }
+
+/// Issue 7's end to end: a tier upgrade caused by a Magento order arrives
+/// at a local receiver as a signed webhook; the history a snapshot copies
+/// in fires nothing; each occasion fires once.
+#[tokio::test]
+async fn a_magento_order_that_crosses_a_tier_arrives_as_a_signed_webhook() {
+    crate::support::init_logging();
+    let receiver =
+        crate::support::receiver::Receiver::start(crate::support::receiver::Reply::status(204))
+            .await;
+    let ledger_db = PgDatabase::create("ledger").await;
+    let shop_db = MyDatabase::create("shop").await;
+    let mut shop = magento_shop(&shop_db).await;
+    // History before loyalty-cdc starts: Anna (customer 7) bought for 150
+    // (silver, her first purchase).
+    magento_order(
+        &mut shop,
+        1,
+        Some(7),
+        "Anna.Schmidt@Example.DE",
+        "complete",
+        Some("150.0000"),
+        "0",
+        &[("MUG", None, "150.0000")],
+    )
+    .await;
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let server_id = 3_600_000_000u64 + u64::from(std::process::id() % 100_000);
+    let sources = format!(
+        r#"
+[[sources]]
+name = "shop"
+kind = "mysql"
+url = "{shop}"
+mapping = "{connectors}/magento2.toml"
+server_id = {server_id}
+
+[triggers.milestones]
+purchases = [1, 2]
+
+[[providers]]
+name = "crm"
+template = "{providers}/webhook.toml"
+base_url = "{receiver}/loyalty-events"
+secrets.signing_secret = "{secret}"
+
+[[triggers.routes]]
+trigger = "tier_upgrade"
+provider = "crm"
+
+[[triggers.routes]]
+trigger = "milestone"
+provider = "crm"
+
+[[triggers.routes]]
+trigger = "welcome"
+provider = "crm"
+"#,
+        shop = shop_db.url(),
+        connectors = connectors().display(),
+        providers = connectors().join("../providers").display(),
+        receiver = receiver.url,
+    );
+    let (_path, settings) = write_config(&ledger_db, &sources);
+    let (shutdown, handle) = start(settings).await;
+    let ledger = Ledger::new(&ledger_db).await;
+    assert_eq!(
+        ledger.member_by_email("anna.schmidt@example.de").await,
+        Some((150, 0, 150, Some("silver".into())))
+    );
+    assert_eq!(
+        ledger
+            .scalar("SELECT count(*) FROM trigger_marks WHERE announced")
+            .await,
+        0,
+        "the snapshot's history reached its marks silently"
+    );
+
+    // Live: Anna orders for 1000 (gold at 1000 lifetime points: 1150), and
+    // Ben opens an account.
+    magento_order(
+        &mut shop,
+        2,
+        Some(7),
+        "Anna.Schmidt@Example.DE",
+        "complete",
+        Some("1000.0000"),
+        "0",
+        &[("TV", None, "1000.0000")],
+    )
+    .await;
+    shop.query_drop(
+        "INSERT INTO customer_entity (entity_id, website_id, store_id, email) VALUES (8, 1, 1, 'ben@shop.de')",
+    )
+    .await
+    .unwrap();
+
+    let requests = receiver.wait_for(3).await;
+    let verifier = standardwebhooks::Webhook::new(secret).unwrap();
+    let mut events: Vec<(String, serde_json::Value)> = Vec::new();
+    for request in &requests {
+        assert_eq!(request.path, "/loyalty-events");
+        verifier
+            .verify(&request.body, &request.headers)
+            .expect("signed per Standard Webhooks");
+        let body = request.json();
+        assert_eq!(
+            request.header("webhook-id"),
+            body["data"]["message_id"].as_str(),
+            "the webhook-id is the message id"
+        );
+        events.push((
+            body["type"].as_str().unwrap().to_string(),
+            body["data"]["trigger_data"].clone(),
+        ));
+    }
+    events.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        events,
+        [
+            (
+                "loyalty.milestone".to_string(),
+                serde_json::json!({ "milestone": "purchases", "value": 2 })
+            ),
+            (
+                "loyalty.tier_upgrade".to_string(),
+                serde_json::json!({ "tier": "gold", "previous_tier": "silver" })
+            ),
+            ("loyalty.welcome".to_string(), serde_json::json!({})),
+        ]
+    );
+    let gold = requests
+        .iter()
+        .map(|r| r.json())
+        .find(|b| b["type"] == "loyalty.tier_upgrade")
+        .unwrap();
+    assert_eq!(gold["data"]["member"]["tier"], "gold");
+    assert_eq!(gold["data"]["member"]["points"]["lifetime"], 1150);
+    wait_for("the deliveries to be recorded", || async {
+        ledger
+            .scalar("SELECT count(*) FROM outbox WHERE status = 'sent'")
+            .await
+            == 3
+    })
+    .await;
+
+    // The same order written again (an update that changes nothing the
+    // ledger counts) fires nothing more.
+    shop.query_drop("UPDATE sales_order SET status = 'complete' WHERE entity_id = 2")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ledger.scalar("SELECT count(*) FROM outbox").await, 3);
+    assert_eq!(receiver.requests().len(), 3);
+
+    shutdown.cancel();
+    handle.await.unwrap();
+}
