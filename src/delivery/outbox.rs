@@ -3,6 +3,8 @@
 //! [`enqueue`] inside the ledger transaction; everything else is the
 //! worker's and the operators' (`dlq list` / `dlq replay`).
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -65,11 +67,16 @@ pub struct Claimed {
 /// Claims up to `limit` due messages: each is reserved for `lease`
 /// (its `next_attempt_at` pushed ahead), so a worker that dies leaves it
 /// due again after the lease, and no other worker takes it meanwhile.
+///
+/// `partition = (k, n)`: only messages of members whose id is `k` modulo
+/// `n`, so that concurrent batches of one worker never hold messages of
+/// the same member (caps and cooldowns are judged per batch).
 pub async fn claim(
     db: &Db,
     now: DateTime<Utc>,
     lease: chrono::Duration,
     limit: i64,
+    partition: (i64, i64),
 ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
     let rows = db
         .query(
@@ -77,12 +84,13 @@ pub async fn claim(
               WHERE o.message_id IN (
                     SELECT message_id FROM outbox
                      WHERE status = 'pending' AND next_attempt_at <= $1
+                       AND coalesce(member_id, 0) % $5 = $4
                      ORDER BY next_attempt_at
                      LIMIT $3
                      FOR UPDATE SKIP LOCKED)
              RETURNING o.message_id, o.member_id, o.trigger, o.route, o.provider, o.channel, o.payload,
                        o.attempts, o.created_at",
-            &[&now, &(now + lease), &limit],
+            &[&now, &(now + lease), &limit, &partition.0, &partition.1],
         )
         .await?;
     Ok(rows
@@ -135,112 +143,121 @@ pub struct Attempt {
     pub detail: Option<String>,
 }
 
-/// Records an attempt (or decision) and moves the message on, in one
-/// transaction-less statement each: the message's row is the truth, the
-/// attempt row its history.
-pub async fn finish(
-    db: &Db,
-    message: &Claimed,
-    provider: &str,
-    now: DateTime<Utc>,
-    outcome: &Outcome,
-    attempt: &Attempt,
-) -> Result<(), tokio_postgres::Error> {
-    // Attempts count requests made; policy decisions are not attempts.
-    let attempt_number = message.attempts + i32::from(attempt.requested);
-    let (label, status, next, reason): (&str, &str, Option<DateTime<Utc>>, Option<String>) =
-        match outcome {
-            Outcome::Sent => ("sent", "sent", None, None),
-            Outcome::Retry(at) => ("retry", "pending", Some(*at), attempt.detail.clone()),
-            Outcome::Dead { reason, .. } => ("dead", "dead", None, Some(reason.clone())),
-            Outcome::Held(until) => ("held", "pending", Some(*until), attempt.detail.clone()),
-            Outcome::Suppressed => ("suppressed", "suppressed", None, attempt.detail.clone()),
-            Outcome::Disabled { .. } => (
-                "disabled",
-                "dead",
-                None,
-                Some(format!(
-                    "provider `{provider}` answered 410 Gone: endpoint disabled"
-                )),
-            ),
-        };
-    let status_code = attempt.status_code.map(i32::from);
-    db.execute(
-        "INSERT INTO delivery_attempts (message_id, attempt, outcome, status_code, latency_ms, detail, at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        &[
-            &message.message_id,
-            &attempt_number,
-            &label,
-            &status_code,
-            &attempt.latency_ms,
-            &attempt.detail.as_deref().or(reason.as_deref()),
-            &now,
-        ],
-    )
-    .await?;
-    db.execute(
-        "UPDATE outbox SET status = $2, attempts = $3, next_attempt_at = coalesce($4, next_attempt_at),
-                           status_reason = $5, sent_at = CASE WHEN $2 = 'sent' THEN $6 ELSE sent_at END
-          WHERE message_id = $1",
-        &[&message.message_id, &status, &attempt_number, &next, &reason, &now],
-    )
-    .await?;
-    match outcome {
-        Outcome::Dead { reason, body } => {
-            dead_letter(
-                db,
-                message,
-                provider,
-                reason,
-                status_code,
-                body.as_deref(),
-                now,
-            )
-            .await?
-        }
-        Outcome::Disabled { body } => {
-            let reason = reason.unwrap_or_default();
-            db.execute(
-                "INSERT INTO provider_endpoints (provider, disabled_at, disabled_reason) VALUES ($1, $2, $3)
-                 ON CONFLICT (provider) DO UPDATE SET disabled_at = EXCLUDED.disabled_at,
-                                                      disabled_reason = EXCLUDED.disabled_reason",
-                &[&provider, &now, &reason],
-            )
-            .await?;
-            dead_letter(
-                db,
-                message,
-                provider,
-                &reason,
-                status_code,
-                body.as_deref(),
-                now,
-            )
-            .await?
-        }
-        _ => {}
-    }
-    Ok(())
+/// What became of one claimed message.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub message_id: Uuid,
+    /// Attempts made before this one.
+    pub attempts_before: i32,
+    pub provider: String,
+    pub at: DateTime<Utc>,
+    pub outcome: Outcome,
+    pub attempt: Attempt,
 }
 
 /// Response bodies are kept up to this many bytes.
 const DEAD_LETTER_BODY_BYTES: usize = 8 * 1024;
 
-async fn dead_letter(
-    db: &Db,
-    message: &Claimed,
-    provider: &str,
-    reason: &str,
-    status_code: Option<i32>,
-    body: Option<&str>,
-    now: DateTime<Utc>,
-) -> Result<(), tokio_postgres::Error> {
-    let body = body.map(|b| truncate(b, DEAD_LETTER_BODY_BYTES));
-    db.execute(
-        "INSERT INTO dead_letters (message_id, provider, reason, status_code, response_body, dead_at)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-        &[&message.message_id, &provider, &reason, &status_code, &body, &now],
+/// Records a batch of attempts and decisions and moves each message on,
+/// in one statement: one commit for the whole batch (a commit per message
+/// held delivery to ~1,500 messages/s).
+pub async fn finish_all(db: &Db, finished: &[Finished]) -> Result<(), tokio_postgres::Error> {
+    if finished.is_empty() {
+        return Ok(());
+    }
+    let n = finished.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut labels = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut codes = Vec::with_capacity(n);
+    let mut latencies = Vec::with_capacity(n);
+    let mut details = Vec::with_capacity(n);
+    let mut nexts = Vec::with_capacity(n);
+    let mut reasons = Vec::with_capacity(n);
+    let mut providers = Vec::with_capacity(n);
+    let mut dead_reasons = Vec::with_capacity(n);
+    let mut bodies = Vec::with_capacity(n);
+    let mut disables = Vec::with_capacity(n);
+    let mut ats = Vec::with_capacity(n);
+    for f in finished {
+        let (label, status, next, reason): (&str, &str, Option<DateTime<Utc>>, Option<String>) =
+            match &f.outcome {
+                Outcome::Sent => ("sent", "sent", None, None),
+                Outcome::Retry(at) => ("retry", "pending", Some(*at), f.attempt.detail.clone()),
+                Outcome::Dead { reason, .. } => ("dead", "dead", None, Some(reason.clone())),
+                Outcome::Held(until) => ("held", "pending", Some(*until), f.attempt.detail.clone()),
+                Outcome::Suppressed => ("suppressed", "suppressed", None, f.attempt.detail.clone()),
+                Outcome::Disabled { .. } => (
+                    "disabled",
+                    "dead",
+                    None,
+                    Some(format!(
+                        "provider `{}` answered 410 Gone: endpoint disabled",
+                        f.provider
+                    )),
+                ),
+            };
+        let (dead_reason, body) = match &f.outcome {
+            Outcome::Dead { body, .. } | Outcome::Disabled { body } => (
+                reason.clone(),
+                body.as_deref()
+                    .map(|b| truncate(b, DEAD_LETTER_BODY_BYTES).to_string()),
+            ),
+            _ => (None, None),
+        };
+        ids.push(f.message_id);
+        // Attempts count requests made; policy decisions are not attempts.
+        attempts.push(f.attempts_before + i32::from(f.attempt.requested));
+        labels.push(label);
+        statuses.push(status);
+        codes.push(f.attempt.status_code.map(i32::from));
+        latencies.push(f.attempt.latency_ms);
+        details.push(f.attempt.detail.clone().or_else(|| reason.clone()));
+        nexts.push(next);
+        reasons.push(reason);
+        providers.push(f.provider.as_str());
+        dead_reasons.push(dead_reason);
+        bodies.push(body);
+        disables.push(matches!(f.outcome, Outcome::Disabled { .. }));
+        ats.push(f.at);
+    }
+    db.query_one(
+        "WITH input AS (
+             SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::int[], $6::int[], $7::text[],
+                                  $8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::text[], $13::bool[],
+                                  $14::timestamptz[])
+                 AS x(id, attempt, label, status, code, latency, detail, next, reason, provider, dead_reason,
+                      body, disable, at)
+         ), attempts AS (
+             INSERT INTO delivery_attempts (message_id, attempt, outcome, status_code, latency_ms, detail, at)
+             SELECT id, attempt, label, code, latency, detail, at FROM input
+             RETURNING 1
+         ), moved AS (
+             UPDATE outbox o
+                SET status = i.status, attempts = i.attempt,
+                    next_attempt_at = coalesce(i.next, o.next_attempt_at), status_reason = i.reason,
+                    sent_at = CASE WHEN i.status = 'sent' THEN i.at ELSE o.sent_at END
+               FROM input i
+              WHERE o.message_id = i.id
+             RETURNING 1
+         ), dead AS (
+             INSERT INTO dead_letters (message_id, provider, reason, status_code, response_body, dead_at)
+             SELECT id, provider, dead_reason, code, body, at FROM input WHERE dead_reason IS NOT NULL
+             RETURNING 1
+         ), disabled AS (
+             INSERT INTO provider_endpoints (provider, disabled_at, disabled_reason)
+             SELECT DISTINCT ON (provider) provider, at, dead_reason FROM input WHERE disable
+             ON CONFLICT (provider) DO UPDATE SET disabled_at = EXCLUDED.disabled_at,
+                                                  disabled_reason = EXCLUDED.disabled_reason
+             RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM attempts) + (SELECT count(*) FROM moved)
+              + (SELECT count(*) FROM dead) + (SELECT count(*) FROM disabled)",
+        &[
+            &ids, &attempts, &labels, &statuses, &codes, &latencies, &details, &nexts, &reasons,
+            &providers, &dead_reasons, &bodies, &disables, &ats,
+        ],
     )
     .await?;
     Ok(())
@@ -258,33 +275,44 @@ pub fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
-/// Whether a provider's endpoint was disabled by a 410, and why.
-pub async fn disabled(db: &Db, provider: &str) -> Result<Option<String>, tokio_postgres::Error> {
-    Ok(db
-        .query_opt(
-            "SELECT disabled_reason FROM provider_endpoints WHERE provider = $1 AND disabled_at IS NOT NULL",
-            &[&provider],
-        )
-        .await?
-        .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default()))
-}
-
-/// What a member was sent lately: `(channel, trigger, sent_at)`.
-pub async fn recent_sends(
-    db: &Db,
-    member: i64,
-    since: DateTime<Utc>,
-) -> Result<Vec<(String, String, DateTime<Utc>)>, tokio_postgres::Error> {
+/// Providers whose endpoint a 410 disabled, and why.
+pub async fn disabled_providers(db: &Db) -> Result<HashMap<String, String>, tokio_postgres::Error> {
     Ok(db
         .query(
-            "SELECT channel, trigger, sent_at FROM outbox
-              WHERE member_id = $1 AND status = 'sent' AND sent_at >= $2",
-            &[&member, &since],
+            "SELECT provider, coalesce(disabled_reason, '') FROM provider_endpoints
+              WHERE disabled_at IS NOT NULL",
+            &[],
         )
         .await?
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| (r.get(0), r.get(1)))
         .collect())
+}
+
+/// A send recorded in the outbox: `(channel, trigger, sent_at)`.
+pub type Sent = (String, String, DateTime<Utc>);
+
+/// What `members` were sent since `since`, per member.
+pub async fn recent_sends(
+    db: &Db,
+    members: &[i64],
+    since: DateTime<Utc>,
+) -> Result<HashMap<i64, Vec<Sent>>, tokio_postgres::Error> {
+    let mut sends: HashMap<i64, Vec<Sent>> = HashMap::new();
+    for row in db
+        .query(
+            "SELECT member_id, channel, trigger, sent_at FROM outbox
+              WHERE member_id = ANY($1) AND status = 'sent' AND sent_at >= $2",
+            &[&members, &since],
+        )
+        .await?
+    {
+        sends
+            .entry(row.get(0))
+            .or_default()
+            .push((row.get(1), row.get(2), row.get(3)));
+    }
+    Ok(sends)
 }
 
 /// A dead letter, as `dlq list` shows it.

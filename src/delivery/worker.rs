@@ -34,6 +34,12 @@ use crate::ledger::members;
 const RESPONSE_READ_LIMIT: usize = 16 * 1024;
 /// Response bytes kept in an attempt's detail.
 const DETAIL_BYTES: usize = 300;
+/// Concurrent batch loops of `run`, each over its own partition of
+/// members (member id modulo this): while one waits on slow answers, the
+/// other sends and records.
+const BATCH_LOOPS: i64 = 2;
+/// Messages per batch at most: one claim, three reads and one write each.
+const MAX_BATCH: i64 = 256;
 /// The longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: StdDuration = StdDuration::from_secs(24 * 3600);
 
@@ -174,206 +180,201 @@ impl Worker {
         Duration::seconds(self.settings.claim_lease_seconds as i64)
     }
 
-    /// Claims every message due now and delivers them, waiting for all
-    /// (tests and one-shot runs). Returns how many were claimed.
+    /// Claims the messages due now (one batch) and delivers them, waiting
+    /// for all (tests and one-shot runs). Returns how many were claimed.
     pub async fn run_once(self: &Arc<Self>) -> Result<usize, tokio_postgres::Error> {
         let db = self.db().await?;
-        let claimed = outbox::claim(
-            &db,
-            self.clock.now(),
-            self.lease(),
-            self.settings.concurrency as i64,
-        )
-        .await?;
+        let claimed = outbox::claim(&db, self.clock.now(), self.lease(), MAX_BATCH, (0, 1)).await?;
         let count = claimed.len();
-        futures_util::future::try_join_all(claimed.into_iter().map(|m| self.deliver(m))).await?;
+        self.deliver_batch(&db, claimed).await?;
         Ok(count)
     }
 
-    /// Delivers until `shutdown`, at most `concurrency` messages at once;
-    /// in-flight sends finish (within the timeout) before it returns.
+    /// Delivers until `shutdown`: [`BATCH_LOOPS`] loops, each over its own
+    /// partition of members, claim a batch, deliver it and record it in
+    /// one statement. Batches in flight finish (within the timeout) before
+    /// it returns.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut tasks = tokio::task::JoinSet::new();
+        let loops: Vec<_> = (0..BATCH_LOOPS)
+            .map(|k| {
+                let worker = Arc::clone(&self);
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { worker.batch_loop((k, BATCH_LOOPS), shutdown).await })
+            })
+            .collect();
+        for task in loops {
+            let _ = task.await;
+        }
+    }
+
+    async fn batch_loop(&self, partition: (i64, i64), shutdown: CancellationToken) {
         let poll = StdDuration::from_millis(self.settings.poll_interval_ms.max(1));
         while !shutdown.is_cancelled() {
-            while let Some(done) = tasks.try_join_next() {
-                if let Ok(Err(error)) = done {
-                    tracing::warn!(error = %error, "delivery: recording an attempt failed; the message is retried after its lease");
-                }
-            }
-            let free = self.in_flight.available_permits();
-            let mut claimed = Vec::new();
-            if free > 0 {
-                match self.db().await {
-                    Ok(db) => match outbox::claim(&db, self.clock.now(), self.lease(), free as i64)
+            let claimed = match self.db().await {
+                Ok(db) => {
+                    match outbox::claim(&db, self.clock.now(), self.lease(), MAX_BATCH, partition)
                         .await
                     {
-                        Ok(rows) => claimed = rows,
+                        Ok(claimed) if claimed.is_empty() => None,
+                        Ok(claimed) => Some((db, claimed)),
                         Err(error) => {
-                            tracing::warn!(error = %error, "delivery: claiming failed; retrying")
+                            tracing::warn!(error = %error, "delivery: claiming failed; retrying");
+                            None
                         }
-                    },
-                    Err(error) => {
-                        tracing::warn!(error = %error, "delivery: no ledger connection; retrying")
                     }
                 }
-            }
-            let idle = claimed.is_empty();
-            for message in claimed {
-                let Ok(permit) = Arc::clone(&self.in_flight).acquire_owned().await else {
-                    break;
-                };
-                let worker = Arc::clone(&self);
-                tasks.spawn(async move {
-                    let _permit = permit;
-                    worker.deliver(message).await
-                });
-            }
-            if idle {
+                Err(error) => {
+                    tracing::warn!(error = %error, "delivery: no ledger connection; retrying");
+                    None
+                }
+            };
+            let Some((db, claimed)) = claimed else {
                 tokio::select! {
                     _ = tokio::time::sleep(poll) => {}
                     _ = shutdown.cancelled() => {}
                 }
+                continue;
+            };
+            if let Err(error) = self.deliver_batch(&db, claimed).await {
+                tracing::warn!(error = %error, "delivery: recording a batch failed; its messages are retried after their lease");
             }
         }
-        while tasks.join_next().await.is_some() {}
     }
 
-    /// One message: policy, template, request, outcome.
-    async fn deliver(&self, message: Claimed) -> Result<(), tokio_postgres::Error> {
-        let db = self.db().await?;
+    /// One batch: what the policy needs is read for all its members at
+    /// once, each message judged, rendered and sent (concurrently, within
+    /// the bounds), and every outcome recorded in one statement.
+    async fn deliver_batch(
+        &self,
+        db: &Db,
+        batch: Vec<Claimed>,
+    ) -> Result<(), tokio_postgres::Error> {
+        if batch.is_empty() {
+            return Ok(());
+        }
         let now = self.clock.now();
-        let no_request = |detail: String| Attempt {
-            requested: false,
-            status_code: None,
-            latency_ms: None,
-            detail: Some(detail),
-        };
-        let provider_name = message.provider.clone();
-        let dead = |reason: String| Outcome::Dead { reason, body: None };
-        let Some(provider) = self.providers.get(&message.provider) else {
-            let reason = format!(
-                "provider `{}` is no longer configured; add it back and `dlq replay` the message",
-                message.provider
-            );
-            return self
-                .finish(
-                    &db,
-                    &message,
-                    &provider_name,
-                    now,
-                    dead(reason.clone()),
-                    no_request(reason),
-                )
-                .await;
-        };
-        let Some(route) = self.routes.get(&message.route) else {
-            let reason = format!(
-                "route `{}` is no longer configured; add it back and `dlq replay` the message",
-                message.route
-            );
-            return self
-                .finish(
-                    &db,
-                    &message,
-                    &provider_name,
-                    now,
-                    dead(reason.clone()),
-                    no_request(reason),
-                )
-                .await;
-        };
-        if let Some(why) = outbox::disabled(&db, &provider.name).await? {
-            let reason = format!("the provider's endpoint is disabled ({why}); fix it, then `dlq replay` re-enables it");
-            return self
-                .finish(
-                    &db,
-                    &message,
-                    &provider_name,
-                    now,
-                    dead(reason.clone()),
-                    no_request(reason),
-                )
-                .await;
-        }
-        let contact = match message.member {
-            Some(member) => members::contact(&db, member).await?,
-            None => None,
-        };
-        let Some(contact) = contact else {
-            let reason = "the message names no known member".to_string();
-            return self
-                .finish(
-                    &db,
-                    &message,
-                    &provider_name,
-                    now,
-                    Outcome::Suppressed,
-                    no_request(reason),
-                )
-                .await;
-        };
-        let recent = outbox::recent_sends(
-            &db,
-            contact.member_id,
-            now - policy::lookback(&self.settings),
-        )
-        .await?;
-        let channel = message.channel.unwrap_or(provider.template.channel);
-        match policy::judge(
-            &self.settings,
-            channel,
-            &provider.template.requires,
-            &message.trigger,
-            &contact,
-            &recent,
-            now,
-        ) {
-            Decision::Send => {}
-            Decision::Hold { until, reason } => {
-                self.counts.held.fetch_add(1, Ordering::Relaxed);
-                return self
-                    .finish(
-                        &db,
-                        &message,
-                        &provider_name,
-                        now,
-                        Outcome::Held(until),
-                        no_request(reason),
-                    )
-                    .await;
-            }
-            Decision::Suppress(reason) => {
-                self.counts.suppressed.fetch_add(1, Ordering::Relaxed);
-                return self
-                    .finish(
-                        &db,
-                        &message,
-                        &provider_name,
-                        now,
-                        Outcome::Suppressed,
-                        no_request(reason),
-                    )
-                    .await;
-            }
-        }
-        let request = match render(provider, route, &message, &contact) {
-            Ok(request) => request,
-            Err(error) => {
-                let reason = error.to_string();
-                return self
-                    .finish(
-                        &db,
-                        &message,
-                        &provider_name,
-                        now,
-                        dead(reason.clone()),
-                        no_request(reason),
-                    )
-                    .await;
-            }
-        };
+        let mut asked: Vec<i64> = batch.iter().filter_map(|m| m.member).collect();
+        asked.sort_unstable();
+        asked.dedup();
+        let contacts = members::contacts(db, &asked).await?;
+        let mut survivors: Vec<i64> = contacts.values().map(|c| c.member_id).collect();
+        survivors.sort_unstable();
+        survivors.dedup();
+        let mut recent =
+            outbox::recent_sends(db, &survivors, now - policy::lookback(&self.settings)).await?;
+        let disabled = outbox::disabled_providers(db).await?;
 
+        let mut finished = Vec::with_capacity(batch.len());
+        let mut sends = Vec::new();
+        for message in batch {
+            let decided = |outcome: Outcome, detail: String| outbox::Finished {
+                message_id: message.message_id,
+                attempts_before: message.attempts,
+                provider: message.provider.clone(),
+                at: now,
+                outcome,
+                attempt: Attempt {
+                    requested: false,
+                    status_code: None,
+                    latency_ms: None,
+                    detail: Some(detail),
+                },
+            };
+            let dead = |reason: String| {
+                decided(
+                    Outcome::Dead {
+                        reason: reason.clone(),
+                        body: None,
+                    },
+                    reason,
+                )
+            };
+            let Some(provider) = self.providers.get(&message.provider) else {
+                finished.push(dead(format!("provider `{}` is no longer configured; add it back and `dlq replay` the message", message.provider)));
+                continue;
+            };
+            let Some(route) = self.routes.get(&message.route) else {
+                finished.push(dead(format!(
+                    "route `{}` is no longer configured; add it back and `dlq replay` the message",
+                    message.route
+                )));
+                continue;
+            };
+            if let Some(why) = disabled.get(&provider.name) {
+                finished.push(dead(format!("the provider's endpoint is disabled ({why}); fix it, then `dlq replay` re-enables it")));
+                continue;
+            }
+            let Some(contact) = message.member.and_then(|m| contacts.get(&m)) else {
+                self.counts.suppressed.fetch_add(1, Ordering::Relaxed);
+                finished.push(decided(
+                    Outcome::Suppressed,
+                    "the message names no known member".into(),
+                ));
+                continue;
+            };
+            let channel = message.channel.unwrap_or(provider.template.channel);
+            let sent = recent.entry(contact.member_id).or_default();
+            match policy::judge(
+                &self.settings,
+                channel,
+                &provider.template.requires,
+                &message.trigger,
+                contact,
+                sent,
+                now,
+            ) {
+                Decision::Send => {}
+                Decision::Hold { until, reason } => {
+                    self.counts.held.fetch_add(1, Ordering::Relaxed);
+                    finished.push(decided(Outcome::Held(until), reason));
+                    continue;
+                }
+                Decision::Suppress(reason) => {
+                    self.counts.suppressed.fetch_add(1, Ordering::Relaxed);
+                    finished.push(decided(Outcome::Suppressed, reason));
+                    continue;
+                }
+            }
+            match render(provider, route, &message, contact) {
+                Ok(request) => {
+                    // Later messages of this batch count this one against
+                    // caps and cooldowns.
+                    sent.push((channel.as_str().to_string(), message.trigger.clone(), now));
+                    sends.push((message, provider, request));
+                }
+                Err(error) => finished.push(dead(error.to_string())),
+            }
+        }
+        let results = futures_util::future::join_all(
+            sends
+                .into_iter()
+                .map(|(message, provider, request)| self.send(message, provider, request)),
+        )
+        .await;
+        finished.extend(results);
+        for f in &finished {
+            match &f.outcome {
+                Outcome::Dead { reason, .. } => {
+                    tracing::warn!(message_id = %f.message_id, provider = %f.provider, reason = %reason, "dead-lettered")
+                }
+                Outcome::Disabled { .. } => {
+                    tracing::error!(provider = %f.provider, "provider answered 410 Gone: its endpoint is disabled until `dlq replay`")
+                }
+                _ => {}
+            }
+        }
+        outbox::finish_all(db, &finished).await
+    }
+
+    /// Sends one rendered request within the global and the provider's
+    /// bounds, and classifies the answer.
+    async fn send(
+        &self,
+        message: Claimed,
+        provider: &Provider,
+        request: template::RenderedRequest,
+    ) -> outbox::Finished {
+        let _global = self.in_flight.acquire().await;
         provider.limiter.until_ready().await;
         let _slot = provider.in_flight.acquire().await;
         let started = Instant::now();
@@ -401,16 +402,14 @@ impl Worker {
                 .header("webhook-signature", key.sign(&id, timestamp, &request.body));
         }
         let attempt_number = message.attempts + 1;
-        let result = builder.send().await;
-        let (outcome, attempt) = match result {
+        let (outcome, attempt) = match builder.send().await {
             Ok(mut response) => {
                 let status = response.status();
                 let retry_after = retry_after(response.headers(), sent_at);
                 let mut body = Vec::new();
                 while let Ok(Some(chunk)) = response.chunk().await {
-                    body.extend_from_slice(
-                        &chunk[..chunk.len().min(RESPONSE_READ_LIMIT - body.len())],
-                    );
+                    let room = RESPONSE_READ_LIMIT - body.len();
+                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
                     if body.len() >= RESPONSE_READ_LIMIT {
                         break;
                     }
@@ -418,10 +417,11 @@ impl Worker {
                 let latency = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
                 let body = String::from_utf8_lossy(&body).into_owned();
                 let code = status.as_u16();
-                let detail = Some(format!(
-                    "{code} {}",
-                    scrub(outbox::truncate(&body, DETAIL_BYTES))
-                ));
+                let detail = Some(
+                    format!("{code} {}", scrub(outbox::truncate(&body, DETAIL_BYTES)))
+                        .trim_end()
+                        .to_string(),
+                );
                 let attempt = Attempt {
                     requested: true,
                     status_code: Some(code),
@@ -481,33 +481,14 @@ impl Worker {
             _ => self.counts.dead.fetch_add(1, Ordering::Relaxed),
         };
         tracing::debug!(message_id = %message.message_id, provider = %provider.name, attempt = attempt_number, status = ?attempt.status_code, "delivery attempt");
-        self.finish(
-            &db,
-            &message,
-            &provider_name,
-            self.clock.now(),
+        outbox::Finished {
+            message_id: message.message_id,
+            attempts_before: message.attempts,
+            provider: provider.name.clone(),
+            at: self.clock.now(),
             outcome,
             attempt,
-        )
-        .await
-    }
-
-    async fn finish(
-        &self,
-        db: &Db,
-        message: &Claimed,
-        provider: &str,
-        now: DateTime<Utc>,
-        outcome: Outcome,
-        attempt: Attempt,
-    ) -> Result<(), tokio_postgres::Error> {
-        if let Outcome::Dead { reason, .. } = &outcome {
-            tracing::warn!(message_id = %message.message_id, provider = %provider, reason = %reason, "dead-lettered");
         }
-        if let Outcome::Disabled { .. } = &outcome {
-            tracing::error!(provider = %provider, "provider answered 410 Gone: its endpoint is disabled until `dlq replay`");
-        }
-        outbox::finish(db, message, provider, now, &outcome, &attempt).await
     }
 
     /// The next try after failed attempt `attempt`, or the dead letters

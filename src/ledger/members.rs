@@ -505,19 +505,23 @@ pub struct Contact {
     pub line_user_id: Option<String>,
 }
 
-/// The contact of `member`, following merges to the survivor; `None` for
-/// an unknown member. The address of a kind is the one first seen.
-pub async fn contact(client: &Db, member: i64) -> Result<Option<Contact>, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
-            "WITH RECURSIVE chain (member_id, merged_into, depth) AS (
-                 SELECT member_id, merged_into, 0 FROM members WHERE member_id = $1
+/// The contacts of `members`, keyed by the id asked for; each follows
+/// merges to its survivor. Unknown members are left out. The address of a
+/// kind is the one first seen.
+pub async fn contacts(
+    client: &Db,
+    members: &[i64],
+) -> Result<std::collections::HashMap<i64, Contact>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "WITH RECURSIVE chain (asked, member_id, merged_into, depth) AS (
+                 SELECT member_id, member_id, merged_into, 0 FROM members WHERE member_id = ANY($1)
                  UNION ALL
-                 SELECT m.member_id, m.merged_into, c.depth + 1
+                 SELECT c.asked, m.member_id, m.merged_into, c.depth + 1
                    FROM members m JOIN chain c ON m.member_id = c.merged_into
                   WHERE c.depth < 32
              )
-             SELECT m.member_id, m.erased_at IS NOT NULL, m.tier,
+             SELECT c.asked, m.member_id, m.erased_at IS NOT NULL, m.tier,
                     (SELECT value FROM member_identifiers i
                       WHERE i.member_id = m.member_id AND i.kind = 'email'
                       ORDER BY i.first_seen_at, i.value LIMIT 1),
@@ -531,26 +535,33 @@ pub async fn contact(client: &Db, member: i64) -> Result<Option<Contact>, tokio_
                JOIN members m ON m.member_id = c.member_id
                LEFT JOIN balances b ON b.member_id = m.member_id
                LEFT JOIN member_profiles p ON p.member_id = m.member_id
-              WHERE c.merged_into IS NULL
-              LIMIT 1",
-            &[&member],
+              WHERE c.merged_into IS NULL",
+            &[&members],
         )
         .await?;
-    Ok(row.map(|r| Contact {
-        member_id: r.get(0),
-        erased: r.get(1),
-        tier: r.get(2),
-        email: r.get(3),
-        phone: r.get(4),
-        available: r.get(5),
-        pending: r.get(6),
-        lifetime: r.get(7),
-        email_opt_in: r.get(8),
-        sms_opt_in: r.get(9),
-        push_opt_in: r.get(10),
-        timezone: r.get(11),
-        locale: r.get(12),
-        push_token: r.get(13),
-        line_user_id: r.get(14),
-    }))
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i64>(0),
+                Contact {
+                    member_id: r.get(1),
+                    erased: r.get(2),
+                    tier: r.get(3),
+                    email: r.get(4),
+                    phone: r.get(5),
+                    available: r.get(6),
+                    pending: r.get(7),
+                    lifetime: r.get(8),
+                    email_opt_in: r.get(9),
+                    sms_opt_in: r.get(10),
+                    push_opt_in: r.get(11),
+                    timezone: r.get(12),
+                    locale: r.get(13),
+                    push_token: r.get(14),
+                    line_user_id: r.get(15),
+                },
+            )
+        })
+        .collect())
 }

@@ -1,0 +1,221 @@
+//! Delivery throughput: signed generic webhooks from the outbox to a local
+//! receiver, against `wrk` posting a body of the same size to the same
+//! receiver in the same run.
+//!
+//!     cargo bench --bench delivery                      # 20,000 messages, 3 runs
+//!     LCDC_BENCH_MESSAGES=5000 cargo bench --bench delivery
+//!
+//! The receiver is this bench binary started again as a child process
+//! (`LCDC_BENCH_RECEIVER=1`): an axum server answering 204 to every POST
+//! and counting them, so neither side shares a runtime with it.
+//! 1. `wrk -t2 -c32 -d10s` POSTs a 700-byte JSON body: requests/s.
+//! 2. Per run, a fresh ledger gets N pending messages for 1,000 members
+//!    (route `tier_upgrade` → generic webhook, Standard Webhooks signed);
+//!    the worker (`Worker::run`, default settings: 32 in flight) is timed
+//!    from start until it has sent every message (its own count, polled
+//!    every 5 ms; the outbox is checked once at the end).
+//!    Deliveries/s, median of the runs, and the ratio to wrk.
+//!
+//! Prints JSON lines. Needs wrk (`apt-get install wrk`) and the local
+//! PostgreSQL made ready by docker/setup-local-databases.sh.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use loyalty_cdc::config::Settings;
+use loyalty_cdc::delivery::worker::Worker;
+use loyalty_cdc::delivery::SystemClock;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+const RUNS: usize = 3;
+const PG: &str = "postgres://postgres@127.0.0.1:5432";
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+async fn connect(database: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&format!("{PG}/{database}"), NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("connect {database}: {e}; run bash docker/setup-local-databases.sh")
+        });
+    tokio::spawn(connection);
+    client
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+/// The receiver process: prints its port, answers 204, counts.
+async fn receiver() {
+    let count = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&count);
+    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let counter = Arc::clone(&counter);
+        async move {
+            let _ = body.len();
+            counter.fetch_add(1, Ordering::Relaxed);
+            axum::http::StatusCode::NO_CONTENT
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("{}", listener.local_addr().unwrap().port());
+    axum::serve(listener, app).await.unwrap();
+}
+
+fn wrk(port: u16, dir: &std::path::Path) -> f64 {
+    let body = format!(
+        "{{\"type\":\"loyalty.tier_upgrade\",\"pad\":\"{}\"}}",
+        "x".repeat(650)
+    );
+    let script = dir.join("post.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = '{body}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"
+        ),
+    )
+    .unwrap();
+    let output = Command::new("wrk")
+        .args(["-t2", "-c32", "-d10s", "-s"])
+        .arg(&script)
+        .arg(format!("http://127.0.0.1:{port}/hook"))
+        .output()
+        .unwrap_or_else(|e| panic!("wrk: {e}; install it with apt-get install wrk"));
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in wrk output: {text}"))
+}
+
+async fn one_run(
+    admin: &tokio_postgres::Client,
+    run: usize,
+    port: u16,
+    messages: i64,
+    dir: &std::path::Path,
+) -> f64 {
+    let database = format!("lcdc_bench_delivery_{run}");
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {database}"))
+        .await
+        .unwrap();
+    let mut ledger = connect(&database).await;
+    loyalty_cdc::ledger::migrate(&mut ledger).await.unwrap();
+    ledger
+        .batch_execute(&format!(
+            "INSERT INTO members (created_at, tier) SELECT now(), 'gold' FROM generate_series(1, 1000);
+             INSERT INTO balances (member_id, available, pending, lifetime, updated_at)
+               SELECT member_id, 1200, 0, 1500, now() FROM members;
+             INSERT INTO outbox (dedupe_key, member_id, trigger, route, provider, channel, occurred_at, payload)
+               SELECT 'bench:' || n, 1 + n % 1000, 'tier_upgrade', 'tier_upgrade_webhook', 'webhook', 'webhook', now(),
+                      jsonb_build_object('trigger', jsonb_build_object('kind', 'tier_upgrade',
+                          'occurred_at', now(), 'data', jsonb_build_object('tier', 'gold', 'previous_tier', 'silver')))
+                 FROM generate_series(1, {messages}) n;"
+        ))
+        .await
+        .unwrap();
+    let path = dir.join(format!("delivery-{run}.toml"));
+    let providers = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("connectors/providers");
+    std::fs::write(
+        &path,
+        format!(
+            "[ledger]\nurl = \"{PG}/{database}\"\n\n[[providers]]\nname = \"webhook\"\ntemplate = \"{}/webhook.toml\"\nbase_url = \"http://127.0.0.1:{port}/hook\"\nsecrets.signing_secret = \"{SECRET}\"\nrate_per_second = 1000000\nconcurrency = 64\n\n[[triggers.routes]]\ntrigger = \"tier_upgrade\"\nprovider = \"webhook\"\n",
+            providers.display()
+        ),
+    )
+    .unwrap();
+    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let worker = Worker::new(&settings, Arc::new(SystemClock)).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let counts = Arc::clone(&worker.counts);
+    let started = Instant::now();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    // The worker's own count (polling the outbox with SQL every few
+    // milliseconds would load the database the worker is measured on);
+    // checked against the table once at the end.
+    while (counts.sent.load(Ordering::Relaxed) as i64) < messages {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    task.await.unwrap();
+    let sent: i64 = ledger
+        .query_one("SELECT count(*) FROM outbox WHERE status = 'sent'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sent, messages, "every message recorded as sent");
+    drop(ledger);
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+        .await
+        .unwrap();
+    messages as f64 / elapsed
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::var_os("LCDC_BENCH_RECEIVER").is_some() {
+        receiver().await;
+        return;
+    }
+    let messages: i64 = std::env::var("LCDC_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+        }
+    }
+    let mut child = KillOnDrop(
+        Command::new(std::env::current_exe().unwrap())
+            .env("LCDC_BENCH_RECEIVER", "1")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line.trim().parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = connect("postgres").await;
+
+    let wrk_rps = wrk(port, dir.path());
+    println!(
+        "{}",
+        serde_json::json!({ "reference": "wrk -t2 -c32", "requests_per_s": wrk_rps.round() })
+    );
+    let mut rates = Vec::new();
+    for run in 0..RUNS {
+        let rate = one_run(&admin, run, port, messages, dir.path()).await;
+        println!(
+            "{}",
+            serde_json::json!({ "run": run, "messages": messages, "deliveries_per_s": rate.round() })
+        );
+        rates.push(rate);
+    }
+    let ours = median(rates);
+    println!(
+        "{}",
+        serde_json::json!({
+            "deliveries_per_s_median": ours.round(),
+            "wrk_requests_per_s": wrk_rps.round(),
+            "ratio": (ours / wrk_rps * 1000.0).round() / 1000.0,
+        })
+    );
+    drop(child);
+}
