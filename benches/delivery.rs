@@ -9,7 +9,7 @@
 //! (`LCDC_BENCH_RECEIVER=1`): an axum server answering 204 to every POST
 //! and counting them, so neither side shares a runtime with it.
 //! 1. `wrk -t2 -c32 -d10s` POSTs a 700-byte JSON body: requests/s.
-//! 2. Per run, a fresh ledger gets N pending messages for 1,000 members
+//! 2. Per run, a fresh ledger gets N pending messages for N/2 members
 //!    (route `tier_upgrade` → generic webhook, Standard Webhooks signed);
 //!    the worker (`Worker::run`, default settings: 32 in flight) is timed
 //!    from start until it has sent every message (its own count, polled
@@ -113,14 +113,15 @@ async fn one_run(
     loyalty_cdc::ledger::migrate(&mut ledger).await.unwrap();
     ledger
         .batch_execute(&format!(
-            "INSERT INTO members (created_at, tier) SELECT now(), 'gold' FROM generate_series(1, 1000);
+            "INSERT INTO members (created_at, tier) SELECT now(), 'gold' FROM generate_series(1, {members});
              INSERT INTO balances (member_id, available, pending, lifetime, updated_at)
                SELECT member_id, 1200, 0, 1500, now() FROM members;
              INSERT INTO outbox (dedupe_key, member_id, trigger, route, provider, channel, occurred_at, payload)
-               SELECT 'bench:' || n, 1 + n % 1000, 'tier_upgrade', 'tier_upgrade_webhook', 'webhook', 'webhook', now(),
+               SELECT 'bench:' || n, 1 + n % {members}, 'tier_upgrade', 'tier_upgrade_webhook', 'webhook', 'webhook', now(),
                       jsonb_build_object('trigger', jsonb_build_object('kind', 'tier_upgrade',
                           'occurred_at', now(), 'data', jsonb_build_object('tier', 'gold', 'previous_tier', 'silver')))
-                 FROM generate_series(1, {messages}) n;"
+                 FROM generate_series(1, {messages}) n;",
+            members = (messages / 2).max(1)
         ))
         .await
         .unwrap();

@@ -25,8 +25,9 @@ CREATE TABLE trigger_marks (
 -- trigger route made the row), the channel (whose consent it needs), the
 -- trigger's business time, and why a row is held, suppressed or dead.
 -- A held row stays `pending` with `next_attempt_at` at the end of the
--- hold; a claimed row has `next_attempt_at` pushed one lease ahead, so a
--- worker that dies mid-send leaves a row that becomes due again.
+-- hold. Delivery claims rows with FOR UPDATE SKIP LOCKED in the
+-- transaction that records their outcome, so a worker that dies mid-send
+-- leaves them pending and due.
 ALTER TABLE outbox
     ADD COLUMN route         text NOT NULL DEFAULT '',
     ADD COLUMN channel       text NOT NULL DEFAULT 'webhook'
@@ -36,9 +37,10 @@ ALTER TABLE outbox
     DROP CONSTRAINT outbox_status_check,
     ADD CONSTRAINT outbox_status_check
         CHECK (status IN ('pending', 'sent', 'dead', 'cancelled', 'suppressed'));
--- Caps and cooldowns look at what a member was sent lately.
-CREATE INDEX outbox_member_sent ON outbox (member_id, sent_at) WHERE status = 'sent';
-CREATE INDEX outbox_member ON outbox (member_id);
+-- Caps and cooldowns look at what a member was sent lately; erasure at
+-- all of a member's messages. (Every index of the outbox is written on
+-- every status change: one index serves both.)
+CREATE INDEX outbox_member ON outbox (member_id, sent_at);
 
 -- Every attempt and every policy decision on a message: what happened,
 -- the HTTP status, how long it took, and a short detail (the reason, or the

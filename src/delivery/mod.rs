@@ -45,11 +45,6 @@ pub struct DeliverySettings {
     /// Request timeout in seconds (default 10): a timeout is retried.
     #[serde(default = "default_timeout_seconds")]
     pub timeout_seconds: u64,
-    /// How long a claimed message is reserved for its worker (default 60 s,
-    /// more than the timeout). A worker that dies leaves it due again
-    /// after this.
-    #[serde(default = "default_claim_lease_seconds")]
-    pub claim_lease_seconds: u64,
     /// Messages in flight at most, over all providers (default 32).
     #[serde(default = "default_concurrency")]
     pub concurrency: u32,
@@ -129,9 +124,6 @@ fn default_max_backoff_seconds() -> u64 {
 fn default_timeout_seconds() -> u64 {
     10
 }
-fn default_claim_lease_seconds() -> u64 {
-    60
-}
 fn default_concurrency() -> u32 {
     32
 }
@@ -176,7 +168,6 @@ impl Default for DeliverySettings {
             initial_backoff_ms: default_initial_backoff_ms(),
             max_backoff_seconds: default_max_backoff_seconds(),
             timeout_seconds: default_timeout_seconds(),
-            claim_lease_seconds: default_claim_lease_seconds(),
             concurrency: default_concurrency(),
             poll_interval_ms: default_poll_interval_ms(),
             default_timezone: default_timezone(),
@@ -212,15 +203,6 @@ impl DeliverySettings {
         }
         if self.timeout_seconds == 0 {
             problem("timeout_seconds", "use 1 or more (default 10)".into());
-        }
-        if self.claim_lease_seconds <= self.timeout_seconds {
-            problem(
-                "claim_lease_seconds",
-                format!(
-                    "{} is not above timeout_seconds ({}): a slow send would be claimed twice; use more than the timeout (default 60)",
-                    self.claim_lease_seconds, self.timeout_seconds
-                ),
-            );
         }
         if self.concurrency == 0 {
             problem("concurrency", "use 1 or more (default 32)".into());

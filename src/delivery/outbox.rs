@@ -64,9 +64,11 @@ pub struct Claimed {
     pub created_at: DateTime<Utc>,
 }
 
-/// Claims up to `limit` due messages: each is reserved for `lease`
-/// (its `next_attempt_at` pushed ahead), so a worker that dies leaves it
-/// due again after the lease, and no other worker takes it meanwhile.
+/// Claims up to `limit` due messages, locking them (`FOR UPDATE SKIP
+/// LOCKED`) in the caller's open transaction: no other worker takes them
+/// until it ends, and if this worker dies the transaction is rolled back
+/// and they are due again at once, still pending, with the same message
+/// id. The batch's outcomes are written and committed in that transaction.
 ///
 /// `partition = (k, n)`: only messages of members whose id is `k` modulo
 /// `n`, so that concurrent batches of one worker never hold messages of
@@ -74,23 +76,19 @@ pub struct Claimed {
 pub async fn claim(
     db: &Db,
     now: DateTime<Utc>,
-    lease: chrono::Duration,
     limit: i64,
     partition: (i64, i64),
 ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
     let rows = db
         .query(
-            "UPDATE outbox o SET next_attempt_at = $2
-              WHERE o.message_id IN (
-                    SELECT message_id FROM outbox
-                     WHERE status = 'pending' AND next_attempt_at <= $1
-                       AND coalesce(member_id, 0) % $5 = $4
-                     ORDER BY next_attempt_at
-                     LIMIT $3
-                     FOR UPDATE SKIP LOCKED)
-             RETURNING o.message_id, o.member_id, o.trigger, o.route, o.provider, o.channel, o.payload,
-                       o.attempts, o.created_at",
-            &[&now, &(now + lease), &limit, &partition.0, &partition.1],
+            "SELECT message_id, member_id, trigger, route, provider, channel, payload, attempts, created_at
+               FROM outbox
+              WHERE status = 'pending' AND next_attempt_at <= $1
+                AND coalesce(member_id, 0) % $4 = $3
+              ORDER BY next_attempt_at
+              LIMIT $2
+                FOR UPDATE SKIP LOCKED",
+            &[&now, &limit, &partition.0, &partition.1],
         )
         .await?;
     Ok(rows

@@ -3,14 +3,15 @@
 //! happened. Retries (408, 429, 5xx, timeouts, connection errors) back off
 //! exponentially with jitter (the `backoff` crate) or as `Retry-After`
 //! says; other 4xx are terminal and dead-lettered with the response; a 410
-//! disables the provider's endpoint. Nothing is lost on restart: a claimed
-//! row whose worker died is due again when its lease runs out, and it
-//! carries the same message id.
+//! disables the provider's endpoint. Nothing is lost on restart: a batch is
+//! claimed, sent and recorded in one ledger transaction, so the rows of a
+//! worker that died are unlocked by the rollback and due again at once,
+//! with the same message id (receivers dedupe on it).
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration as StdDuration, Instant};
 
 use backoff::backoff::Backoff as _;
@@ -79,7 +80,8 @@ pub enum WorkerError {
 pub struct Worker {
     url: DatabaseUrl,
     password: Option<Secret>,
-    db: Mutex<Arc<Db>>,
+    /// The connection of `run_once` (`run`'s loops have their own).
+    db: tokio::sync::Mutex<Db>,
     settings: DeliverySettings,
     providers: HashMap<String, Provider>,
     routes: HashMap<String, TriggerRoute>,
@@ -146,7 +148,7 @@ impl Worker {
         Ok(Arc::new(Self {
             url: settings.ledger.url.clone(),
             password: settings.ledger.password.clone(),
-            db: Mutex::new(Arc::new(db)),
+            db: tokio::sync::Mutex::new(db),
             settings: settings.delivery.clone(),
             providers,
             routes,
@@ -157,43 +159,43 @@ impl Worker {
         }))
     }
 
-    /// The ledger connection, reconnected if it was lost.
-    async fn db(&self) -> Result<Arc<Db>, tokio_postgres::Error> {
-        let current = Arc::clone(&self.db.lock().unwrap_or_else(|e| e.into_inner()));
-        if !current.is_closed() {
-            return Ok(current);
+    /// A ledger connection of its own (a batch holds a transaction on
+    /// it). A worker that hangs mid-batch loses its locks after a while:
+    /// the server ends a transaction idle for long.
+    async fn connect(&self) -> Result<Db, connect::ConnectError> {
+        let client = connect::postgres(&self.url, self.password.as_ref()).await?;
+        let idle = (self.settings.timeout_seconds * 6).max(60);
+        if let Err(error) = client
+            .batch_execute(&format!(
+                "SET idle_in_transaction_session_timeout = '{idle}s'"
+            ))
+            .await
+        {
+            tracing::warn!(error = %error, "delivery: cannot bound idle transactions");
         }
-        match connect::postgres(&self.url, self.password.as_ref()).await {
-            Ok(client) => {
-                let fresh = Arc::new(Db::new(client));
-                *self.db.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&fresh);
-                Ok(fresh)
-            }
-            Err(error) => {
-                tracing::warn!(error = %error, "delivery: ledger connection lost; retrying");
-                Ok(current)
-            }
-        }
-    }
-
-    fn lease(&self) -> Duration {
-        Duration::seconds(self.settings.claim_lease_seconds as i64)
+        Ok(Db::new(client))
     }
 
     /// Claims the messages due now (one batch) and delivers them, waiting
     /// for all (tests and one-shot runs). Returns how many were claimed.
     pub async fn run_once(self: &Arc<Self>) -> Result<usize, tokio_postgres::Error> {
-        let db = self.db().await?;
-        let claimed = outbox::claim(&db, self.clock.now(), self.lease(), MAX_BATCH, (0, 1)).await?;
-        let count = claimed.len();
-        self.deliver_batch(&db, claimed).await?;
-        Ok(count)
+        let mut db = self.db.lock().await;
+        if db.is_closed() {
+            match self.connect().await {
+                Ok(fresh) => *db = fresh,
+                Err(error) => {
+                    tracing::warn!(error = %error, "delivery: no ledger connection");
+                    return Ok(0);
+                }
+            }
+        }
+        self.claim_and_deliver(&db, (0, 1)).await
     }
 
     /// Delivers until `shutdown`: [`BATCH_LOOPS`] loops, each over its own
-    /// partition of members, claim a batch, deliver it and record it in
-    /// one statement. Batches in flight finish (within the timeout) before
-    /// it returns.
+    /// partition of members and on its own connection, claim a batch,
+    /// deliver it and record it in one transaction. Batches in flight
+    /// finish (within the timeout) before it returns.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let loops: Vec<_> = (0..BATCH_LOOPS)
             .map(|k| {
@@ -209,34 +211,55 @@ impl Worker {
 
     async fn batch_loop(&self, partition: (i64, i64), shutdown: CancellationToken) {
         let poll = StdDuration::from_millis(self.settings.poll_interval_ms.max(1));
+        let mut db: Option<Db> = None;
         while !shutdown.is_cancelled() {
-            let claimed = match self.db().await {
-                Ok(db) => {
-                    match outbox::claim(&db, self.clock.now(), self.lease(), MAX_BATCH, partition)
-                        .await
-                    {
-                        Ok(claimed) if claimed.is_empty() => None,
-                        Ok(claimed) => Some((db, claimed)),
-                        Err(error) => {
-                            tracing::warn!(error = %error, "delivery: claiming failed; retrying");
-                            None
-                        }
+            if db.as_ref().is_none_or(Db::is_closed) {
+                match self.connect().await {
+                    Ok(fresh) => db = Some(fresh),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "delivery: no ledger connection; retrying");
+                        db = None;
                     }
                 }
-                Err(error) => {
-                    tracing::warn!(error = %error, "delivery: no ledger connection; retrying");
-                    None
-                }
+            }
+            let delivered = match &db {
+                Some(db) => self.claim_and_deliver(db, partition).await.unwrap_or_else(|error| {
+                    tracing::warn!(error = %error, "delivery: a batch failed and was rolled back; its messages are due again");
+                    0
+                }),
+                None => 0,
             };
-            let Some((db, claimed)) = claimed else {
+            if delivered == 0 {
                 tokio::select! {
                     _ = tokio::time::sleep(poll) => {}
                     _ = shutdown.cancelled() => {}
                 }
-                continue;
-            };
-            if let Err(error) = self.deliver_batch(&db, claimed).await {
-                tracing::warn!(error = %error, "delivery: recording a batch failed; its messages are retried after their lease");
+            }
+        }
+    }
+
+    /// One batch in one transaction: claim, deliver, record, commit.
+    async fn claim_and_deliver(
+        &self,
+        db: &Db,
+        partition: (i64, i64),
+    ) -> Result<usize, tokio_postgres::Error> {
+        db.batch_execute("BEGIN").await?;
+        let result = async {
+            let claimed = outbox::claim(db, self.clock.now(), MAX_BATCH, partition).await?;
+            let count = claimed.len();
+            self.deliver_batch(db, claimed).await?;
+            Ok::<_, tokio_postgres::Error>(count)
+        }
+        .await;
+        match result {
+            Ok(count) => {
+                db.batch_execute("COMMIT").await?;
+                Ok(count)
+            }
+            Err(error) => {
+                let _ = db.batch_execute("ROLLBACK").await;
+                Err(error)
             }
         }
     }
