@@ -15,7 +15,9 @@
 //! 2. Latency: one service streams while a writer commits 1,000 orders/s
 //!    for 10 s; per order, the time from its COMMIT returning at the source
 //!    to the order being visible in the ledger (polled every 2 ms, so
-//!    figures carry up to 2 ms of polling). p50, p99, max.
+//!    figures carry up to 2 ms of polling). p50, p99, max. Each sale also
+//!    fires `points_earned` to a Standard Webhooks receiver in this
+//!    process: source commit → webhook received, p50, p99, max.
 //!
 //! Prints JSON lines. Needs the local databases made ready by
 //! docker/setup-local-databases.sh.
@@ -290,6 +292,48 @@ async fn main() {
     let name = "lat".to_string();
     let settings = bench.settings(&name).await;
     prime(settings, &bench.ledger(&name)).await;
+    // Each sale also fires `points_earned` to a signed webhook received
+    // here: source commit → webhook received, in the same run.
+    let received: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<i64, Instant>>> =
+        std::sync::Arc::default();
+    let port = {
+        let received = std::sync::Arc::clone(&received);
+        let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+            let received = std::sync::Arc::clone(&received);
+            async move {
+                let at = Instant::now();
+                let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                if let Some(order) = body["data"]["trigger_data"]["order_ref"]
+                    .as_str()
+                    .and_then(|o| o.parse::<i64>().ok())
+                {
+                    received.lock().unwrap().entry(order).or_insert(at);
+                }
+                axum::http::StatusCode::NO_CONTENT
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        port
+    };
+    {
+        use std::io::Write;
+        let providers =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("connectors/providers");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(bench.dir.path().join(format!("{name}.toml")))
+            .unwrap();
+        write!(
+            file,
+            "\n[[providers]]\nname = \"crm\"\ntemplate = \"{}/webhook.toml\"\nbase_url = \"http://127.0.0.1:{port}/hook\"\n\
+             secrets.signing_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nrate_per_second = 100000\n\n\
+             [[triggers.routes]]\ntrigger = \"points_earned\"\nprovider = \"crm\"\n",
+            providers.display()
+        )
+        .unwrap();
+    }
     let settings = bench.settings_existing(&name);
     let ledger = connect(&bench.ledger(&name)).await;
     let shutdown = CancellationToken::new();
@@ -360,6 +404,10 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let committed = writer.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.lock().unwrap().len() < committed.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     shutdown.cancel();
     service.await.unwrap().expect("pipeline stops cleanly");
     let mut latencies: Vec<f64> = committed
@@ -374,6 +422,25 @@ async fn main() {
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
         latencies.last().unwrap()
+    );
+    let received = received.lock().unwrap().clone();
+    let mut webhook: Vec<f64> = committed
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            received
+                .get(&(first + i as i64))
+                .map(|r| r.saturating_duration_since(*c).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    webhook.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        r#"{{"bench":"pipeline","part":"commit_to_webhook","orders_per_second":{rate},"orders":{},"webhooks":{},"p50_ms":{:.1},"p99_ms":{:.1},"max_ms":{:.1}}}"#,
+        committed.len(),
+        webhook.len(),
+        percentile(&webhook, 0.5),
+        percentile(&webhook, 0.99),
+        webhook.last().copied().unwrap_or(f64::NAN)
     );
 
     // Clean up: slots first (they pin WAL), then the databases.
