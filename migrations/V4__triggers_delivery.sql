@@ -81,3 +81,19 @@ CREATE TABLE provider_endpoints (
     disabled_at     timestamptz,
     disabled_reason text
 );
+
+-- Scheduled triggers: one row per member and kind, with the time it comes
+-- due, kept current by the ledger transaction whenever the member changes
+-- (a purchase moves the lapse date). The scheduler reads only rows that
+-- are due (an index, not a scan of members), fires each once (its
+-- `occasion` keys the outbox row) and deletes it in the same transaction.
+-- `points_expiry` is not a message: it books the expiry of the balance.
+CREATE TABLE scheduled_triggers (
+    member_id bigint      NOT NULL REFERENCES members (member_id),
+    kind      text        NOT NULL CHECK (kind IN ('lapse_risk', 'points_expiring', 'points_expiry')),
+    due_at    timestamptz NOT NULL,
+    occasion  text        NOT NULL,
+    data      jsonb       NOT NULL,
+    PRIMARY KEY (member_id, kind)
+);
+CREATE INDEX scheduled_triggers_due ON scheduled_triggers (due_at);

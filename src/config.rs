@@ -211,6 +211,25 @@ pub struct ProgramSettings {
     /// must start at 0. Empty: no tiers.
     #[serde(default)]
     pub tiers: Vec<TierSettings>,
+    /// `[program.expiry]`: when points expire. Absent: never.
+    #[serde(default)]
+    pub expiry: Option<ExpirySettings>,
+}
+
+/// `[program.expiry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpirySettings {
+    /// The whole available balance expires after this many months without
+    /// activity (an earning or a redemption).
+    pub inactivity_months: u32,
+    /// `points_expiring` fires this many days before (default 30).
+    #[serde(default = "default_warn_days")]
+    pub warn_days: i64,
+}
+
+fn default_warn_days() -> i64 {
+    30
 }
 
 impl Default for ProgramSettings {
@@ -218,6 +237,7 @@ impl Default for ProgramSettings {
         Self {
             points_per_currency_unit: DEFAULT_POINTS_PER_CURRENCY_UNIT,
             tiers: Vec::new(),
+            expiry: None,
         }
     }
 }
@@ -276,7 +296,7 @@ fn default_provider_concurrency() -> u32 {
 }
 
 /// `[triggers]`
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerSettings {
     /// `[[triggers.routes]]`: send `trigger` through `provider`. A trigger
@@ -287,6 +307,60 @@ pub struct TriggerSettings {
     /// `[triggers.milestones]`: thresholds that fire `milestone` once each.
     #[serde(default)]
     pub milestones: MilestoneSettings,
+    /// `[triggers.lapse]`: when a member counts as at risk of lapsing.
+    #[serde(default)]
+    pub lapse: LapseSettings,
+    /// How often the scheduler looks for due triggers, in seconds
+    /// (default 60).
+    #[serde(default = "default_scheduler_interval")]
+    pub scheduler_interval_seconds: u64,
+}
+
+fn default_scheduler_interval() -> u64 {
+    60
+}
+
+impl Default for TriggerSettings {
+    fn default() -> Self {
+        Self {
+            routes: Vec::new(),
+            milestones: MilestoneSettings::default(),
+            lapse: LapseSettings::default(),
+            scheduler_interval_seconds: default_scheduler_interval(),
+        }
+    }
+}
+
+/// `[triggers.lapse]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LapseSettings {
+    /// `lapse_risk` fires after this many of the member's usual intervals
+    /// between purchases without one (the median of their last 10
+    /// intervals; needs 3 purchases). Default 3.
+    #[serde(default = "default_after_intervals")]
+    pub after_intervals: f64,
+    /// For members with fewer than 3 purchases: after this many days
+    /// without one (default 90).
+    #[serde(default = "default_after_days")]
+    pub after_days: i64,
+}
+
+impl Default for LapseSettings {
+    fn default() -> Self {
+        Self {
+            after_intervals: default_after_intervals(),
+            after_days: default_after_days(),
+        }
+    }
+}
+
+fn default_after_intervals() -> f64 {
+    3.0
+}
+
+fn default_after_days() -> i64 {
+    90
 }
 
 /// `[triggers.milestones]`
@@ -891,6 +965,30 @@ impl Settings {
                 problem(
                     format!("triggers.milestones.{key}"),
                     "milestones are counts above 0, e.g. [1, 10, 50]".into(),
+                );
+            }
+        }
+        if self.triggers.lapse.after_intervals.is_nan()
+            || self.triggers.lapse.after_intervals <= 0.0
+            || self.triggers.lapse.after_days < 1
+        {
+            problem(
+                "triggers.lapse".into(),
+                "after_intervals must be above 0 and after_days 1 or more (defaults 3 and 90)"
+                    .into(),
+            );
+        }
+        if self.triggers.scheduler_interval_seconds == 0 {
+            problem(
+                "triggers.scheduler_interval_seconds".into(),
+                "use 1 or more (default 60)".into(),
+            );
+        }
+        if let Some(expiry) = &self.program.expiry {
+            if expiry.inactivity_months == 0 || expiry.warn_days < 0 {
+                problem(
+                    "program.expiry".into(),
+                    "inactivity_months must be 1 or more and warn_days 0 or more; leave [program.expiry] out for points that never expire".into(),
                 );
             }
         }

@@ -134,6 +134,20 @@ pub async fn run(
     }
     started(running);
 
+    // Scheduled triggers (lapse, expiry), stopped with the sources.
+    {
+        let scheduler = crate::triggers::schedule::Scheduler::new(
+            settings,
+            Arc::clone(&triggers),
+            Arc::new(crate::delivery::SystemClock),
+        );
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            scheduler.run(shutdown).await;
+            ("scheduler".to_string(), Ok(()))
+        });
+    }
+
     // Delivery: one worker for every provider, stopped with the sources.
     if settings.delivery.enabled && !settings.providers.is_empty() {
         let worker =

@@ -345,6 +345,14 @@ async fn merge(
     client
         .execute("DELETE FROM trigger_marks WHERE member_id = $1", &[&from])
         .await?;
+    // Its lapse and expiry dates are the survivor's now (recomputed as the
+    // survivor is booked in this batch).
+    client
+        .execute(
+            "DELETE FROM scheduled_triggers WHERE member_id = $1",
+            &[&from],
+        )
+        .await?;
     client
         .execute(
             "UPDATE members SET merged_into = $2, merged_at = $3 WHERE member_id = $1",

@@ -677,3 +677,29 @@ pub async fn apply_new_orders(
     let _ = booked;
     Ok(new)
 }
+
+/// Expires the member's whole available balance (the program's
+/// inactivity rule), once per `effect_key`. Returns the points expired (0
+/// when there were none or it was booked before).
+pub async fn expire_available(
+    client: &Db,
+    member: i64,
+    effect_key: &str,
+    at: DateTime<Utc>,
+) -> Result<i64, tokio_postgres::Error> {
+    let available: i64 = client
+        .query_opt(
+            "SELECT available FROM balances WHERE member_id = $1 FOR UPDATE",
+            &[&member],
+        )
+        .await?
+        .map_or(0, |r| r.get(0));
+    if available <= 0 {
+        return Ok(0);
+    }
+    let booked = book(
+        client, None, member, "expire", -available, "program", "", effect_key, at,
+    )
+    .await?;
+    Ok(if booked { available } else { 0 })
+}

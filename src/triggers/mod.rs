@@ -22,7 +22,11 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use crate::config::{MilestoneSettings, Settings, TierSettings, TriggerKind};
+pub mod schedule;
+
+use crate::config::{
+    ExpirySettings, LapseSettings, MilestoneSettings, Settings, TierSettings, TriggerKind,
+};
 use crate::delivery::outbox::{self, NewMessage};
 use crate::delivery::template::Channel;
 use crate::ledger::db::Db;
@@ -41,6 +45,8 @@ pub struct Triggers {
     routes: HashMap<TriggerKind, Vec<Route>>,
     milestones: MilestoneSettings,
     tiers: Vec<TierSettings>,
+    lapse: LapseSettings,
+    expiry: Option<ExpirySettings>,
 }
 
 impl Triggers {
@@ -63,6 +69,8 @@ impl Triggers {
             routes,
             milestones: settings.triggers.milestones.clone(),
             tiers: settings.program.tiers.clone(),
+            lapse: settings.triggers.lapse.clone(),
+            expiry: settings.program.expiry.clone(),
         })
     }
 
@@ -159,7 +167,7 @@ struct Standing {
 pub async fn record(
     db: &Db,
     triggers: &Triggers,
-    facts: BatchFacts,
+    mut facts: BatchFacts,
 ) -> Result<Vec<Fired>, tokio_postgres::Error> {
     if facts.is_empty() {
         return Ok(Vec::new());
@@ -290,7 +298,7 @@ pub async fn record(
             }
         }
     }
-    fired.extend(facts.events.into_iter().map(|e| Fired {
+    fired.extend(facts.events.drain(..).map(|e| Fired {
         kind: e.kind,
         member: e.member,
         occasion: e.occasion,
@@ -298,7 +306,14 @@ pub async fn record(
         data: e.data,
     }));
 
-    let messages: Vec<NewMessage> = fired
+    outbox::enqueue(db, &messages(triggers, &fired)).await?;
+    schedule::maintain(db, triggers, &facts.members, Utc::now()).await?;
+    Ok(fired)
+}
+
+/// One outbox row per route configured for each trigger.
+fn messages(triggers: &Triggers, fired: &[Fired]) -> Vec<NewMessage> {
+    fired
         .iter()
         .flat_map(|trigger| {
             triggers
@@ -323,9 +338,7 @@ pub async fn record(
                     }),
                 })
         })
-        .collect();
-    outbox::enqueue(db, &messages).await?;
-    Ok(fired)
+        .collect()
 }
 
 /// A tier's rank: 0 for the entry tier, −1 for a tier no longer

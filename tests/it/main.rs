@@ -12,5 +12,6 @@ mod migrate;
 mod mysql_binlog;
 mod mysql_source;
 mod pg_source;
+mod scheduler;
 mod schemas;
 mod setup_script;

@@ -5,7 +5,7 @@ use loyalty_cdc::ledger;
 
 use crate::support::{run_cli, PgDatabase};
 
-const LEDGER_TABLES: [&str; 18] = [
+const LEDGER_TABLES: [&str; 19] = [
     "balances",
     "dead_letters",
     "delivery_attempts",
@@ -21,6 +21,7 @@ const LEDGER_TABLES: [&str; 18] = [
     "quarantine",
     "reference_rows",
     "refinery_schema_history",
+    "scheduled_triggers",
     "shared_identifiers",
     "source_positions",
     "trigger_marks",

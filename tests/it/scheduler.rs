@@ -1,0 +1,265 @@
+//! Scheduled triggers on a controlled clock: lapse risk from the member's
+//! own purchase rhythm (or N days), points expiring D days before the
+//! balance expires for inactivity, the expiry itself; each occasion fires
+//! once, also across restarts; a snapshot's history schedules nothing
+//! already due.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use loyalty_cdc::config::Settings;
+use loyalty_cdc::delivery::ManualClock;
+use loyalty_cdc::ledger::db::Db;
+use loyalty_cdc::triggers::schedule::{Pass, Scheduler};
+use loyalty_cdc::triggers::{self, BatchFacts, Triggers};
+
+use crate::support::PgDatabase;
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 10, 0, 0).unwrap()
+}
+
+/// A member with completed orders at `t0 + days` (10 points each, all
+/// available); returns its id.
+async fn member_with_orders(db: &Db, days: &[i64]) -> i64 {
+    let client = db.client();
+    let id: i64 = client
+        .query_one(
+            "INSERT INTO members (created_at) VALUES ($1) RETURNING member_id",
+            &[&t0()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let points = 10 * days.len() as i64;
+    client
+        .execute(
+            "INSERT INTO balances (member_id, available, pending, lifetime, updated_at) VALUES ($1, $2, 0, $2, $3)",
+            &[&id, &points, &t0()],
+        )
+        .await
+        .unwrap();
+    for day in days {
+        let at = t0() + Duration::days(*day);
+        let order = format!("{id}-{day}");
+        client
+            .execute(
+                "INSERT INTO orders (source, order_ref, member_id, stage, earn_basis, grand_total, points, lines, placed_at, updated_at)
+                 VALUES ('shop', $1, $2, 'completed', 10, 10, 10, 1, $3, $3)",
+                &[&order, &id, &at],
+            )
+            .await
+            .unwrap();
+        client
+            .execute(
+                "INSERT INTO ledger_entries (member_id, kind, points, source, order_ref, effect_key, occurred_at)
+                 VALUES ($1, 'earn_available', 10, 'shop', $2, 'shop:order:' || $2 || ':available', $3)",
+                &[&id, &order, &at],
+            )
+            .await
+            .unwrap();
+    }
+    id
+}
+
+async fn scheduled(db: &Db, member: i64) -> Vec<(String, DateTime<Utc>)> {
+    db.client()
+        .query(
+            "SELECT kind, due_at FROM scheduled_triggers WHERE member_id = $1 ORDER BY kind",
+            &[&member],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+async fn outbox(db: &Db) -> Vec<(i64, String, serde_json::Value)> {
+    db.client()
+        .query(
+            "SELECT member_id, trigger, payload->'trigger'->'data' FROM outbox ORDER BY created_at, member_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[tokio::test]
+async fn lapse_and_expiry_fire_once_each_on_their_day() {
+    crate::support::init_logging();
+    let ledger_db = PgDatabase::create("sched").await;
+    let mut client = ledger_db.client().await;
+    loyalty_cdc::ledger::migrate(&mut client).await.unwrap();
+    let db = Db::new(client);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loyalty-cdc.toml");
+    let providers = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("connectors/providers");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[ledger]
+url = "{url}"
+
+[program.expiry]
+inactivity_months = 12
+warn_days = 30
+
+[[providers]]
+name = "crm"
+template = "{providers}/webhook.toml"
+base_url = "http://127.0.0.1:9/hook"
+secrets.signing_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+[[triggers.routes]]
+trigger = "lapse_risk"
+provider = "crm"
+
+[[triggers.routes]]
+trigger = "points_expiring"
+provider = "crm"
+"#,
+            url = ledger_db.url(),
+            providers = providers.display()
+        ),
+    )
+    .unwrap();
+    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let triggers: Arc<Triggers> = Triggers::from_settings(&settings);
+
+    // A buys every 30 days (3 purchases: a rhythm); B bought once; C's one
+    // purchase came with the initial snapshot.
+    let a = member_with_orders(&db, &[0, 30, 60]).await;
+    let b = member_with_orders(&db, &[0]).await;
+    let c = member_with_orders(&db, &[0]).await;
+    let mut facts = BatchFacts::default();
+    facts.touched(a, true, t0() + Duration::days(60));
+    facts.touched(b, true, t0());
+    facts.touched(c, false, t0());
+    db.batch_execute("BEGIN").await.unwrap();
+    triggers::record(&db, &triggers, facts).await.unwrap();
+    db.batch_execute("COMMIT").await.unwrap();
+
+    let last_a = t0() + Duration::days(60);
+    let a_expires = Utc.with_ymd_and_hms(2027, 3, 2, 10, 0, 0).unwrap();
+    assert_eq!(
+        scheduled(&db, a).await,
+        [
+            ("lapse_risk".to_string(), last_a + Duration::days(90)),
+            (
+                "points_expiring".to_string(),
+                a_expires - Duration::days(30)
+            ),
+            ("points_expiry".to_string(), a_expires),
+        ],
+        "3 × her 30-day rhythm after her last purchase; expiry 12 months after her last activity"
+    );
+    assert_eq!(
+        scheduled(&db, b).await[0],
+        ("lapse_risk".to_string(), t0() + Duration::days(90)),
+        "no rhythm yet: 90 days"
+    );
+    assert!(
+        scheduled(&db, c)
+            .await
+            .iter()
+            .all(|(_, due)| *due > Utc::now()),
+        "the snapshot's history schedules nothing already due"
+    );
+    assert!(scheduled(&db, c)
+        .await
+        .iter()
+        .all(|(kind, _)| kind != "lapse_risk"));
+
+    let clock = Arc::new(ManualClock::new(t0() + Duration::days(89)));
+    let scheduler = Scheduler::new(&settings, Arc::clone(&triggers), clock.clone());
+    assert_eq!(
+        scheduler.run_once().await.unwrap(),
+        Pass::default(),
+        "nothing due on day 89"
+    );
+    clock.set(t0() + Duration::days(90));
+    assert_eq!(scheduler.run_once().await.unwrap().fired, 1);
+    let sent = outbox(&db).await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!((sent[0].0, sent[0].1.as_str()), (b, "lapse_risk"));
+    assert_eq!(sent[0].2["days_without_purchase"], 90);
+
+    clock.set(last_a + Duration::days(90));
+    assert_eq!(scheduler.run_once().await.unwrap().fired, 1);
+    let sent = outbox(&db).await;
+    assert_eq!((sent[1].0, sent[1].1.as_str()), (a, "lapse_risk"));
+    assert_eq!(sent[1].2["usual_interval_days"], 30.0);
+    assert_eq!(
+        scheduler.run_once().await.unwrap().fired,
+        0,
+        "once per occasion"
+    );
+    let restarted = Scheduler::new(&settings, Arc::clone(&triggers), clock.clone());
+    assert_eq!(
+        restarted.run_once().await.unwrap().fired,
+        0,
+        "also after a restart"
+    );
+
+    // Points expiring 30 days ahead, then the expiry itself. B and C (10
+    // points each, last active on day 0) were warned on 2026-12-02 and
+    // expired on 2027-01-01; A is warned 30 days before her own date.
+    clock.set(a_expires - Duration::days(30));
+    let mut pass = restarted.run_once().await.unwrap();
+    pass.expired.sort_unstable();
+    assert_eq!(pass.fired, 3);
+    assert_eq!(pass.expired, [(b, 10), (c, 10)]);
+    let warned: Vec<(i64, serde_json::Value)> = outbox(&db)
+        .await
+        .into_iter()
+        .filter(|(_, kind, _)| kind == "points_expiring")
+        .map(|(member, _, data)| (member, data["points"].clone()))
+        .collect();
+    assert_eq!(warned.len(), 3);
+    assert!(warned.contains(&(a, serde_json::json!(30))));
+    clock.set(a_expires);
+    let pass = restarted.run_once().await.unwrap();
+    assert_eq!(pass.expired, [(a, 30)]);
+    let (available, expire_entry): (i64, i64) = {
+        let row = db
+            .client()
+            .query_one(
+                "SELECT b.available, (SELECT sum(points) FROM ledger_entries WHERE member_id = $1 AND kind = 'expire')::bigint
+                   FROM balances b WHERE b.member_id = $1",
+                &[&a],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((available, expire_entry), (0, -30));
+    assert_eq!(
+        outbox(&db).await.len(),
+        5,
+        "two lapses and three warnings: the expiry itself is no message"
+    );
+    assert!(scheduled(&db, a).await.is_empty());
+
+    // A purchase after the lapse schedules a new occasion.
+    db.client()
+        .execute(
+            "INSERT INTO orders (source, order_ref, member_id, stage, earn_basis, grand_total, points, lines, placed_at, updated_at)
+             VALUES ('shop', 'again', $1, 'completed', 10, 10, 10, 1, $2, $2)",
+            &[&a, &(a_expires + Duration::days(1))],
+        )
+        .await
+        .unwrap();
+    let mut facts = BatchFacts::default();
+    facts.touched(a, true, a_expires + Duration::days(1));
+    db.batch_execute("BEGIN").await.unwrap();
+    triggers::record(&db, &triggers, facts).await.unwrap();
+    db.batch_execute("COMMIT").await.unwrap();
+    let rows = scheduled(&db, a).await;
+    assert_eq!(rows.len(), 1, "no points left: only the lapse: {rows:?}");
+    assert_eq!(rows[0].0, "lapse_risk");
+    assert!(rows[0].1 > a_expires + Duration::days(1));
+}
