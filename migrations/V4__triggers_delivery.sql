@@ -97,3 +97,26 @@ CREATE TABLE scheduled_triggers (
     PRIMARY KEY (member_id, kind)
 );
 CREATE INDEX scheduled_triggers_due ON scheduled_triggers (due_at);
+
+-- Offers granted to members by triggers (`[[offers]]` in the configuration:
+-- the trigger's message carries the offer), and redeemed by the member's
+-- next purchase within the validity: the earn rule then multiplies the
+-- points or adds the bonus. Business time throughout (the trigger's and the
+-- order's source time), so replays decide the same. Owned by `ledger`.
+CREATE TABLE member_offers (
+    member_id    bigint      NOT NULL REFERENCES members (member_id),
+    occasion     text        NOT NULL,
+    code         text        NOT NULL,
+    multiplier   numeric     NOT NULL DEFAULT 1 CHECK (multiplier >= 1),
+    bonus_points bigint      NOT NULL DEFAULT 0 CHECK (bonus_points >= 0),
+    granted_at   timestamptz NOT NULL,
+    valid_until  timestamptz NOT NULL,
+    redeemed_at  timestamptz,
+    redeemed_by  text,
+    PRIMARY KEY (member_id, occasion)
+);
+CREATE INDEX member_offers_open ON member_offers (member_id, valid_until) WHERE redeemed_at IS NULL;
+
+-- The offer a purchase redeemed (its bonus is part of `points`), so an
+-- order takes one offer at most.
+ALTER TABLE orders ADD COLUMN offer_occasion text;

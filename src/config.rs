@@ -89,6 +89,9 @@ pub struct Settings {
     /// Delivery: retries, timeouts, consent and contact policy.
     #[serde(default)]
     pub delivery: crate::delivery::DeliverySettings,
+    /// The offer catalog, as `[[offers]]`: what a trigger offers whom.
+    #[serde(default)]
+    pub offers: Vec<OfferSettings>,
     /// The HTTP listener: metrics, health and the admin API.
     #[serde(default)]
     pub api: ApiSettings,
@@ -329,6 +332,53 @@ impl Default for TriggerSettings {
             scheduler_interval_seconds: default_scheduler_interval(),
         }
     }
+}
+
+/// One `[[offers]]` entry. A trigger carries the eligible offer of highest
+/// `priority` (the first listed among equals); the member's next purchase
+/// within `valid_days` earns with its multiplier and bonus.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfferSettings {
+    /// Unique code, shown to members and providers, e.g. `GOLD-2X`.
+    pub code: String,
+    /// Short text for messages.
+    pub title: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Triggers that may carry it (empty: every trigger).
+    #[serde(default)]
+    pub triggers: Vec<TriggerKind>,
+    /// Tiers of members it is for (empty: every tier).
+    #[serde(default)]
+    pub tiers: Vec<String>,
+    /// Points of the next purchase are multiplied by this (decimal ≥ 1,
+    /// default 1).
+    #[serde(default = "default_multiplier")]
+    pub multiplier: Decimal,
+    /// Points added to the next purchase (default 0).
+    #[serde(default)]
+    pub bonus_points: i64,
+    /// Days the offer is valid from its trigger (default 30).
+    #[serde(default = "default_valid_days")]
+    pub valid_days: i64,
+    /// The catalog entry is offered from this date on (`YYYY-MM-DD`, UTC).
+    #[serde(default)]
+    pub available_from: Option<chrono::NaiveDate>,
+    /// … and up to this date, inclusive.
+    #[serde(default)]
+    pub available_until: Option<chrono::NaiveDate>,
+    /// Higher wins (default 0).
+    #[serde(default)]
+    pub priority: i64,
+}
+
+fn default_multiplier() -> Decimal {
+    Decimal::ONE
+}
+
+fn default_valid_days() -> i64 {
+    30
 }
 
 /// `[triggers.lapse]`
@@ -990,6 +1040,51 @@ impl Settings {
                     "program.expiry".into(),
                     "inactivity_months must be 1 or more and warn_days 0 or more; leave [program.expiry] out for points that never expire".into(),
                 );
+            }
+        }
+        let mut offer_codes = HashSet::new();
+        for (index, offer) in self.offers.iter().enumerate() {
+            let key = |field: &str| format!("offers[{index}].{field}");
+            if offer.code.trim().is_empty() || !offer_codes.insert(offer.code.clone()) {
+                problem(
+                    key("code"),
+                    format!(
+                        "offer code `{}` is empty or used twice; give each offer its own code",
+                        offer.code
+                    ),
+                );
+            }
+            if offer.multiplier < Decimal::ONE || offer.bonus_points < 0 {
+                problem(
+                    key("multiplier"),
+                    "multiplier must be 1 or more and bonus_points 0 or more".into(),
+                );
+            }
+            if offer.multiplier == Decimal::ONE && offer.bonus_points == 0 {
+                problem(
+                    key("multiplier"),
+                    "the offer gives nothing; set multiplier above 1 or bonus_points above 0"
+                        .into(),
+                );
+            }
+            if offer.valid_days < 1 {
+                problem(key("valid_days"), "use 1 or more (default 30)".into());
+            }
+            for tier in &offer.tiers {
+                if !self.program.tiers.iter().any(|t| &t.name == tier) {
+                    problem(
+                        key("tiers"),
+                        format!("no tier is named `{tier}`; the tiers are in [program] tiers"),
+                    );
+                }
+            }
+            if let (Some(from), Some(until)) = (offer.available_from, offer.available_until) {
+                if from > until {
+                    problem(
+                        key("available_until"),
+                        format!("{until} is before available_from {from}"),
+                    );
+                }
             }
         }
         for (key, message) in self.delivery.problems() {

@@ -304,6 +304,20 @@ impl LedgerConsumer {
         all.dedup();
         let (usable, owners) = members::lookup(&self.client, &all).await.map_err(db)?;
         let usable: std::collections::HashSet<_> = usable.into_iter().collect();
+        // Members holding an offer a purchase may redeem are booked one by
+        // one (the earn rule reads and redeems the offer).
+        let known: Vec<i64> = owners.values().map(|(_, m)| *m).collect();
+        let since = pending
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Event(_, origin) => Some(origin.occurred_at),
+                _ => None,
+            })
+            .min()
+            .unwrap_or_else(Utc::now);
+        let holders = super::offers::holders(&self.client, &known, since)
+            .await
+            .map_err(db)?;
         let mut simple: HashMap<usize, i64> = HashMap::new();
         for (i, identifiers) in &candidates {
             let mut member = None;
@@ -316,7 +330,9 @@ impl LedgerConsumer {
                 }
             }
             if let (true, Some(member)) = (fits, member) {
-                simple.insert(*i, member);
+                if !holders.contains(&member) {
+                    simple.insert(*i, member);
+                }
             }
         }
         let mut batch = Vec::new();

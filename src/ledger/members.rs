@@ -353,6 +353,20 @@ async fn merge(
             &[&from],
         )
         .await?;
+    // Its offers too.
+    client
+        .execute(
+            "INSERT INTO member_offers (member_id, occasion, code, multiplier, bonus_points, granted_at,
+                                        valid_until, redeemed_at, redeemed_by)
+             SELECT $2, occasion, code, multiplier, bonus_points, granted_at, valid_until, redeemed_at, redeemed_by
+               FROM member_offers WHERE member_id = $1
+             ON CONFLICT DO NOTHING",
+            &[&from, &into],
+        )
+        .await?;
+    client
+        .execute("DELETE FROM member_offers WHERE member_id = $1", &[&from])
+        .await?;
     client
         .execute(
             "UPDATE members SET merged_into = $2, merged_at = $3 WHERE member_id = $1",

@@ -14,6 +14,7 @@
 pub mod apply;
 pub mod db;
 pub mod members;
+pub mod offers;
 pub mod orders;
 pub mod positions;
 mod schema;

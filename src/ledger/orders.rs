@@ -260,6 +260,12 @@ pub async fn apply_order(
             }
             OrderStage::Cancelled | OrderStage::Refunded => false,
         };
+        // An offer the member holds is redeemed by this purchase.
+        if booked {
+            if let Some(terms) = super::offers::take_for_purchase(client, member, at).await? {
+                add_offer_bonus(client, program, source, &order.order_ref, member, &terms).await?;
+            }
+        }
         return Ok(if booked {
             Booked::Earned(points)
         } else {
@@ -702,4 +708,92 @@ pub async fn expire_available(
     )
     .await?;
     Ok(if booked { available } else { 0 })
+}
+
+/// Adds an offer's bonus to a purchase: the order then earns
+/// `floor(basis × rate × multiplier) + bonus_points` in all, booked as an
+/// entry of its own (`offer:<member>:<occasion>`) in the order's bucket, and
+/// the order's points grow by it (a later refund claws it back in
+/// proportion). An order takes one offer at most. Returns the bonus.
+pub async fn add_offer_bonus(
+    client: &Db,
+    program: &ProgramSettings,
+    source: &str,
+    order_ref: &str,
+    member: i64,
+    terms: &super::offers::Terms,
+) -> Result<i64, tokio_postgres::Error> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT stage, earn_basis, points, placed_at FROM orders
+              WHERE source = $1 AND order_ref = $2 AND offer_occasion IS NULL FOR UPDATE",
+            &[&source, &order_ref],
+        )
+        .await?
+    else {
+        return Ok(0);
+    };
+    let kind = match stage(row.get(0)) {
+        OrderStage::Placed => "earn_pending",
+        OrderStage::Completed => "earn_available",
+        _ => return Ok(0),
+    };
+    let basis: Decimal = row.get(1);
+    let points: i64 = row.get(2);
+    let at: DateTime<Utc> = row.get(3);
+    let with_offer = (basis * program.points_per_currency_unit * terms.multiplier)
+        .floor()
+        .to_i64()
+        .unwrap_or(i64::MAX)
+        .max(0)
+        .saturating_add(terms.bonus_points);
+    let bonus = (with_offer - points).max(0);
+    client
+        .execute(
+            "UPDATE orders SET points = points + $3, offer_occasion = $4 WHERE source = $1 AND order_ref = $2",
+            &[&source, &order_ref, &bonus, &terms.occasion],
+        )
+        .await?;
+    super::offers::redeemed(
+        client,
+        member,
+        &terms.occasion,
+        &format!("{source}:{order_ref}"),
+        at,
+    )
+    .await?;
+    book(
+        client,
+        Some(program),
+        member,
+        kind,
+        bonus,
+        source,
+        order_ref,
+        &format!("offer:{member}:{}", terms.occasion),
+        at,
+    )
+    .await?;
+    Ok(bonus)
+}
+
+/// The member's first purchase after `after` and before `until` that took
+/// no offer: `(source, order_ref)`.
+pub async fn first_purchase_between(
+    client: &Db,
+    member: i64,
+    after: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<Option<(String, String)>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT source, order_ref FROM orders
+              WHERE member_id = $1 AND placed_at > $2 AND placed_at < $3
+                AND stage IN ('placed', 'completed') AND offer_occasion IS NULL
+              ORDER BY placed_at, source, order_ref
+              LIMIT 1",
+            &[&member, &after, &until],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1))))
 }

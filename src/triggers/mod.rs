@@ -25,11 +25,13 @@ use serde_json::json;
 pub mod schedule;
 
 use crate::config::{
-    ExpirySettings, LapseSettings, MilestoneSettings, Settings, TierSettings, TriggerKind,
+    ExpirySettings, LapseSettings, MilestoneSettings, OfferSettings, Settings, TierSettings,
+    TriggerKind,
 };
 use crate::delivery::outbox::{self, NewMessage};
 use crate::delivery::template::Channel;
 use crate::ledger::db::Db;
+use crate::ledger::offers::{self, Grant};
 
 /// A configured route, as the trigger detector needs it.
 #[derive(Debug, Clone)]
@@ -47,6 +49,8 @@ pub struct Triggers {
     tiers: Vec<TierSettings>,
     lapse: LapseSettings,
     expiry: Option<ExpirySettings>,
+    offers: Vec<OfferSettings>,
+    program: crate::config::ProgramSettings,
 }
 
 impl Triggers {
@@ -71,11 +75,74 @@ impl Triggers {
             tiers: settings.program.tiers.clone(),
             lapse: settings.triggers.lapse.clone(),
             expiry: settings.program.expiry.clone(),
+            offers: settings.offers.clone(),
+            program: settings.program.clone(),
         })
     }
 
     fn routed(&self, kind: TriggerKind) -> bool {
         self.routes.contains_key(&kind)
+    }
+
+    /// The offer a trigger carries for a member of `tier` at `at`: the
+    /// eligible one of highest priority, the first listed among equals.
+    pub fn choose_offer(
+        &self,
+        kind: TriggerKind,
+        tier: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> Option<&OfferSettings> {
+        let day = at.date_naive();
+        self.offers
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.triggers.is_empty() || o.triggers.contains(&kind))
+            .filter(|(_, o)| {
+                o.tiers.is_empty() || tier.is_some_and(|t| o.tiers.iter().any(|x| x == t))
+            })
+            .filter(|(_, o)| o.available_from.is_none_or(|from| day >= from))
+            .filter(|(_, o)| o.available_until.is_none_or(|until| day <= until))
+            .max_by_key(|(i, o)| (o.priority, std::cmp::Reverse(*i)))
+            .map(|(_, o)| o)
+    }
+
+    /// Attaches the chosen offer to each trigger and grants it: the
+    /// member's next purchase within its validity earns with it.
+    async fn offer(
+        &self,
+        db: &Db,
+        fired: &mut [Fired],
+        tiers: &HashMap<i64, Option<String>>,
+    ) -> Result<(), tokio_postgres::Error> {
+        if self.offers.is_empty() {
+            return Ok(());
+        }
+        let mut grants = Vec::new();
+        for trigger in fired.iter_mut() {
+            let tier = tiers.get(&trigger.member).and_then(|t| t.as_deref());
+            let Some(offer) = self.choose_offer(trigger.kind, tier, trigger.occurred_at) else {
+                continue;
+            };
+            let valid_until = trigger.occurred_at + chrono::Duration::days(offer.valid_days);
+            trigger.offer = Some(json!({
+                "code": offer.code,
+                "title": offer.title,
+                "description": offer.description,
+                "multiplier": offer.multiplier.to_string(),
+                "bonus_points": offer.bonus_points,
+                "valid_until": valid_until,
+            }));
+            grants.push(Grant {
+                member: trigger.member,
+                occasion: trigger.occasion.clone(),
+                code: offer.code.clone(),
+                multiplier: offer.multiplier,
+                bonus_points: offer.bonus_points,
+                granted_at: trigger.occurred_at,
+                valid_until,
+            });
+        }
+        offers::grant(db, &self.program, &grants).await
     }
 }
 
@@ -153,6 +220,8 @@ pub struct Fired {
     pub occasion: String,
     pub occurred_at: DateTime<Utc>,
     pub data: serde_json::Value,
+    /// The offer it carries, as the message shows it.
+    pub offer: Option<serde_json::Value>,
 }
 
 /// Where a member stands now.
@@ -231,6 +300,7 @@ pub async fn record(
                         occasion: format!("{mark}:member:{member}"),
                         occurred_at: at,
                         data,
+                        offer: None,
                     },
                 );
             }
@@ -293,7 +363,15 @@ pub async fn record(
             )
             .await?;
         for row in inserted {
-            if let Some(trigger) = candidates.remove(&(row.get(0), row.get(1))) {
+            let mark: String = row.get(1);
+            if let Some(mut trigger) = candidates.remove(&(row.get(0), mark.clone())) {
+                // When, in business time, the member reached it: the batch
+                // may hold several of the member's changes, and what the
+                // trigger grants (an offer for the next purchase) must not
+                // depend on where batches end.
+                if let Some(at) = reached_at(db, triggers, trigger.member, &mark).await? {
+                    trigger.occurred_at = at;
+                }
                 fired.push(trigger);
             }
         }
@@ -304,11 +382,71 @@ pub async fn record(
         occasion: e.occasion,
         occurred_at: e.at,
         data: e.data,
+        offer: None,
     }));
+    let tiers: HashMap<i64, Option<String>> = standings
+        .iter()
+        .map(|(member, standing)| (*member, standing.tier.clone()))
+        .collect();
+    triggers.offer(db, &mut fired, &tiers).await?;
 
     outbox::enqueue(db, &messages(triggers, &fired)).await?;
     schedule::maintain(db, triggers, &facts.members, Utc::now()).await?;
     Ok(fired)
+}
+
+/// The source time at which a member reached `mark`: the purchase that
+/// made the nth, or the entry that took lifetime points to a tier's or a
+/// milestone's threshold. `None` for marks without one (welcome).
+async fn reached_at(
+    db: &Db,
+    triggers: &Triggers,
+    member: i64,
+    mark: &str,
+) -> Result<Option<DateTime<Utc>>, tokio_postgres::Error> {
+    let threshold = if let Some(tier) = mark.strip_prefix("tier:") {
+        triggers
+            .tiers
+            .iter()
+            .find(|t| t.name == tier)
+            .map(|t| t.threshold)
+    } else if let Some(points) = mark.strip_prefix("milestone:lifetime_points:") {
+        points.parse::<i64>().ok()
+    } else if let Some(n) = mark.strip_prefix("milestone:purchases:") {
+        let Ok(n) = n.parse::<i64>() else {
+            return Ok(None);
+        };
+        return Ok(db
+            .query_opt(
+                "SELECT placed_at FROM orders
+                  WHERE member_id = $1 AND stage <> 'cancelled'
+                  ORDER BY placed_at, source, order_ref
+                 OFFSET $2 LIMIT 1",
+                &[&member, &(n - 1).max(0)],
+            )
+            .await?
+            .map(|r| r.get(0)));
+    } else {
+        None
+    };
+    let Some(threshold) = threshold else {
+        return Ok(None);
+    };
+    Ok(db
+        .query_opt(
+            "SELECT occurred_at FROM (
+                 SELECT occurred_at, entry_id,
+                        sum(points) OVER (ORDER BY occurred_at, entry_id) AS lifetime
+                   FROM ledger_entries
+                  WHERE member_id = $1 AND kind IN ('earn_available', 'clawback')
+             ) running
+             WHERE lifetime >= $2::bigint
+             ORDER BY occurred_at, entry_id
+             LIMIT 1",
+            &[&member, &threshold],
+        )
+        .await?
+        .map(|r| r.get(0)))
 }
 
 /// One outbox row per route configured for each trigger.
@@ -335,6 +473,7 @@ fn messages(triggers: &Triggers, fired: &[Fired]) -> Vec<NewMessage> {
                             "occurred_at": trigger.occurred_at,
                             "data": trigger.data,
                         },
+                        "offer": trigger.offer,
                     }),
                 })
         })

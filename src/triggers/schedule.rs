@@ -260,6 +260,7 @@ impl Scheduler {
                     occasion,
                     occurred_at: due,
                     data,
+                    offer: None,
                 }),
                 _ => {
                     // Business time of the expiry is its due time, so a
@@ -273,6 +274,19 @@ impl Scheduler {
             }
             members.push(member);
             kinds.push(kind);
+        }
+        if !fired.is_empty() {
+            let ids: Vec<i64> = fired.iter().map(|f| f.member).collect();
+            let tiers: HashMap<i64, Option<String>> = db
+                .query(
+                    "SELECT member_id, tier FROM members WHERE member_id = ANY($1)",
+                    &[&ids],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            self.triggers.offer(db, &mut fired, &tiers).await?;
         }
         outbox::enqueue(db, &messages(&self.triggers, &fired)).await?;
         if !members.is_empty() {

@@ -931,3 +931,183 @@ provider = "crm"
     shutdown.cancel();
     handle.await.unwrap();
 }
+
+/// The offer catalog: a tier upgrade carries the eligible offer of highest
+/// priority, and the member's next purchase earns with it — once, whether
+/// that purchase arrives in the same ledger batch as the trigger or later.
+#[tokio::test]
+async fn a_tier_upgrade_offer_doubles_the_next_purchase_once() {
+    crate::support::init_logging();
+    let receiver =
+        crate::support::receiver::Receiver::start(crate::support::receiver::Reply::status(202))
+            .await;
+    let ledger_db = PgDatabase::create("ledger").await;
+    let shop_db = MyDatabase::create("shop").await;
+    let mut shop = magento_shop(&shop_db).await;
+    let server_id = 3_700_000_000u64 + u64::from(std::process::id() % 100_000);
+    let sources = format!(
+        r#"
+[[sources]]
+name = "shop"
+kind = "mysql"
+url = "{shop}"
+mapping = "{connectors}/magento2.toml"
+server_id = {server_id}
+
+[[offers]]
+code = "ANY-50"
+title = "50 bonus points"
+bonus_points = 50
+priority = 1
+
+[[offers]]
+code = "GOLD-2X"
+title = "Double points on your next order"
+triggers = ["tier_upgrade"]
+tiers = ["gold"]
+multiplier = "2"
+valid_days = 14
+priority = 10
+
+[[offers]]
+code = "EXPIRED"
+title = "Gone"
+multiplier = "5"
+available_until = "2020-01-01"
+priority = 99
+
+[[providers]]
+name = "crm"
+template = "{providers}/webhook.toml"
+base_url = "{receiver}/events"
+secrets.signing_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+[[triggers.routes]]
+trigger = "tier_upgrade"
+provider = "crm"
+"#,
+        shop = shop_db.url(),
+        connectors = connectors().display(),
+        providers = connectors().join("../providers").display(),
+        receiver = receiver.url,
+    );
+    let (_path, settings) = write_config(&ledger_db, &sources);
+    let (shutdown, handle) = start(settings).await;
+    let ledger = Ledger::new(&ledger_db).await;
+
+    // 1,000: gold (the upgrade carries GOLD-2X); the next order, right
+    // behind it (often in the same batch), earns 2 × 100; the one after
+    // that 100 (an offer is redeemed once).
+    magento_order(
+        &mut shop,
+        1,
+        Some(7),
+        "Anna.Schmidt@Example.DE",
+        "complete",
+        Some("1000.0000"),
+        "0",
+        &[("TV", None, "1000.0000")],
+    )
+    .await;
+    // The binlog's commit times have whole seconds: the next purchase is
+    // the first one in a later second than the trigger's.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    magento_order(
+        &mut shop,
+        2,
+        Some(7),
+        "Anna.Schmidt@Example.DE",
+        "complete",
+        Some("100.0000"),
+        "0",
+        &[("MUG", None, "100.0000")],
+    )
+    .await;
+    magento_order(
+        &mut shop,
+        3,
+        Some(7),
+        "Anna.Schmidt@Example.DE",
+        "complete",
+        Some("100.0000"),
+        "0",
+        &[("CUP", None, "100.0000")],
+    )
+    .await;
+    wait_for("the three orders", || async {
+        ledger.scalar("SELECT count(*) FROM orders").await == 3
+    })
+    .await;
+    let requests = receiver.wait_for(1).await;
+    let body = requests[0].json();
+    assert_eq!(body["type"], "loyalty.tier_upgrade");
+    assert_eq!(body["data"]["offer"]["code"], "GOLD-2X");
+    assert_eq!(body["data"]["offer"]["multiplier"], "2");
+    wait_for("the offer to be redeemed", || async {
+        ledger
+            .scalar("SELECT count(*) FROM member_offers WHERE redeemed_at IS NOT NULL")
+            .await
+            == 1
+    })
+    .await;
+    assert_eq!(
+        ledger.member_by_email("anna.schmidt@example.de").await,
+        Some((1300, 0, 1300, Some("gold".into()))),
+        "1,000 + 2 × 100 + 100"
+    );
+    assert_eq!(
+        ledger
+            .scalar("SELECT points FROM orders WHERE order_ref = '2'")
+            .await,
+        200,
+        "the bonus is part of the order's points (a refund claws it back in proportion)"
+    );
+    shutdown.cancel();
+    handle.await.unwrap();
+
+    // While the service is down, Ben reaches gold and orders again a
+    // second later: on restart both land in one ledger batch, and the
+    // trigger (judged at the batch's commit) still gives his second order
+    // the offer.
+    shop.query_drop(
+        "INSERT INTO customer_entity (entity_id, website_id, store_id, email) VALUES (8, 1, 1, 'ben@shop.de')",
+    )
+    .await
+    .unwrap();
+    magento_order(
+        &mut shop,
+        4,
+        Some(8),
+        "ben@shop.de",
+        "complete",
+        Some("1000.0000"),
+        "0",
+        &[("TV", None, "1000.0000")],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    magento_order(
+        &mut shop,
+        5,
+        Some(8),
+        "ben@shop.de",
+        "complete",
+        Some("100.0000"),
+        "0",
+        &[("MUG", None, "100.0000")],
+    )
+    .await;
+    let (_path, settings) = write_config(&ledger_db, &sources);
+    let (shutdown, handle) = start(settings).await;
+    wait_for("Ben's orders", || async {
+        ledger.scalar("SELECT count(*) FROM orders").await == 5
+    })
+    .await;
+    assert_eq!(
+        ledger.member_by_email("ben@shop.de").await,
+        Some((1200, 0, 1200, Some("gold".into()))),
+        "1,000 + 2 × 100, booked in one batch"
+    );
+    shutdown.cancel();
+    handle.await.unwrap();
+}

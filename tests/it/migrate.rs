@@ -5,13 +5,14 @@ use loyalty_cdc::ledger;
 
 use crate::support::{run_cli, PgDatabase};
 
-const LEDGER_TABLES: [&str; 19] = [
+const LEDGER_TABLES: [&str; 20] = [
     "balances",
     "dead_letters",
     "delivery_attempts",
     "ledger_entries",
     "member_identifiers",
     "member_merges",
+    "member_offers",
     "member_profiles",
     "members",
     "order_refunds",
