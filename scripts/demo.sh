@@ -39,6 +39,15 @@ mariadb -uroot -h127.0.0.1 --protocol=tcp loyalty_demo_shop <"$shared/schemas/ma
 echo "loaded odoo-pos.postgres.sql ($(psql -X -qAt -d loyalty_demo_pos -c "SELECT count(*) FROM information_schema.tables WHERE table_schema='public'") tables) and magento2.mysql.sql ($(mariadb -uroot -h127.0.0.1 --protocol=tcp -N -e "SELECT count(*) FROM information_schema.tables WHERE table_schema='loyalty_demo_shop'") tables)"
 
 mkdir -p target/demo
+step "a local provider receiver (Standard Webhooks, signatures checked: target/demo/webhooks.log)"
+secret="whsec_$(python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')"
+rm -f target/demo/receiver.port target/demo/webhooks.log
+python3 scripts/webhook_receiver.py target/demo/receiver.port target/demo/webhooks.log "$secret" &
+receiver_pid=$!
+for _ in $(seq 1 50); do [[ -s target/demo/receiver.port ]] && break; sleep 0.1; done
+receiver_port=$(cat target/demo/receiver.port)
+echo "listening on 127.0.0.1:$receiver_port"
+
 config=target/demo/loyalty-cdc.toml
 cat >"$config" <<TOML
 [ledger]
@@ -63,24 +72,55 @@ tiers = [
   { name = "silver", threshold = 500 },
   { name = "gold", threshold = 2000 },
 ]
+
+[[providers]]
+name = "crm"
+template = "$root/connectors/providers/webhook.toml"
+base_url = "http://127.0.0.1:$receiver_port/loyalty-events"
+secrets.signing_secret = { env = "DEMO_WEBHOOK_SECRET" }
+
+[triggers]
+scheduler_interval_seconds = 5
+
+[triggers.milestones]
+purchases = [1, 2]
+
+[[triggers.routes]]
+trigger = "welcome"
+provider = "crm"
+
+[[triggers.routes]]
+trigger = "milestone"
+provider = "crm"
+
+[[triggers.routes]]
+trigger = "points_earned"
+provider = "crm"
+
+[[offers]]
+code = "WELCOME-50"
+title = "50 bonus points on your next purchase"
+triggers = ["welcome"]
+bonus_points = 50
+valid_days = 30
 TOML
 echo "wrote $config"
 
 step "loyalty-cdc check"
-"$bin" --config "$config" check
+DEMO_WEBHOOK_SECRET="$secret" "$bin" --config "$config" check
 
 step "loyalty-cdc migrate"
-"$bin" --config "$config" migrate
-"$bin" --config "$config" migrate
+DEMO_WEBHOOK_SECRET="$secret" "$bin" --config "$config" migrate
+DEMO_WEBHOOK_SECRET="$secret" "$bin" --config "$config" migrate
 
 step "the ledger is ready"
 psql -X -d loyalty_demo_ledger -c "SELECT version, name, applied_on FROM refinery_schema_history ORDER BY version" \
      -c "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1"
 
 step "loyalty-cdc run: both sources streaming into the ledger (log: target/demo/run.log)"
-"$bin" --config "$config" run >target/demo/run.log 2>&1 &
+DEMO_WEBHOOK_SECRET="$secret" "$bin" --config "$config" run >target/demo/run.log 2>&1 &
 run_pid=$!
-trap 'kill "$run_pid" 2>/dev/null || true' EXIT
+trap 'kill "$run_pid" "$receiver_pid" 2>/dev/null || true' EXIT
 ledger_sql() { psql -X -qAt -d loyalty_demo_ledger -c "$1" 2>/dev/null || echo 0; }
 for _ in $(seq 1 150); do
   [[ $(ledger_sql "SELECT count(*) FROM source_positions WHERE state = 'streaming'") == 2 ]] && break
@@ -113,6 +153,9 @@ INSERT INTO pos_order_line (id, name, product_id, qty, price_subtotal, price_sub
 COMMIT;
 SQL
 
+# A moment later (the binlog's commit times have whole seconds, and a
+# welcome offer is redeemed by a purchase after the welcome).
+sleep 1.2
 step "the same customer orders online (Magento: 100.00 goods, 10.00 discount), it ships"
 mariadb -uroot -h127.0.0.1 --protocol=tcp loyalty_demo_shop <<'SQL'
 INSERT INTO store_website (website_id, code, name) VALUES (1, 'base', 'Main Website');
@@ -134,13 +177,23 @@ for _ in $(seq 1 150); do
   sleep 0.2
 done
 
-step "loyalty-cdc member show anna.schmidt@example.de (one member: till and shop, 100 - 50 + 90 points)"
-"$bin" --config "$config" member show anna.schmidt@example.de
-"$bin" --config "$config" member show card:CARD-4711 --json
+step "loyalty-cdc member show anna.schmidt@example.de (one member: till and shop, 100 - 50 + 90 points, + 50 from the welcome offer)"
+DEMO_WEBHOOK_SECRET="$secret" "$bin" --config "$config" member show anna.schmidt@example.de
+DEMO_WEBHOOK_SECRET="$secret" "$bin" --config "$config" member show card:CARD-4711 --json
+
+step "triggers delivered to the local receiver (welcome with its offer, milestones, points earned)"
+for _ in $(seq 1 100); do
+  [[ $(ledger_sql "SELECT count(*) FROM outbox WHERE status = 'pending'") == 0 && -s target/demo/webhooks.log ]] && break
+  sleep 0.2
+done
+cat target/demo/webhooks.log
+psql -X -d loyalty_demo_ledger -c "SELECT trigger, status, attempts, payload->'offer'->>'code' AS offer FROM outbox ORDER BY created_at, trigger"
+DEMO_WEBHOOK_SECRET="$secret" "$bin" --config "$config" dlq list
 
 step "stopping loyalty-cdc run (SIGTERM: the open batch is committed first)"
 kill -TERM "$run_pid"
 wait "$run_pid" || true
+kill "$receiver_pid" 2>/dev/null || true
 trap - EXIT
 # An abandoned slot pins WAL forever: the demo drops its own (a re-run
 # starts from fresh databases anyway).

@@ -53,7 +53,15 @@ pub async fn grant(
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    for grant in grants {
+    // The most generous first, as a purchase booked later would choose
+    // (`take_for_purchase`).
+    let mut by_value: Vec<&Grant> = grants.iter().collect();
+    by_value.sort_by(|a, b| {
+        b.multiplier
+            .cmp(&a.multiplier)
+            .then(b.bonus_points.cmp(&a.bonus_points))
+    });
+    for grant in by_value {
         if !new.contains(&(grant.member, grant.occasion.clone())) {
             continue;
         }

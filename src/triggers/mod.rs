@@ -396,14 +396,24 @@ pub async fn record(
 }
 
 /// The source time at which a member reached `mark`: the purchase that
-/// made the nth, or the entry that took lifetime points to a tier's or a
-/// milestone's threshold. `None` for marks without one (welcome).
+/// made the nth, the entry that took lifetime points to a tier's or a
+/// milestone's threshold, or the member's creation (welcome).
 async fn reached_at(
     db: &Db,
     triggers: &Triggers,
     member: i64,
     mark: &str,
 ) -> Result<Option<DateTime<Utc>>, tokio_postgres::Error> {
+    if mark == "welcome" {
+        // Enrollment: when the member was created (source time).
+        return Ok(db
+            .query_opt(
+                "SELECT created_at FROM members WHERE member_id = $1",
+                &[&member],
+            )
+            .await?
+            .map(|r| r.get(0)));
+    }
     let threshold = if let Some(tier) = mark.strip_prefix("tier:") {
         triggers
             .tiers

@@ -1108,6 +1108,15 @@ provider = "crm"
         Some((1200, 0, 1200, Some("gold".into()))),
         "1,000 + 2 × 100, booked in one batch"
     );
+    assert_eq!(
+        ledger
+            .scalar(
+                "SELECT count(*) FROM member_offers WHERE code = 'ANY-50' AND redeemed_at IS NULL"
+            )
+            .await,
+        1,
+        "his welcome carried ANY-50 too; the more generous GOLD-2X took his next purchase"
+    );
     shutdown.cancel();
     handle.await.unwrap();
 }
