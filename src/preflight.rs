@@ -95,7 +95,88 @@ pub async fn check(settings: &Settings) -> Vec<Finding> {
             problems,
         });
     }
+    for provider in &settings.providers {
+        findings.push(check_provider(settings, provider).await);
+    }
     findings
+}
+
+/// How long `check` waits for a provider host to accept a connection.
+const PROVIDER_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A provider: its host accepts TCP connections (nothing is sent: a probe
+/// request could reach real members), and its endpoint is not disabled by
+/// a 410.
+async fn check_provider(
+    settings: &Settings,
+    provider: &crate::config::ProviderSettings,
+) -> Finding {
+    let subject = format!("provider `{}`", provider.name);
+    let Some(template) = &provider.compiled else {
+        return Finding {
+            subject,
+            summary: String::new(),
+            problems: vec![Problem::new(
+                "its template did not compile",
+                "see the configuration errors above",
+            )],
+        };
+    };
+    let base = provider
+        .base_url
+        .clone()
+        .unwrap_or_else(|| template.base_url.clone());
+    let mut problems = Vec::new();
+    let mut summary = format!(
+        "{} ({}) at {base}",
+        template.name,
+        template.channel.as_str()
+    );
+    match url::Url::parse(&base) {
+        Ok(url) => {
+            let host = url.host_str().unwrap_or_default().to_string();
+            let port = url.port_or_known_default().unwrap_or(443);
+            match tokio::time::timeout(
+                PROVIDER_CONNECT_TIMEOUT,
+                tokio::net::TcpStream::connect((host.as_str(), port)),
+            )
+            .await
+            {
+                Ok(Ok(_)) => summary.push_str(", host reachable"),
+                Ok(Err(error)) => problems.push(Problem::new(
+                    format!("cannot connect to {host}:{port}: {error}"),
+                    "check base_url, DNS and the firewall path from this host to the provider",
+                )),
+                Err(_) => problems.push(Problem::new(
+                    format!(
+                        "{host}:{port} did not accept a connection within {} s",
+                        PROVIDER_CONNECT_TIMEOUT.as_secs()
+                    ),
+                    "check base_url and the firewall path from this host to the provider",
+                )),
+            }
+        }
+        Err(error) => problems.push(Problem::new(
+            format!("base URL `{base}` is not a URL: {error}"),
+            "set base_url = \"https://…\" in the [[providers]] entry",
+        )),
+    }
+    if let Ok(client) = crate::ledger::connect(&settings.ledger).await {
+        let db = crate::ledger::db::Db::new(client);
+        if let Ok(disabled) = crate::delivery::outbox::disabled_providers(&db).await {
+            if let Some(reason) = disabled.get(&provider.name) {
+                problems.push(Problem::new(
+                    format!("the endpoint is disabled: {reason}"),
+                    "fix the endpoint at the provider, then `loyalty-cdc dlq replay` its dead letters (that re-enables it)",
+                ));
+            }
+        }
+    }
+    Finding {
+        subject,
+        summary,
+        problems,
+    }
 }
 
 /// Columns of the source's tables, keyed `schema.table` (PostgreSQL; also

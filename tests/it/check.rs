@@ -370,3 +370,61 @@ async fn check_validates_each_mapping_against_the_live_schema() {
         run.stdout
     );
 }
+
+#[tokio::test]
+async fn check_reports_an_unreachable_provider_host_and_passes_a_reachable_one() {
+    let ledger = PgDatabase::create("ledger").await;
+    let receiver =
+        crate::support::receiver::Receiver::start(crate::support::receiver::Reply::status(200))
+            .await;
+    // A port nothing listens on: bound, then released.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let providers = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("connectors/providers");
+    let text = format!(
+        r#"
+[[providers]]
+name = "crm"
+template = "{dir}/webhook.toml"
+base_url = "{url}/hook"
+secrets.signing_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+[[providers]]
+name = "sms"
+template = "{dir}/twilio.toml"
+base_url = "http://127.0.0.1:{closed}"
+secrets.account_sid = "AC1"
+secrets.auth_token = "t"
+settings.from = "+15005550006"
+"#,
+        dir = providers.display(),
+        url = receiver.url
+    );
+    let run = run_cli(&config(&ledger.url(), &text), &["check"], &[]).await;
+    assert_eq!(run.code, 1, "{}", run.output());
+    assert!(
+        run.stdout.contains(&format!(
+            "ok    provider `crm`: Webhook (webhook) at {}/hook, host reachable",
+            receiver.url
+        )),
+        "{}",
+        run.output()
+    );
+    assert!(
+        run.stdout.contains(&format!("FAIL  provider `sms`: Twilio (sms) at http://127.0.0.1:{closed}\n      problem: cannot connect to 127.0.0.1:{closed}: ")),
+        "{}",
+        run.output()
+    );
+    assert!(
+        run.stdout.contains("      fix:     check base_url, DNS and the firewall path from this host to the provider"),
+        "{}",
+        run.output()
+    );
+    assert_eq!(
+        receiver.requests().len(),
+        0,
+        "check sends no request to a provider"
+    );
+}
