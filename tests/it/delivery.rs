@@ -11,12 +11,12 @@ use chrono::{DateTime, TimeZone, Utc};
 use loyalty_cdc::config::Settings;
 use loyalty_cdc::delivery::outbox::{self, NewMessage};
 use loyalty_cdc::delivery::worker::Worker;
-use loyalty_cdc::delivery::{Clock, ManualClock};
+use loyalty_cdc::delivery::ManualClock;
 use loyalty_cdc::ledger::db::Db;
 use serde_json::json;
 
 use crate::support::receiver::{Receiver, Reply};
-use crate::support::PgDatabase;
+use crate::support::{run_cli, PgDatabase};
 
 const SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -636,13 +636,39 @@ async fn retries_back_off_honour_retry_after_and_end_in_dead_letters() {
         "provider `webhook` refused the message with 400"
     );
 
-    // Replayed: due again with fresh attempts, delivered.
-    assert_eq!(
-        outbox::replay(&fx.db, &[letters[0].id, 999_999], clock.now())
-            .await
-            .unwrap(),
-        [letters[0].id]
+    // `dlq list` shows it with the provider's answer; `dlq replay` makes it
+    // due again with fresh attempts, and it is delivered.
+    let config = std::fs::read_to_string(&fx.path).unwrap();
+    let list = run_cli(&config, &["dlq", "list"], &[]).await;
+    assert_eq!(list.code, 0, "{}", list.output());
+    let id = letters[0].id.to_string();
+    assert!(
+        list.stdout.starts_with(&format!("{id:>6}  ")),
+        "{}",
+        list.stdout
     );
+    assert!(
+        list.stdout.contains("webhook      tier_upgrade   member")
+            && list
+                .stdout
+                .contains("provider `webhook` refused the message with 400")
+            && list
+                .stdout
+                .contains(r#"        answer: {"error":"unknown event type"}"#),
+        "{}",
+        list.stdout
+    );
+    let json = run_cli(&config, &["dlq", "list", "--json"], &[]).await;
+    let parsed: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(parsed[0]["message_id"], fourth.to_string());
+    assert_eq!(parsed[0]["status_code"], 400);
+    let replay = run_cli(&config, &["dlq", "replay", &id, "999999"], &[]).await;
+    assert_eq!(replay.code, 1, "one id was unknown: {}", replay.output());
+    assert_eq!(replay.stdout, "1 dead letter(s) due again\n");
+    assert!(replay
+        .stderr
+        .contains("not replayed (unknown or replayed before): 999999"));
+
     worker.run_once().await.unwrap();
     assert_eq!(state(&fx.db, fourth).await, ("sent".into(), 1, None));
     assert!(outbox::dead_letters(&fx.db, 10).await.unwrap().is_empty());
