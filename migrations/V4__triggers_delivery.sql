@@ -120,3 +120,9 @@ CREATE INDEX member_offers_open ON member_offers (member_id, valid_until) WHERE 
 -- The offer a purchase redeemed (its bonus is part of `points`), so an
 -- order takes one offer at most.
 ALTER TABLE orders ADD COLUMN offer_occasion text;
+
+-- Members from before triggers existed: what they have reached is history.
+-- The first batch that touches one marks its welcome, tier and milestones
+-- silently and removes this mark.
+INSERT INTO trigger_marks (member_id, mark, reached_at, announced)
+SELECT member_id, 'legacy', created_at, false FROM members WHERE merged_into IS NULL;

@@ -140,7 +140,8 @@ pub async fn run(
             settings,
             Arc::clone(&triggers),
             Arc::new(crate::delivery::SystemClock),
-        );
+        )
+        .with_writer_lock(writer.clone());
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             scheduler.run(shutdown).await;

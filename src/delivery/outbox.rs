@@ -287,8 +287,8 @@ pub async fn disabled_providers(db: &Db) -> Result<HashMap<String, String>, toki
         .collect())
 }
 
-/// A send recorded in the outbox: `(channel, trigger, sent_at)`.
-pub type Sent = (String, String, DateTime<Utc>);
+/// A send recorded in the outbox: `(channel, trigger, route, sent_at)`.
+pub type Sent = (String, String, String, DateTime<Utc>);
 
 /// What `members` were sent since `since`, per member.
 pub async fn recent_sends(
@@ -299,7 +299,7 @@ pub async fn recent_sends(
     let mut sends: HashMap<i64, Vec<Sent>> = HashMap::new();
     for row in db
         .query(
-            "SELECT member_id, channel, trigger, sent_at FROM outbox
+            "SELECT member_id, channel, trigger, route, sent_at FROM outbox
               WHERE member_id = ANY($1) AND status = 'sent' AND sent_at >= $2",
             &[&members, &since],
         )
@@ -308,7 +308,7 @@ pub async fn recent_sends(
         sends
             .entry(row.get(0))
             .or_default()
-            .push((row.get(1), row.get(2), row.get(3)));
+            .push((row.get(1), row.get(2), row.get(3), row.get(4)));
     }
     Ok(sends)
 }

@@ -35,15 +35,17 @@ pub fn lookback(settings: &DeliverySettings) -> Duration {
     Duration::hours(longest)
 }
 
-/// Judges one message. `recent` is what the member was sent within
-/// [`lookback`]: `(channel, trigger, sent_at)`.
+/// Judges one message of `(trigger, route)`. `recent` is what the member
+/// was sent within [`lookback`]: `(channel, trigger, route, sent_at)`.
+/// A cooldown counts sends of the same trigger through the same route: the
+/// same occasion routed to e-mail and to a CRM webhook is not held back.
 pub fn judge(
     settings: &DeliverySettings,
     channel: Channel,
     requires: &[ContactField],
-    trigger: &str,
+    (trigger, route): (&str, &str),
     contact: &Contact,
-    recent: &[(String, String, DateTime<Utc>)],
+    recent: &[crate::delivery::outbox::Sent],
     now: DateTime<Utc>,
 ) -> Decision {
     if contact.erased {
@@ -86,7 +88,10 @@ pub fn judge(
     }
     if let Some(hours) = settings.cooldown_hours.get(trigger) {
         let since = now - Duration::hours(*hours);
-        if recent.iter().any(|(_, t, at)| t == trigger && *at > since) {
+        if recent
+            .iter()
+            .any(|(_, t, r, at)| t == trigger && r == route && *at > since)
+        {
             return Decision::Suppress(format!(
                 "cooldown: a {trigger} message went to this member within {hours} h"
             ));
@@ -96,7 +101,7 @@ pub fn judge(
         let since = now - Duration::hours(24);
         let sent = recent
             .iter()
-            .filter(|(c, _, at)| c == channel.as_str() && *at > since)
+            .filter(|(c, _, _, at)| c == channel.as_str() && *at > since)
             .count() as i64;
         if sent >= *cap {
             return Decision::Suppress(format!(
@@ -199,7 +204,7 @@ mod tests {
             &settings,
             Channel::Sms,
             &[],
-            "tier_upgrade",
+            ("tier_upgrade", "r"),
             &contact(),
             &[],
             at("2026-11-25T22:00:00Z"),
@@ -213,7 +218,7 @@ mod tests {
             &settings,
             Channel::Sms,
             &[],
-            "tier_upgrade",
+            ("tier_upgrade", "r"),
             &contact(),
             &[],
             at("2026-11-26T05:30:00Z"),
@@ -227,7 +232,7 @@ mod tests {
                 &settings,
                 Channel::Sms,
                 &[],
-                "tier_upgrade",
+                ("tier_upgrade", "r"),
                 &contact(),
                 &[],
                 at("2026-11-26T07:00:00Z")
@@ -239,7 +244,7 @@ mod tests {
                 &settings,
                 Channel::Email,
                 &[],
-                "tier_upgrade",
+                ("tier_upgrade", "r"),
                 &contact(),
                 &[],
                 at("2026-11-25T22:00:00Z")
@@ -259,7 +264,7 @@ mod tests {
                 &settings,
                 Channel::Email,
                 &[],
-                "welcome",
+                ("welcome", "r"),
                 &no_email,
                 &[],
                 now
@@ -273,7 +278,7 @@ mod tests {
                 &settings,
                 Channel::Sms,
                 &[ContactField::Phone],
-                "welcome",
+                ("welcome", "r"),
                 &no_phone,
                 &[],
                 now
@@ -285,7 +290,7 @@ mod tests {
                 &settings,
                 Channel::Push,
                 &[],
-                "welcome",
+                ("welcome", "r"),
                 &contact(),
                 &[],
                 now
@@ -296,6 +301,7 @@ mod tests {
             (
                 c.to_string(),
                 t.to_string(),
+                "r".to_string(),
                 now - Duration::hours(hours_ago),
             )
         };
@@ -309,7 +315,7 @@ mod tests {
                 &settings,
                 Channel::Email,
                 &[],
-                "tier_upgrade",
+                ("tier_upgrade", "r"),
                 &contact(),
                 &recent[..2],
                 now
@@ -326,7 +332,7 @@ mod tests {
                 &settings,
                 Channel::Email,
                 &[],
-                "tier_upgrade",
+                ("tier_upgrade", "r"),
                 &contact(),
                 &recent3,
                 now
@@ -335,9 +341,22 @@ mod tests {
         );
         let lapse = [sent("push", "lapse_risk", 100)];
         assert!(matches!(
-            judge(&settings, Channel::Email, &[], "lapse_risk", &contact(), &lapse, now),
+            judge(&settings, Channel::Email, &[], ("lapse_risk", "r"), &contact(), &lapse, now),
             Decision::Suppress(reason) if reason.starts_with("cooldown")
         ));
+        // The same occasion through another route is not held back.
+        assert_eq!(
+            judge(
+                &settings,
+                Channel::Email,
+                &[],
+                ("lapse_risk", "crm"),
+                &contact(),
+                &lapse,
+                now
+            ),
+            Decision::Send
+        );
         let _ = recent;
     }
 }

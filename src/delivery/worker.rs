@@ -66,6 +66,12 @@ struct Provider {
     signing_key: Option<SigningKey>,
     limiter: governor::DefaultDirectRateLimiter,
     in_flight: Arc<Semaphore>,
+    /// Messages of this provider one batch sends at most: what its rate
+    /// allows in 5 s and four rounds of its concurrency, whichever is
+    /// less, so a batch (one open ledger transaction) stays short even
+    /// when the provider is slow or hangs; the rest wait for the next
+    /// batch, still pending.
+    batch_budget: usize,
 }
 
 /// Why the worker could not start.
@@ -127,6 +133,9 @@ impl Worker {
                     signing_key,
                     limiter: governor::RateLimiter::direct(governor::Quota::per_second(rate)),
                     in_flight: Arc::new(Semaphore::new(provider.concurrency.max(1) as usize)),
+                    batch_budget: (provider.rate_per_second as usize * 5)
+                        .min(provider.concurrency as usize * 4)
+                        .max(1),
                 },
             );
         }
@@ -173,7 +182,7 @@ impl Worker {
             ))
             .await
         {
-            tracing::warn!(error = %error, "delivery: cannot bound idle transactions");
+            tracing::warn!(error = %crate::ledger::db::describe(&error), "delivery: cannot bound idle transactions");
         }
         Ok(Db::new(client))
     }
@@ -226,7 +235,7 @@ impl Worker {
             }
             let delivered = match &db {
                 Some(db) => self.claim_and_deliver(db, partition).await.unwrap_or_else(|error| {
-                    tracing::warn!(error = %error, "delivery: a batch failed and was rolled back; its messages are due again");
+                    tracing::warn!(error = %crate::ledger::db::describe(&error), "delivery: a batch failed and was rolled back; its messages are due again");
                     0
                 }),
                 None => 0,
@@ -291,7 +300,17 @@ impl Worker {
 
         let mut finished = Vec::with_capacity(batch.len());
         let mut sends = Vec::new();
+        let mut per_provider: HashMap<&str, usize> = HashMap::new();
         for message in batch {
+            // Over the provider's budget for one batch: left untouched,
+            // pending and due again once this batch commits.
+            if let Some(provider) = self.providers.get(&message.provider) {
+                let count = per_provider.entry(provider.name.as_str()).or_default();
+                if *count >= provider.batch_budget {
+                    continue;
+                }
+                *count += 1;
+            }
             let decided = |outcome: Outcome, detail: String| outbox::Finished {
                 message_id: message.message_id,
                 attempts_before: message.attempts,
@@ -343,7 +362,7 @@ impl Worker {
                 &self.settings,
                 channel,
                 &provider.template.requires,
-                &message.trigger,
+                (&message.trigger, &message.route),
                 contact,
                 sent,
                 now,
@@ -364,19 +383,27 @@ impl Worker {
                 Ok(request) => {
                     // Later messages of this batch count this one against
                     // caps and cooldowns.
-                    sent.push((channel.as_str().to_string(), message.trigger.clone(), now));
+                    sent.push((
+                        channel.as_str().to_string(),
+                        message.trigger.clone(),
+                        message.route.clone(),
+                        now,
+                    ));
                     sends.push((message, provider, request));
                 }
                 Err(error) => finished.push(dead(error.to_string())),
             }
         }
-        let results = futures_util::future::join_all(
-            sends
-                .into_iter()
-                .map(|(message, provider, request)| self.send(message, provider, request)),
-        )
-        .await;
-        finished.extend(results);
+        // Requests not started by then are left for the next batch: the
+        // batch's transaction stays open for a bounded time.
+        let deadline =
+            Instant::now() + StdDuration::from_secs(self.settings.timeout_seconds.max(1) * 2);
+        let results =
+            futures_util::future::join_all(sends.into_iter().map(
+                |(message, provider, request)| self.send(message, provider, request, deadline),
+            ))
+            .await;
+        finished.extend(results.into_iter().flatten());
         for f in &finished {
             match &f.outcome {
                 Outcome::Dead { reason, .. } => {
@@ -398,10 +425,14 @@ impl Worker {
         message: Claimed,
         provider: &Provider,
         request: template::RenderedRequest,
-    ) -> outbox::Finished {
+        deadline: Instant,
+    ) -> Option<outbox::Finished> {
         let _global = self.in_flight.acquire().await;
         provider.limiter.until_ready().await;
         let _slot = provider.in_flight.acquire().await;
+        if Instant::now() > deadline {
+            return None;
+        }
         let started = Instant::now();
         let sent_at = self.clock.now();
         let mut builder = self
@@ -481,6 +512,30 @@ impl Worker {
             }
             Err(error) => {
                 let latency = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
+                if error.is_builder() {
+                    // The rendered request itself is invalid (a header
+                    // value with a line break): the same every time.
+                    let reason = format!(
+                        "provider `{}`: the rendered request is invalid: {}",
+                        provider.name,
+                        error.without_url()
+                    );
+                    let attempt = Attempt {
+                        requested: false,
+                        status_code: None,
+                        latency_ms: None,
+                        detail: Some(reason.clone()),
+                    };
+                    self.counts.dead.fetch_add(1, Ordering::Relaxed);
+                    return Some(outbox::Finished {
+                        message_id: message.message_id,
+                        attempts_before: message.attempts,
+                        provider: provider.name.clone(),
+                        at: self.clock.now(),
+                        outcome: Outcome::Dead { reason, body: None },
+                        attempt,
+                    });
+                }
                 let what = if error.is_timeout() {
                     format!("no answer within {} s", self.settings.timeout_seconds)
                 } else if error.is_connect() {
@@ -506,14 +561,14 @@ impl Worker {
             _ => self.counts.dead.fetch_add(1, Ordering::Relaxed),
         };
         tracing::debug!(message_id = %message.message_id, provider = %provider.name, attempt = attempt_number, status = ?attempt.status_code, "delivery attempt");
-        outbox::Finished {
+        Some(outbox::Finished {
             message_id: message.message_id,
             attempts_before: message.attempts,
             provider: provider.name.clone(),
             at: self.clock.now(),
             outcome,
             attempt,
-        }
+        })
     }
 
     /// The next try after failed attempt `attempt`, or the dead letters

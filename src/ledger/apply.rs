@@ -47,6 +47,14 @@ pub struct ApplyCounts {
 #[derive(Clone, Default)]
 pub struct WriterLock(Arc<tokio::sync::Mutex<()>>);
 
+impl WriterLock {
+    /// Held by other writers of member state (the scheduler's expiries and
+    /// offers) for one transaction, so they never deadlock with a batch.
+    pub async fn hold(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        Arc::clone(&self.0).lock_owned().await
+    }
+}
+
 /// Applies one source's transactions to the ledger.
 pub struct LedgerConsumer {
     url: DatabaseUrl,

@@ -93,3 +93,12 @@ impl Db {
         self.client.batch_execute(sql).await
     }
 }
+
+/// An error as logs may show it: the server's code and message, never its
+/// DETAIL (which can quote a failing row, and rows hold PII).
+pub fn describe(error: &Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => error.to_string(),
+    }
+}

@@ -141,18 +141,20 @@ pub async fn take_for_purchase(
         }))
 }
 
-/// Marks an offer redeemed by a purchase.
+/// Marks an offer redeemed by a purchase; false if it was redeemed before.
 pub async fn redeemed(
     db: &Db,
     member: i64,
     occasion: &str,
     by: &str,
     at: DateTime<Utc>,
-) -> Result<(), tokio_postgres::Error> {
-    db.execute(
-        "UPDATE member_offers SET redeemed_at = $3, redeemed_by = $4 WHERE member_id = $1 AND occasion = $2",
-        &[&member, &occasion, &at, &by],
-    )
-    .await?;
-    Ok(())
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(db
+        .execute(
+            "UPDATE member_offers SET redeemed_at = $3, redeemed_by = $4
+              WHERE member_id = $1 AND occasion = $2 AND redeemed_at IS NULL",
+            &[&member, &occasion, &at, &by],
+        )
+        .await?
+        == 1)
 }

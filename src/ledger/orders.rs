@@ -748,20 +748,18 @@ pub async fn add_offer_bonus(
         .max(0)
         .saturating_add(terms.bonus_points);
     let bonus = (with_offer - points).max(0);
+    // Claimed first: two purchases booked together on this connection see
+    // the same open offer; only the one whose claim changes the row gets it.
+    let by = format!("{source}:{order_ref}");
+    if !super::offers::redeemed(client, member, &terms.occasion, &by, at).await? {
+        return Ok(0);
+    }
     client
         .execute(
             "UPDATE orders SET points = points + $3, offer_occasion = $4 WHERE source = $1 AND order_ref = $2",
             &[&source, &order_ref, &bonus, &terms.occasion],
         )
         .await?;
-    super::offers::redeemed(
-        client,
-        member,
-        &terms.occasion,
-        &format!("{source}:{order_ref}"),
-        at,
-    )
-    .await?;
     book(
         client,
         Some(program),

@@ -151,7 +151,7 @@ impl Triggers {
 pub struct BatchFacts {
     /// Members the batch touched: whether a live change (not a snapshot)
     /// touched it, and the business time of the last one.
-    members: HashMap<i64, (bool, DateTime<Utc>)>,
+    members: HashMap<i64, Touch>,
     events: Vec<EventFact>,
 }
 
@@ -164,11 +164,25 @@ struct EventFact {
     data: serde_json::Value,
 }
 
+/// How a batch touched a member: whether a live change did, and the
+/// business times of its first and last change.
+#[derive(Debug, Clone, Copy)]
+pub struct Touch {
+    pub live: bool,
+    pub first: DateTime<Utc>,
+    pub last: DateTime<Utc>,
+}
+
 impl BatchFacts {
     pub fn touched(&mut self, member: i64, live: bool, at: DateTime<Utc>) {
-        let entry = self.members.entry(member).or_insert((live, at));
-        entry.0 |= live;
-        entry.1 = entry.1.max(at);
+        let entry = self.members.entry(member).or_insert(Touch {
+            live,
+            first: at,
+            last: at,
+        });
+        entry.live |= live;
+        entry.first = entry.first.min(at);
+        entry.last = entry.last.max(at);
     }
 
     /// A redemption booked by a live change.
@@ -280,11 +294,20 @@ pub async fn record(
 
     // New marks and the triggers they would fire.
     let mut new_marks: Vec<(i64, String, DateTime<Utc>, bool)> = Vec::new();
+    let mut legacy_members: Vec<i64> = Vec::new();
     let mut candidates: BTreeMap<(i64, String), Fired> = BTreeMap::new();
     let rank = |tier: &str| self_rank(&triggers.tiers, tier);
     for (&member, standing) in &standings {
-        let (live, at) = facts.members[&member];
+        let touch = facts.members[&member];
+        let at = touch.last;
         let held = marks_held.remove(&member).unwrap_or_default();
+        // A member from before triggers existed (marked `legacy` by the
+        // migration): what it has reached is history, marked silently.
+        let legacy = held.contains("legacy");
+        if legacy {
+            legacy_members.push(member);
+        }
+        let live = touch.live && !legacy;
         // `fires`: whether reaching this mark is news worth a message.
         let mut reach = |mark: String, kind: TriggerKind, data: serde_json::Value, fires: bool| {
             if held.contains(&mark) {
@@ -369,12 +392,24 @@ pub async fn record(
                 // may hold several of the member's changes, and what the
                 // trigger grants (an offer for the next purchase) must not
                 // depend on where batches end.
+                // Never before the member's first change in this batch: a
+                // mark reached long ago (merged histories, a threshold
+                // added to the configuration) is news now, and an offer it
+                // grants looks forward.
                 if let Some(at) = reached_at(db, triggers, trigger.member, &mark).await? {
-                    trigger.occurred_at = at;
+                    let first = facts.members[&trigger.member].first;
+                    trigger.occurred_at = at.max(first);
                 }
                 fired.push(trigger);
             }
         }
+    }
+    if !legacy_members.is_empty() {
+        db.execute(
+            "DELETE FROM trigger_marks WHERE mark = 'legacy' AND member_id = ANY($1)",
+            &[&legacy_members],
+        )
+        .await?;
     }
     fired.extend(facts.events.drain(..).map(|e| Fired {
         kind: e.kind,
@@ -391,7 +426,7 @@ pub async fn record(
     triggers.offer(db, &mut fired, &tiers).await?;
 
     outbox::enqueue(db, &messages(triggers, &fired)).await?;
-    schedule::maintain(db, triggers, &facts.members, Utc::now()).await?;
+    schedule::maintain(db, triggers, &facts.members).await?;
     Ok(fired)
 }
 

@@ -32,15 +32,16 @@ const RHYTHM_MIN_PURCHASES: i64 = 3;
 /// Rows fired per scheduler transaction.
 const SCHEDULER_BATCH: i64 = 500;
 
-/// Keeps the scheduled rows of `members` (touched by the batch: whether
-/// live, and when) current, in the ledger transaction. A member touched
-/// only by a snapshot gets no row that is already due: the history copied
-/// in fires nothing (the next live purchase schedules again).
+/// Keeps the scheduled rows of `members` (touched by the batch) current,
+/// in the ledger transaction. An occasion already due at the business time
+/// of the change that touched the member is left alone: it passed before
+/// the program knew (a snapshot's history, a profile update of a member
+/// inactive for years), so it is neither scheduled nor does it remove a
+/// row still waiting to fire. Business time only: replays decide the same.
 pub async fn maintain(
     db: &Db,
     triggers: &Triggers,
-    members: &HashMap<i64, (bool, DateTime<Utc>)>,
-    now: DateTime<Utc>,
+    members: &HashMap<i64, super::Touch>,
 ) -> Result<(), tokio_postgres::Error> {
     if members.is_empty() {
         return Ok(());
@@ -80,18 +81,22 @@ pub async fn maintain(
         let median_gap: Option<f64> = row.get(3);
         let last_activity: Option<DateTime<Utc>> = row.get(4);
         let available: i64 = row.get(5);
-        let live = members.get(&member).is_some_and(|m| m.0);
+        let Some(touched_at) = members.get(&member).map(|m| m.last) else {
+            continue;
+        };
         let mut plan =
             |kind: &'static str, due: Option<(DateTime<Utc>, String, serde_json::Value)>| match due
             {
-                Some((due, occasion, data)) if live || due > now => {
+                Some((due, occasion, data)) if due > touched_at => {
                     up_members.push(member);
                     up_kinds.push(kind);
                     up_dues.push(due);
                     up_occasions.push(occasion);
                     up_data.push(data);
                 }
-                _ => {
+                // Already due when this change happened: left alone.
+                Some(_) => {}
+                None => {
                     gone_members.push(member);
                     gone_kinds.push(kind);
                 }
@@ -175,6 +180,7 @@ pub struct Scheduler {
     triggers: Arc<Triggers>,
     interval: StdDuration,
     clock: Arc<dyn Clock>,
+    writer: crate::ledger::apply::WriterLock,
 }
 
 /// What one pass did.
@@ -194,7 +200,16 @@ impl Scheduler {
             triggers,
             interval: StdDuration::from_secs(settings.triggers.scheduler_interval_seconds.max(1)),
             clock,
+            writer: crate::ledger::apply::WriterLock::default(),
         }
+    }
+
+    /// Shares the ledger writers' turn (see `WriterLock`): the scheduler
+    /// locks scheduled rows, then balances and orders; a batch locks them
+    /// the other way round.
+    pub fn with_writer_lock(mut self, writer: crate::ledger::apply::WriterLock) -> Self {
+        self.writer = writer;
+        self
     }
 
     /// Fires everything due now, in transactions of up to 500 rows.
@@ -214,6 +229,7 @@ impl Scheduler {
         };
         let mut pass = Pass::default();
         loop {
+            let _turn = self.writer.hold().await;
             db.batch_execute("BEGIN").await?;
             match self.fire_batch(db, &mut pass).await {
                 Ok(0) => {
@@ -305,7 +321,7 @@ impl Scheduler {
     pub async fn run(self, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
             if let Err(error) = self.run_once().await {
-                tracing::warn!(error = %error, "scheduler: a pass failed and was rolled back; retrying");
+                tracing::warn!(error = %crate::ledger::db::describe(&error), "scheduler: a pass failed and was rolled back; retrying");
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.interval) => {}

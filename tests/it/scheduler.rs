@@ -138,7 +138,8 @@ provider = "crm"
     let mut facts = BatchFacts::default();
     facts.touched(a, true, t0() + Duration::days(60));
     facts.touched(b, true, t0());
-    facts.touched(c, false, t0());
+    // The snapshot that copied C in ran 200 days after C's purchase.
+    facts.touched(c, false, t0() + Duration::days(200));
     db.batch_execute("BEGIN").await.unwrap();
     triggers::record(&db, &triggers, facts).await.unwrap();
     db.batch_execute("COMMIT").await.unwrap();
@@ -162,17 +163,20 @@ provider = "crm"
         ("lapse_risk".to_string(), t0() + Duration::days(90)),
         "no rhythm yet: 90 days"
     );
-    assert!(
-        scheduled(&db, c)
-            .await
-            .iter()
-            .all(|(_, due)| *due > Utc::now()),
-        "the snapshot's history schedules nothing already due"
+    assert_eq!(
+        scheduled(&db, c).await,
+        [
+            (
+                "points_expiring".to_string(),
+                Utc.with_ymd_and_hms(2026, 12, 2, 10, 0, 0).unwrap()
+            ),
+            (
+                "points_expiry".to_string(),
+                Utc.with_ymd_and_hms(2027, 1, 1, 10, 0, 0).unwrap()
+            ),
+        ],
+        "the lapse was already due when the snapshot copied C in: not scheduled"
     );
-    assert!(scheduled(&db, c)
-        .await
-        .iter()
-        .all(|(kind, _)| kind != "lapse_risk"));
 
     let clock = Arc::new(ManualClock::new(t0() + Duration::days(89)));
     let scheduler = Scheduler::new(&settings, Arc::clone(&triggers), clock.clone());
@@ -262,4 +266,74 @@ provider = "crm"
     assert_eq!(rows.len(), 1, "no points left: only the lapse: {rows:?}");
     assert_eq!(rows[0].0, "lapse_risk");
     assert!(rows[0].1 > a_expires + Duration::days(1));
+}
+
+#[tokio::test]
+async fn members_from_before_triggers_reach_their_marks_silently() {
+    let ledger_db = PgDatabase::create("legacy").await;
+    let mut client = ledger_db.client().await;
+    loyalty_cdc::ledger::migrate(&mut client).await.unwrap();
+    let db = Db::new(client);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loyalty-cdc.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[ledger]\nurl = \"{}\"\n[program]\ntiers = [{{ name = \"base\", threshold = 0 }}, {{ name = \"gold\", threshold = 20 }}]\n[triggers.milestones]\npurchases = [1, 2]\n",
+            ledger_db.url()
+        ),
+    )
+    .unwrap();
+    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let triggers: Arc<Triggers> = Triggers::from_settings(&settings);
+    // Two members with the same history; one was in the ledger before
+    // triggers existed (the migration marked it `legacy`).
+    let old = member_with_orders(&db, &[0, 30]).await;
+    let new = member_with_orders(&db, &[0, 30]).await;
+    db.client()
+        .execute(
+            "UPDATE members SET tier = 'gold' WHERE member_id = ANY($1)",
+            &[&vec![old, new]],
+        )
+        .await
+        .unwrap();
+    db.client()
+        .execute(
+            "INSERT INTO trigger_marks (member_id, mark, reached_at, announced) VALUES ($1, 'legacy', $2, false)",
+            &[&old, &t0()],
+        )
+        .await
+        .unwrap();
+    let mut facts = BatchFacts::default();
+    facts.touched(old, true, t0() + Duration::days(30));
+    facts.touched(new, true, t0() + Duration::days(30));
+    let fired = triggers::record(&db, &triggers, facts).await.unwrap();
+    let mut fired: Vec<(i64, String)> = fired
+        .iter()
+        .map(|f| (f.member, f.occasion.clone()))
+        .collect();
+    fired.sort();
+    assert_eq!(
+        fired,
+        [
+            (new, format!("milestone:purchases:1:member:{new}")),
+            (new, format!("milestone:purchases:2:member:{new}")),
+            (new, format!("tier:gold:member:{new}")),
+            (new, format!("welcome:member:{new}")),
+        ],
+        "the member from before fires nothing"
+    );
+    let silent: i64 = db
+        .client()
+        .query_one(
+            "SELECT count(*) FROM trigger_marks WHERE member_id = $1 AND NOT announced",
+            &[&old],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        silent, 4,
+        "welcome, gold and both milestones, marked silently; `legacy` removed"
+    );
 }
