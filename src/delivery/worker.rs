@@ -67,10 +67,10 @@ struct Provider {
     limiter: governor::DefaultDirectRateLimiter,
     in_flight: Arc<Semaphore>,
     /// Messages of this provider one batch sends at most: what its rate
-    /// allows in 5 s and four rounds of its concurrency, whichever is
-    /// less, so a batch (one open ledger transaction) stays short even
-    /// when the provider is slow or hangs; the rest wait for the next
-    /// batch, still pending.
+    /// allows in 5 s, so a batch (one open ledger transaction) stays
+    /// short; the rest wait for the next batch, still pending. (A slow or
+    /// hanging provider is bounded by the batch's deadline: no request
+    /// starts after twice the timeout.)
     batch_budget: usize,
 }
 
@@ -133,9 +133,7 @@ impl Worker {
                     signing_key,
                     limiter: governor::RateLimiter::direct(governor::Quota::per_second(rate)),
                     in_flight: Arc::new(Semaphore::new(provider.concurrency.max(1) as usize)),
-                    batch_budget: (provider.rate_per_second as usize * 5)
-                        .min(provider.concurrency as usize * 4)
-                        .max(1),
+                    batch_budget: (provider.rate_per_second as usize).saturating_mul(5).max(1),
                 },
             );
         }
