@@ -292,13 +292,14 @@ impl Worker {
         let mut survivors: Vec<i64> = contacts.values().map(|c| c.member_id).collect();
         survivors.sort_unstable();
         survivors.dedup();
-        let mut recent =
+        let recent =
             outbox::recent_sends(db, &survivors, now - policy::lookback(&self.settings)).await?;
         let disabled = outbox::disabled_providers(db).await?;
 
         let mut finished = Vec::with_capacity(batch.len());
         let mut sends = Vec::new();
         let mut per_provider: HashMap<&str, usize> = HashMap::new();
+        let mut tentative: HashMap<i64, Vec<outbox::Sent>> = HashMap::new();
         for message in batch {
             // Over the provider's budget for one batch: left untouched,
             // pending and due again once this batch commits.
@@ -355,7 +356,9 @@ impl Worker {
                 continue;
             };
             let channel = message.channel.unwrap_or(provider.template.channel);
-            let sent = recent.entry(contact.member_id).or_default();
+            let sent = recent
+                .get(&contact.member_id)
+                .map_or(&[][..], Vec::as_slice);
             match policy::judge(
                 &self.settings,
                 channel,
@@ -377,11 +380,32 @@ impl Worker {
                     continue;
                 }
             }
+            // Sends of this batch not yet answered count too; a message
+            // they would cap or cool down waits for the next batch (still
+            // pending), when their outcome is known: a send that then
+            // fails does not suppress it for good.
+            let in_batch = tentative.entry(contact.member_id).or_default();
+            if !in_batch.is_empty() {
+                let mut with_batch: Vec<outbox::Sent> = sent.to_vec();
+                with_batch.extend(in_batch.iter().cloned());
+                if matches!(
+                    policy::judge(
+                        &self.settings,
+                        channel,
+                        &provider.template.requires,
+                        (&message.trigger, &message.route),
+                        contact,
+                        &with_batch,
+                        now,
+                    ),
+                    Decision::Suppress(_)
+                ) {
+                    continue;
+                }
+            }
             match render(provider, route, &message, contact) {
                 Ok(request) => {
-                    // Later messages of this batch count this one against
-                    // caps and cooldowns.
-                    sent.push((
+                    in_batch.push((
                         channel.as_str().to_string(),
                         message.trigger.clone(),
                         message.route.clone(),

@@ -789,6 +789,39 @@ async fn policy_holds_sms_at_night_and_suppresses_without_consent_or_over_the_ca
         ["held", "sent", "suppressed", "sent", "suppressed"]
     );
 
+    // Two e-mails for one member in one batch, cap 1: the first is sent
+    // and fails (500); the second waits for the next batch instead of
+    // being suppressed by a send that did not happen, and then goes.
+    let pair = member(&fx.db, "Europe/Berlin", true).await;
+    let p1 = enqueue(&fx, pair, "milestone_mail", "p1").await;
+    let p2 = enqueue(&fx, pair, "milestone_mail", "p2").await;
+    receiver.script([Reply::status(500)]);
+    worker.run_once().await.unwrap();
+    let states = [state(&fx.db, p1).await, state(&fx.db, p2).await];
+    assert_eq!(
+        states
+            .iter()
+            .filter(|s| s.0 == "pending" && s.1 == 1)
+            .count(),
+        1,
+        "one tried and failed: {states:?}"
+    );
+    assert_eq!(
+        states
+            .iter()
+            .filter(|s| s.0 == "pending" && s.1 == 0 && s.2.is_none())
+            .count(),
+        1,
+        "the other untouched, not suppressed: {states:?}"
+    );
+    worker.run_once().await.unwrap();
+    let states = [state(&fx.db, p1).await, state(&fx.db, p2).await];
+    assert_eq!(
+        states.iter().filter(|s| s.0 == "sent").count(),
+        1,
+        "sent in the next batch: {states:?}"
+    );
+
     // The same occasion again adds nothing (dedupe).
     enqueue(&fx, capped, "milestone_mail", "m1").await;
     let copies: i64 = fx
