@@ -261,13 +261,16 @@ pub async fn apply_order(
             OrderStage::Cancelled | OrderStage::Refunded => false,
         };
         // An offer the member holds is redeemed by this purchase.
+        let mut earned = points;
         if booked {
             if let Some(terms) = super::offers::take_for_purchase(client, member, at).await? {
-                add_offer_bonus(client, program, source, &order.order_ref, member, &terms).await?;
+                earned +=
+                    add_offer_bonus(client, program, source, &order.order_ref, member, &terms)
+                        .await?;
             }
         }
         return Ok(if booked {
-            Booked::Earned(points)
+            Booked::Earned(earned)
         } else {
             Booked::Nothing
         });
