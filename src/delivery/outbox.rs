@@ -153,6 +153,37 @@ pub struct Finished {
     pub attempt: Attempt,
 }
 
+impl Finished {
+    pub fn of(
+        message: &Claimed,
+        provider: &str,
+        at: DateTime<Utc>,
+        outcome: Outcome,
+        attempt: Attempt,
+    ) -> Self {
+        Self {
+            message_id: message.message_id,
+            attempts_before: message.attempts,
+            provider: provider.to_string(),
+            at,
+            outcome,
+            attempt,
+        }
+    }
+}
+
+impl Attempt {
+    /// A policy decision or a refusal before any request: no attempt.
+    pub fn decision(detail: String) -> Self {
+        Self {
+            requested: false,
+            status_code: None,
+            latency_ms: None,
+            detail: Some(detail),
+        }
+    }
+}
+
 /// Response bodies are kept up to this many bytes.
 const DEAD_LETTER_BODY_BYTES: usize = 8 * 1024;
 

@@ -178,6 +178,18 @@ fn quiet_until(
 mod tests {
     use super::*;
 
+    /// `judge` for a template that requires nothing, through route `r`.
+    fn judged(
+        settings: &DeliverySettings,
+        channel: Channel,
+        trigger: &str,
+        contact: &Contact,
+        recent: &[crate::delivery::outbox::Sent],
+        now: DateTime<Utc>,
+    ) -> Decision {
+        judge(settings, channel, &[], (trigger, "r"), contact, recent, now)
+    }
+
     fn contact() -> Contact {
         Contact {
             member_id: 1,
@@ -200,11 +212,10 @@ mod tests {
     fn sms_at_23_member_time_is_held_until_8() {
         let settings = DeliverySettings::default();
         // 23:00 in Berlin (CET, UTC+1) on 2026-11-25.
-        let decision = judge(
+        let decision = judged(
             &settings,
             Channel::Sms,
-            &[],
-            ("tier_upgrade", "r"),
+            "tier_upgrade",
             &contact(),
             &[],
             at("2026-11-25T22:00:00Z"),
@@ -214,11 +225,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // 06:30 the next morning: held until 08:00 that day.
-        let decision = judge(
+        let decision = judged(
             &settings,
             Channel::Sms,
-            &[],
-            ("tier_upgrade", "r"),
+            "tier_upgrade",
             &contact(),
             &[],
             at("2026-11-26T05:30:00Z"),
@@ -228,11 +238,10 @@ mod tests {
         );
         // 08:00 sharp: sent. E-mail is not held at night.
         assert_eq!(
-            judge(
+            judged(
                 &settings,
                 Channel::Sms,
-                &[],
-                ("tier_upgrade", "r"),
+                "tier_upgrade",
                 &contact(),
                 &[],
                 at("2026-11-26T07:00:00Z")
@@ -240,11 +249,10 @@ mod tests {
             Decision::Send
         );
         assert_eq!(
-            judge(
+            judged(
                 &settings,
                 Channel::Email,
-                &[],
-                ("tier_upgrade", "r"),
+                "tier_upgrade",
                 &contact(),
                 &[],
                 at("2026-11-25T22:00:00Z")
@@ -260,15 +268,7 @@ mod tests {
         let mut no_email = contact();
         no_email.email_opt_in = None;
         assert_eq!(
-            judge(
-                &settings,
-                Channel::Email,
-                &[],
-                ("welcome", "r"),
-                &no_email,
-                &[],
-                now
-            ),
+            judged(&settings, Channel::Email, "welcome", &no_email, &[], now),
             Decision::Suppress("no email consent".into())
         );
         let mut no_phone = contact();
@@ -286,15 +286,7 @@ mod tests {
             Decision::Suppress("no phone for this member".into())
         );
         assert_eq!(
-            judge(
-                &settings,
-                Channel::Push,
-                &[],
-                ("welcome", "r"),
-                &contact(),
-                &[],
-                now
-            ),
+            judged(&settings, Channel::Push, "welcome", &contact(), &[], now),
             Decision::Suppress("no push token".into())
         );
         let sent = |c: &str, t: &str, hours_ago: i64| {
@@ -311,11 +303,10 @@ mod tests {
             sent("email", "redemption", 30),
         ];
         assert_eq!(
-            judge(
+            judged(
                 &settings,
                 Channel::Email,
-                &[],
-                ("tier_upgrade", "r"),
+                "tier_upgrade",
                 &contact(),
                 &recent[..2],
                 now
@@ -328,11 +319,10 @@ mod tests {
             sent("email", "redemption", 3),
         ];
         assert_eq!(
-            judge(
+            judged(
                 &settings,
                 Channel::Email,
-                &[],
-                ("tier_upgrade", "r"),
+                "tier_upgrade",
                 &contact(),
                 &recent3,
                 now
@@ -341,7 +331,7 @@ mod tests {
         );
         let lapse = [sent("push", "lapse_risk", 100)];
         assert!(matches!(
-            judge(&settings, Channel::Email, &[], ("lapse_risk", "r"), &contact(), &lapse, now),
+            judged(&settings, Channel::Email, "lapse_risk", &contact(), &lapse, now),
             Decision::Suppress(reason) if reason.starts_with("cooldown")
         ));
         // The same occasion through another route is not held back.

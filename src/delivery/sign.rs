@@ -40,6 +40,9 @@ impl SigningKey {
 
     /// The `webhook-signature` header value.
     pub fn sign(&self, message_id: &str, timestamp: i64, body: &[u8]) -> String {
+        // Cannot fail: HMAC takes keys of any length (longer ones are
+        // hashed, shorter ones padded); `InvalidLength` exists for MACs
+        // with fixed key sizes only.
         let mut mac =
             Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC-SHA256 takes keys of any length");
         mac.update(message_id.as_bytes());

@@ -310,18 +310,14 @@ impl Worker {
                 }
                 *count += 1;
             }
-            let decided = |outcome: Outcome, detail: String| outbox::Finished {
-                message_id: message.message_id,
-                attempts_before: message.attempts,
-                provider: message.provider.clone(),
-                at: now,
-                outcome,
-                attempt: Attempt {
-                    requested: false,
-                    status_code: None,
-                    latency_ms: None,
-                    detail: Some(detail),
-                },
+            let decided = |outcome: Outcome, detail: String| {
+                outbox::Finished::of(
+                    &message,
+                    &message.provider,
+                    now,
+                    outcome,
+                    Attempt::decision(detail),
+                )
             };
             let dead = |reason: String| {
                 decided(
@@ -542,39 +538,32 @@ impl Worker {
                         provider.name,
                         error.without_url()
                     );
-                    let attempt = Attempt {
-                        requested: false,
-                        status_code: None,
-                        latency_ms: None,
-                        detail: Some(reason.clone()),
-                    };
-                    self.counts.dead.fetch_add(1, Ordering::Relaxed);
-                    return Some(outbox::Finished {
-                        message_id: message.message_id,
-                        attempts_before: message.attempts,
-                        provider: provider.name.clone(),
-                        at: self.clock.now(),
-                        outcome: Outcome::Dead { reason, body: None },
-                        attempt,
-                    });
-                }
-                let what = if error.is_timeout() {
-                    format!("no answer within {} s", self.settings.timeout_seconds)
-                } else if error.is_connect() {
-                    "connection failed".to_string()
+                    (
+                        Outcome::Dead {
+                            reason: reason.clone(),
+                            body: None,
+                        },
+                        Attempt::decision(reason),
+                    )
                 } else {
-                    format!("request failed: {}", error.without_url())
-                };
-                let attempt = Attempt {
-                    requested: true,
-                    status_code: None,
-                    latency_ms: Some(latency),
-                    detail: Some(what.clone()),
-                };
-                (
-                    self.retry(attempt_number, sent_at, None, &provider.name, what, None),
-                    attempt,
-                )
+                    let what = if error.is_timeout() {
+                        format!("no answer within {} s", self.settings.timeout_seconds)
+                    } else if error.is_connect() {
+                        "connection failed".to_string()
+                    } else {
+                        format!("request failed: {}", error.without_url())
+                    };
+                    let attempt = Attempt {
+                        requested: true,
+                        status_code: None,
+                        latency_ms: Some(latency),
+                        detail: Some(what.clone()),
+                    };
+                    (
+                        self.retry(attempt_number, sent_at, None, &provider.name, what, None),
+                        attempt,
+                    )
+                }
             }
         };
         match &outcome {
@@ -583,14 +572,13 @@ impl Worker {
             _ => self.counts.dead.fetch_add(1, Ordering::Relaxed),
         };
         tracing::debug!(message_id = %message.message_id, provider = %provider.name, attempt = attempt_number, status = ?attempt.status_code, "delivery attempt");
-        Some(outbox::Finished {
-            message_id: message.message_id,
-            attempts_before: message.attempts,
-            provider: provider.name.clone(),
-            at: self.clock.now(),
+        Some(outbox::Finished::of(
+            &message,
+            &provider.name,
+            self.clock.now(),
             outcome,
             attempt,
-        })
+        ))
     }
 
     /// The next try after failed attempt `attempt`, or the dead letters
@@ -659,15 +647,19 @@ fn retry_after(headers: &reqwest::header::HeaderMap, now: DateTime<Utc>) -> Opti
 /// Masks e-mail addresses and phone numbers in a response excerpt: the
 /// attempt log is read by operators, and providers echo recipients.
 pub fn scrub(text: &str) -> String {
-    static PATTERNS: std::sync::OnceLock<(regex::Regex, regex::Regex)> = std::sync::OnceLock::new();
-    let (email, phone) = PATTERNS.get_or_init(|| {
-        (
-            regex::Regex::new(r"[^\s@\x22',;:<>()\[\]{}]+@[^\s@\x22',;:<>()\[\]{}]+")
-                .unwrap_or_else(|_| regex::Regex::new("$^").unwrap()),
-            regex::Regex::new(r"\+?\d[\d\s().-]{6,}\d")
-                .unwrap_or_else(|_| regex::Regex::new("$^").unwrap()),
-        )
+    type Patterns = Option<(regex::Regex, regex::Regex)>;
+    static PATTERNS: std::sync::OnceLock<Patterns> = std::sync::OnceLock::new();
+    let patterns = PATTERNS.get_or_init(|| {
+        Some((
+            regex::Regex::new(r"[^\s@\x22',;:<>()\[\]{}]+@[^\s@\x22',;:<>()\[\]{}]+").ok()?,
+            regex::Regex::new(r"\+?\d[\d\s().-]{6,}\d").ok()?,
+        ))
     });
+    // Constant patterns (a unit test compiles them); were they ever to
+    // fail, nothing of the response is kept rather than something unmasked.
+    let Some((email, phone)) = patterns else {
+        return "(response not kept)".to_string();
+    };
     let masked = email.replace_all(text, "***@***");
     phone.replace_all(&masked, "***").into_owned()
 }

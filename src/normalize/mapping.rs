@@ -583,63 +583,67 @@ impl Mapping {
                 ));
             }
         }
-        let expressions = |needs: &mut Vec<(String, String, String)>,
-                           table: &str,
-                           key: &str,
-                           exprs: &[(&str, Option<&Expr>)]| {
-            for (name, expr) in exprs {
+        // What every document kind reads: its key, the columns of its
+        // amounts, and the columns its expressions and joins read.
+        let document = |needs: &mut Vec<(String, String, String)>,
+                        table: &str,
+                        key_column: &str,
+                        key: &str,
+                        amounts: &[(&str, &Amount)],
+                        exprs: &[(&str, Option<&Expr>)],
+                        joins: &[Join]| {
+            needs.push((
+                table.to_string(),
+                key_column.to_string(),
+                format!("{key}.key"),
+            ));
+            for (name, amount) in amounts {
+                for column in amount.columns() {
+                    needs.push((
+                        table.to_string(),
+                        column.to_string(),
+                        format!("{key}.{name}"),
+                    ));
+                }
+            }
+            let joined = joins
+                .iter()
+                .map(|j| (format!("joins.{}", j.name), Some(&j.key)));
+            let named = exprs.iter().map(|(n, e)| (n.to_string(), *e));
+            for (name, expr) in named.chain(joined) {
                 for column in expr.map(|e| e.columns_of("row")).unwrap_or_default() {
                     needs.push((table.to_string(), column, format!("{key}.{name}")));
                 }
             }
         };
         let lines = |needs: &mut Vec<(String, String, String)>, key: &str, lines: &Lines| {
+            let key = format!("{key}.lines");
             needs.push((
                 lines.table.clone(),
                 lines.parent.clone(),
-                format!("{key}.lines.parent"),
+                format!("{key}.parent"),
             ));
             needs.push((
                 lines.table.clone(),
                 lines.quantity.clone(),
-                format!("{key}.lines.quantity"),
+                format!("{key}.quantity"),
             ));
             for column in lines.amount.columns() {
                 needs.push((
                     lines.table.clone(),
                     column.to_string(),
-                    format!("{key}.lines.amount"),
+                    format!("{key}.amount"),
                 ));
             }
             for (name, expr) in [("when", lines.when.as_ref()), ("sku", Some(&lines.sku))] {
                 for column in expr.map(|e| e.columns_of("row")).unwrap_or_default() {
-                    needs.push((lines.table.clone(), column, format!("{key}.lines.{name}")));
+                    needs.push((lines.table.clone(), column, format!("{key}.{name}")));
                 }
             }
         };
         for (i, order) in self.orders.iter().enumerate() {
             let key = format!("orders[{i}]");
-            needs.push((order.table.clone(), order.key.clone(), format!("{key}.key")));
-            for column in order.earn_basis.columns() {
-                needs.push((
-                    order.table.clone(),
-                    column.to_string(),
-                    format!("{key}.earn_basis"),
-                ));
-            }
-            for column in order.grand_total.columns() {
-                needs.push((
-                    order.table.clone(),
-                    column.to_string(),
-                    format!("{key}.grand_total"),
-                ));
-            }
-            let joins: Vec<(String, &Expr)> = order
-                .joins
-                .iter()
-                .map(|j| (format!("joins.{}", j.name), &j.key))
-                .collect();
-            let mut exprs: Vec<(&str, Option<&Expr>)> = vec![
+            let exprs = [
                 ("when", order.when.as_ref()),
                 ("status", Some(&order.status)),
                 ("currency", order.currency.as_ref()),
@@ -649,24 +653,24 @@ impl Mapping {
                 ("phone", order.phone.as_ref()),
                 ("card", order.card.as_ref()),
             ];
-            exprs.extend(joins.iter().map(|(n, e)| (n.as_str(), Some(*e))));
-            expressions(&mut needs, &order.table, &key, &exprs);
+            let amounts = [
+                ("earn_basis", &order.earn_basis),
+                ("grand_total", &order.grand_total),
+            ];
+            document(
+                &mut needs,
+                &order.table,
+                &order.key,
+                &key,
+                &amounts,
+                &exprs,
+                &order.joins,
+            );
             if let Some(l) = &order.lines {
                 lines(&mut needs, &key, l);
             }
         }
         for (i, customer) in self.customers.iter().enumerate() {
-            let key = format!("customers[{i}]");
-            needs.push((
-                customer.table.clone(),
-                customer.key.clone(),
-                format!("{key}.key"),
-            ));
-            let joins: Vec<(String, &Expr)> = customer
-                .joins
-                .iter()
-                .map(|j| (format!("joins.{}", j.name), &j.key))
-                .collect();
             let mut exprs: Vec<(&str, Option<&Expr>)> = customer.identifiers.named().to_vec();
             exprs.extend([
                 ("when", customer.when.as_ref()),
@@ -678,58 +682,48 @@ impl Mapping {
                 ("push_token", customer.push_token.as_ref()),
                 ("line_user_id", customer.line_user_id.as_ref()),
             ]);
-            exprs.extend(joins.iter().map(|(n, e)| (n.as_str(), Some(*e))));
-            expressions(&mut needs, &customer.table, &key, &exprs);
+            let key = format!("customers[{i}]");
+            document(
+                &mut needs,
+                &customer.table,
+                &customer.key,
+                &key,
+                &[],
+                &exprs,
+                &customer.joins,
+            );
         }
         for (i, redemption) in self.redemptions.iter().enumerate() {
-            let key = format!("redemptions[{i}]");
-            needs.push((
-                redemption.table.clone(),
-                redemption.key.clone(),
-                format!("{key}.key"),
-            ));
-            for column in redemption.points.columns() {
-                needs.push((
-                    redemption.table.clone(),
-                    column.to_string(),
-                    format!("{key}.points"),
-                ));
-            }
-            let joins: Vec<(String, &Expr)> = redemption
-                .joins
-                .iter()
-                .map(|j| (format!("joins.{}", j.name), &j.key))
-                .collect();
             let mut exprs: Vec<(&str, Option<&Expr>)> = redemption.identifiers.named().to_vec();
             exprs.push(("when", redemption.when.as_ref()));
-            exprs.extend(joins.iter().map(|(n, e)| (n.as_str(), Some(*e))));
-            expressions(&mut needs, &redemption.table, &key, &exprs);
+            let key = format!("redemptions[{i}]");
+            let amounts = [("points", &redemption.points)];
+            document(
+                &mut needs,
+                &redemption.table,
+                &redemption.key,
+                &key,
+                &amounts,
+                &exprs,
+                &redemption.joins,
+            );
         }
         for (i, refund) in self.refunds.iter().enumerate() {
             let key = format!("refunds[{i}]");
-            needs.push((
-                refund.table.clone(),
-                refund.key.clone(),
-                format!("{key}.key"),
-            ));
-            for column in refund.amount.columns() {
-                needs.push((
-                    refund.table.clone(),
-                    column.to_string(),
-                    format!("{key}.amount"),
-                ));
-            }
-            let joins: Vec<(String, &Expr)> = refund
-                .joins
-                .iter()
-                .map(|j| (format!("joins.{}", j.name), &j.key))
-                .collect();
-            let mut exprs: Vec<(&str, Option<&Expr>)> = vec![
+            let exprs = [
                 ("when", refund.when.as_ref()),
                 ("order", Some(&refund.order)),
             ];
-            exprs.extend(joins.iter().map(|(n, e)| (n.as_str(), Some(*e))));
-            expressions(&mut needs, &refund.table, &key, &exprs);
+            let amounts = [("amount", &refund.amount)];
+            document(
+                &mut needs,
+                &refund.table,
+                &refund.key,
+                &key,
+                &amounts,
+                &exprs,
+                &refund.joins,
+            );
             if let Some(l) = &refund.lines {
                 lines(&mut needs, &key, l);
             }

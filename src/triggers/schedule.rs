@@ -43,7 +43,9 @@ pub async fn maintain(
     triggers: &Triggers,
     members: &HashMap<i64, super::Touch>,
 ) -> Result<(), tokio_postgres::Error> {
-    if members.is_empty() {
+    // Nothing to schedule (no lapse route, no expiry): no work per batch.
+    let lapse = triggers.routed(TriggerKind::LapseRisk);
+    if members.is_empty() || (!lapse && triggers.expiry.is_none()) {
         return Ok(());
     }
     let ids: Vec<i64> = members.keys().copied().collect();
@@ -102,7 +104,8 @@ pub async fn maintain(
                 }
             };
 
-        plan(
+        if lapse {
+            plan(
             "lapse_risk",
             last_purchase.map(|last| {
                 let usual = median_gap
@@ -125,6 +128,7 @@ pub async fn maintain(
                 )
             }),
         );
+        }
         let expiry = triggers.expiry.as_ref().filter(|_| available > 0);
         let expires = expiry.zip(last_activity).and_then(|(rule, last)| {
             last.checked_add_months(Months::new(rule.inactivity_months))
@@ -161,11 +165,20 @@ pub async fn maintain(
         )
         .await?;
     }
-    if !gone_members.is_empty() {
+    remove(db, &gone_members, &gone_kinds).await
+}
+
+/// Deletes the rows of `(members[i], kinds[i])`.
+async fn remove<K: AsRef<str> + Sync + tokio_postgres::types::ToSql>(
+    db: &Db,
+    members: &[i64],
+    kinds: &[K],
+) -> Result<(), tokio_postgres::Error> {
+    if !members.is_empty() {
         db.execute(
             "DELETE FROM scheduled_triggers
               WHERE (member_id, kind) IN (SELECT * FROM unnest($1::bigint[], $2::text[]))",
-            &[&gone_members, &gone_kinds],
+            &[&members, &kinds],
         )
         .await?;
     }
@@ -305,14 +318,7 @@ impl Scheduler {
             self.triggers.offer(db, &mut fired, &tiers).await?;
         }
         outbox::enqueue(db, &messages(&self.triggers, &fired)).await?;
-        if !members.is_empty() {
-            db.execute(
-                "DELETE FROM scheduled_triggers
-                  WHERE (member_id, kind) IN (SELECT * FROM unnest($1::bigint[], $2::text[]))",
-                &[&members, &kinds],
-            )
-            .await?;
-        }
+        remove(db, &members, &kinds).await?;
         pass.fired += fired.len();
         Ok(rows.len())
     }

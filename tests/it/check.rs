@@ -384,13 +384,7 @@ async fn check_reports_an_unreachable_provider_host_and_passes_a_reachable_one()
     };
     let providers = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("connectors/providers");
     let text = format!(
-        r#"
-[[providers]]
-name = "crm"
-template = "{dir}/webhook.toml"
-base_url = "{url}/hook"
-secrets.signing_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-
+        r#"{crm}
 [[providers]]
 name = "sms"
 template = "{dir}/twilio.toml"
@@ -400,7 +394,7 @@ secrets.auth_token = "t"
 settings.from = "+15005550006"
 "#,
         dir = providers.display(),
-        url = receiver.url
+        crm = crate::support::webhook_provider("crm", &format!("{}/hook", receiver.url)),
     );
     let run = run_cli(&config(&ledger.url(), &text), &["check"], &[]).await;
     assert_eq!(run.code, 1, "{}", run.output());

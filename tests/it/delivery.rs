@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::support::receiver::{Receiver, Reply};
 use crate::support::{run_cli, PgDatabase};
 
-const SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+use crate::support::WEBHOOK_SECRET as SIGNING_SECRET;
 
 fn providers_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("connectors/providers")

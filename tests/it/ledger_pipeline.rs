@@ -799,7 +799,7 @@ async fn a_magento_order_that_crosses_a_tier_arrives_as_a_signed_webhook() {
         &[("MUG", None, "150.0000")],
     )
     .await;
-    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let secret = crate::support::WEBHOOK_SECRET;
     let server_id = 3_600_000_000u64 + u64::from(std::process::id() % 100_000);
     let sources = format!(
         r#"
@@ -812,13 +812,7 @@ server_id = {server_id}
 
 [triggers.milestones]
 purchases = [1, 2]
-
-[[providers]]
-name = "crm"
-template = "{providers}/webhook.toml"
-base_url = "{receiver}/loyalty-events"
-secrets.signing_secret = "{secret}"
-
+{provider}
 [[triggers.routes]]
 trigger = "tier_upgrade"
 provider = "crm"
@@ -833,8 +827,8 @@ provider = "crm"
 "#,
         shop = shop_db.url(),
         connectors = connectors().display(),
-        providers = connectors().join("../providers").display(),
-        receiver = receiver.url,
+        provider =
+            crate::support::webhook_provider("crm", &format!("{}/loyalty-events", receiver.url)),
     );
     let (_path, settings) = write_config(&ledger_db, &sources);
     let (shutdown, handle) = start(settings).await;
@@ -975,21 +969,14 @@ title = "Gone"
 multiplier = "5"
 available_until = "2020-01-01"
 priority = 99
-
-[[providers]]
-name = "crm"
-template = "{providers}/webhook.toml"
-base_url = "{receiver}/events"
-secrets.signing_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-
+{provider}
 [[triggers.routes]]
 trigger = "tier_upgrade"
 provider = "crm"
 "#,
         shop = shop_db.url(),
         connectors = connectors().display(),
-        providers = connectors().join("../providers").display(),
-        receiver = receiver.url,
+        provider = crate::support::webhook_provider("crm", &format!("{}/events", receiver.url)),
     );
     let (_path, settings) = write_config(&ledger_db, &sources);
     let (shutdown, handle) = start(settings).await;

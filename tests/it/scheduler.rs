@@ -97,7 +97,6 @@ async fn lapse_and_expiry_fire_once_each_on_their_day() {
     let db = Db::new(client);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("loyalty-cdc.toml");
-    let providers = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("connectors/providers");
     std::fs::write(
         &path,
         format!(
@@ -107,13 +106,7 @@ url = "{url}"
 [program.expiry]
 inactivity_months = 12
 warn_days = 30
-
-[[providers]]
-name = "crm"
-template = "{providers}/webhook.toml"
-base_url = "http://127.0.0.1:9/hook"
-secrets.signing_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-
+{crm}
 [[triggers.routes]]
 trigger = "lapse_risk"
 provider = "crm"
@@ -123,7 +116,7 @@ trigger = "points_expiring"
 provider = "crm"
 "#,
             url = ledger_db.url(),
-            providers = providers.display()
+            crm = crate::support::webhook_provider("crm", "http://127.0.0.1:9/hook")
         ),
     )
     .unwrap();

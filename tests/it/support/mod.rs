@@ -512,3 +512,18 @@ pub async fn run_cli(config: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
+
+/// The Standard Webhooks secret of the tests' webhook providers (the
+/// specification's example).
+pub const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// A `[[providers]]` entry for the shipped generic webhook template,
+/// posting to `url`.
+pub fn webhook_provider(name: &str, url: &str) -> String {
+    let template =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("connectors/providers/webhook.toml");
+    format!(
+        "\n[[providers]]\nname = \"{name}\"\ntemplate = \"{}\"\nbase_url = \"{url}\"\nsecrets.signing_secret = \"{WEBHOOK_SECRET}\"\n",
+        template.display()
+    )
+}
