@@ -217,6 +217,55 @@ pub struct ProgramSettings {
     /// `[program.expiry]`: when points expire. Absent: never.
     #[serde(default)]
     pub expiry: Option<ExpirySettings>,
+    /// `[program.tier_period]`: tiers qualify on the points earned in a
+    /// calendar period and are reviewed at its end. Absent: tiers follow
+    /// lifetime points and never go down.
+    #[serde(default)]
+    pub tier_period: Option<TierPeriodSettings>,
+}
+
+/// `[program.tier_period]`: the qualification period of tiers. Periods are
+/// calendar periods in UTC of `months` months, the first of each year
+/// starting on the 1st of `first_month` (12 and 1: the calendar year; 12 and
+/// 4: a fiscal year from April; 3 and 1: quarters).
+///
+/// A tier is reached at once when the points earned in the current period
+/// cross its threshold. At `grace_days` after a period's end, a member whose
+/// points earned in that period (orders placed in it, so late completions
+/// and refunds within the grace period count) no longer reach their tier
+/// goes down one tier (`tier_downgrade`); `warning_days` before the end, a
+/// member not yet on track is warned (`tier_downgrade_warning`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierPeriodSettings {
+    /// Length of a period in months: 1, 2, 3, 4, 6 or 12 (default 12).
+    #[serde(default = "default_tier_period_months")]
+    pub months: u32,
+    /// Month (1–12) a period of the year starts in (default 1).
+    #[serde(default = "default_tier_first_month")]
+    pub first_month: u32,
+    /// Days after a period's end before its review (default 30).
+    #[serde(default = "default_tier_grace_days")]
+    pub grace_days: i64,
+    /// Days before a period's end the warning fires (default 30).
+    #[serde(default = "default_tier_warning_days")]
+    pub warning_days: i64,
+}
+
+fn default_tier_period_months() -> u32 {
+    12
+}
+
+fn default_tier_first_month() -> u32 {
+    1
+}
+
+fn default_tier_grace_days() -> i64 {
+    30
+}
+
+fn default_tier_warning_days() -> i64 {
+    30
 }
 
 /// `[program.expiry]`
@@ -241,6 +290,7 @@ impl Default for ProgramSettings {
             points_per_currency_unit: DEFAULT_POINTS_PER_CURRENCY_UNIT,
             tiers: Vec::new(),
             expiry: None,
+            tier_period: None,
         }
     }
 }
@@ -461,6 +511,7 @@ pub enum TriggerKind {
     PointsEarned,
     TierUpgrade,
     TierDowngrade,
+    TierDowngradeWarning,
     Milestone,
     Redemption,
     LapseRisk,
@@ -477,6 +528,7 @@ impl TriggerKind {
             Self::PointsEarned => "points_earned",
             Self::TierUpgrade => "tier_upgrade",
             Self::TierDowngrade => "tier_downgrade",
+            Self::TierDowngradeWarning => "tier_downgrade_warning",
             Self::Milestone => "milestone",
             Self::Redemption => "redemption",
             Self::LapseRisk => "lapse_risk",
@@ -997,6 +1049,16 @@ impl Settings {
                     }
                 }
             }
+            if matches!(
+                route.trigger,
+                TriggerKind::TierDowngrade | TriggerKind::TierDowngradeWarning
+            ) && self.program.tier_period.is_none()
+            {
+                problem(
+                    format!("triggers.routes[{index}].trigger"),
+                    format!("`{}` never fires without a tier qualification period: tiers follow lifetime points and never go down; add [program.tier_period] or remove the route", route.trigger.as_str()),
+                );
+            }
             if !route_names.insert(route.route_name()) {
                 problem(
                     format!("triggers.routes[{index}].name"),
@@ -1040,6 +1102,37 @@ impl Settings {
                     "program.expiry".into(),
                     "inactivity_months must be 1 or more and warn_days 0 or more; leave [program.expiry] out for points that never expire".into(),
                 );
+            }
+        }
+        if let Some(period) = &self.program.tier_period {
+            let key = |field: &str| format!("program.tier_period.{field}");
+            if self.program.tiers.len() < 2 {
+                problem(
+                    "program.tier_period".into(),
+                    "a qualification period needs tiers to review: add [[program.tiers]] above the entry tier, or remove [program.tier_period]".into(),
+                );
+            }
+            if ![1, 2, 3, 4, 6, 12].contains(&period.months) {
+                problem(key("months"), format!("{} does not divide the year; use 1, 2, 3, 4, 6 or 12 (default 12: the calendar year)", period.months));
+            }
+            if !(1..=12).contains(&period.first_month) {
+                problem(
+                    key("first_month"),
+                    format!(
+                        "{} is not a month; use 1 (January) to 12 (default 1)",
+                        period.first_month
+                    ),
+                );
+            }
+            // A period has at least 28 days a month: the review of one
+            // period comes before the next period's warning.
+            let shortest_days = 28 * i64::from(period.months);
+            if !(0..shortest_days).contains(&period.grace_days) {
+                problem(key("grace_days"), format!("{} is outside 0..{shortest_days}: the review must come before the next period ends (default 30)", period.grace_days));
+            }
+            let latest_warning = shortest_days - period.grace_days.max(0);
+            if !(1..latest_warning).contains(&period.warning_days) {
+                problem(key("warning_days"), format!("{} is outside 1..{latest_warning}: the warning comes after the previous period's review (grace_days {} after its end) and within the period it is about (default 30)", period.warning_days, period.grace_days));
             }
         }
         let mut offer_codes = HashSet::new();

@@ -296,12 +296,21 @@ async fn merge(
         .await?;
     client
         .execute(
-            "INSERT INTO balances (member_id, available, pending, lifetime, updated_at)
-             SELECT $2, available, pending, lifetime, $3 FROM balances WHERE member_id = $1
+            "INSERT INTO balances (member_id, available, pending, lifetime, qualifying, qualifying_since, updated_at)
+             SELECT $2, available, pending, lifetime, qualifying, qualifying_since, $3
+               FROM balances WHERE member_id = $1
              ON CONFLICT (member_id) DO UPDATE SET
                available = balances.available + EXCLUDED.available,
                pending = balances.pending + EXCLUDED.pending,
                lifetime = balances.lifetime + EXCLUDED.lifetime,
+               -- Counts of the same tier period add up; otherwise the
+               -- later period's count is the current one.
+               qualifying = CASE
+                   WHEN balances.qualifying_since = EXCLUDED.qualifying_since
+                       THEN balances.qualifying + EXCLUDED.qualifying
+                   WHEN balances.qualifying_since > EXCLUDED.qualifying_since THEN balances.qualifying
+                   ELSE EXCLUDED.qualifying END,
+               qualifying_since = greatest(balances.qualifying_since, EXCLUDED.qualifying_since),
                updated_at = EXCLUDED.updated_at",
             &[&from, &into, &at],
         )

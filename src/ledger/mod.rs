@@ -7,7 +7,8 @@
 //!   the position, in one transaction per batch.
 //! - `members.rs`: members, identifiers, merges (`members`,
 //!   `member_identifiers`, `member_merges`, `shared_identifiers`).
-//! - `orders.rs`: orders, refunds, entries, balances, tiers.
+//! - `orders.rs`: orders, refunds, entries, balances, tier upgrades.
+//! - `tiers.rs`: tier qualification periods and their review (downgrades).
 //!
 //! Only this module writes ledger tables; other modules pass it types.
 
@@ -18,6 +19,7 @@ pub mod offers;
 pub mod orders;
 pub mod positions;
 mod schema;
+pub mod tiers;
 
 pub use schema::{migrate, schema_status, MigrateError, MigrationApplied, SchemaStatus};
 

@@ -54,12 +54,77 @@ fn bucket(kind: &str) -> Bucket {
     }
 }
 
+/// The `SET` items that keep `balances.qualifying` (points earned in the
+/// current tier period, `qualifying_since` its start) next to `lifetime`,
+/// for a lifetime change `$lifetime` booked in the period starting
+/// `$period` (NULL: tiers follow lifetime points, so qualifying is the
+/// lifetime). A change in a later period starts the count afresh; one in
+/// an earlier period (a late refund) leaves the current count alone: the
+/// review of that period counts it from the entries.
+fn qualifying_set(lifetime: &str, period: &str) -> String {
+    format!(
+        "qualifying = CASE WHEN {lifetime} = 0 THEN qualifying
+                           WHEN {period} IS NULL THEN lifetime + {lifetime}
+                           WHEN {period} > qualifying_since THEN {lifetime}
+                           WHEN {period} = qualifying_since THEN qualifying + {lifetime}
+                           ELSE qualifying END,
+         qualifying_since = CASE WHEN {lifetime} = 0 THEN qualifying_since
+                                 WHEN {period} IS NULL THEN '-infinity'::timestamptz
+                                 ELSE greatest(qualifying_since, {period}) END"
+    )
+}
+
+/// The statement of [`book`]: the entry, its balance change and the
+/// tier it reaches.
+static BOOK_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH entry AS (
+             INSERT INTO ledger_entries (member_id, kind, points, source, order_ref, effect_key, occurred_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (effect_key) DO NOTHING
+             RETURNING member_id
+         ), changed AS (
+             UPDATE balances SET available = available + $8, pending = pending + $9,
+                                 lifetime = lifetime + $10, updated_at = $7,
+                                 {qualifying}
+              WHERE member_id = (SELECT member_id FROM entry)
+             RETURNING qualifying
+         ), tiered AS (
+             UPDATE members m SET tier = reached.name
+               FROM changed,
+                    LATERAL (SELECT x.name, x.rank
+                               FROM unnest($11::text[], $12::bigint[]) WITH ORDINALITY AS x(name, threshold, rank)
+                              WHERE x.threshold <= changed.qualifying
+                              ORDER BY x.rank DESC LIMIT 1) reached
+              WHERE m.member_id = $1
+                AND coalesce(array_position($11::text[], m.tier), 0) < reached.rank
+             RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM entry), (SELECT count(*) FROM changed), (SELECT count(*) FROM tiered)",
+                qualifying = qualifying_set("$10::bigint", "$13::timestamptz")
+    )
+});
+
+/// The balance change of [`book`] for a member that had no balance row.
+static BALANCE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE balances SET available = available + $2, pending = pending + $3,
+                                         lifetime = lifetime + $4, updated_at = $5,
+                                         {qualifying}
+                      WHERE member_id = $1",
+        qualifying = qualifying_set("$4::bigint", "$6::timestamptz")
+    )
+});
+
 /// Books one entry and its balance change; nothing if `effect_key` was
 /// booked before. Returns whether it was booked now.
+///
+/// `program` comes with the time the entry's order was placed: its points
+/// qualify for tiers in that order's period (None: the entry moves no
+/// lifetime points, as redemptions and expiry).
 #[allow(clippy::too_many_arguments)]
 async fn book(
     client: &Db,
-    program: Option<&ProgramSettings>,
+    program: Option<(&ProgramSettings, DateTime<Utc>)>,
     member: i64,
     kind: &str,
     points: i64,
@@ -78,39 +143,33 @@ async fn book(
     };
     // The entry, its balance change and the tier it reaches in one round
     // trip. The tier only goes up here (downgrades happen at a period's
-    // end, which the scheduler owns).
+    // end, which the scheduler owns). Only bookings with a program move
+    // lifetime points; the others (redemptions, expiry) leave the
+    // qualifying count alone.
     let names: Vec<&str> = program
-        .map(|p| p.tiers.iter().map(|t| t.name.as_str()).collect())
+        .map(|(p, _)| p.tiers.iter().map(|t| t.name.as_str()).collect())
         .unwrap_or_default();
     let thresholds: Vec<i64> = program
-        .map(|p| p.tiers.iter().map(|t| t.threshold).collect())
+        .map(|(p, _)| p.tiers.iter().map(|t| t.threshold).collect())
         .unwrap_or_default();
+    let period = program.and_then(|(p, placed_at)| super::tiers::qualifying_period(p, placed_at));
     let row = client
         .query_one(
-            "WITH entry AS (
-                 INSERT INTO ledger_entries (member_id, kind, points, source, order_ref, effect_key, occurred_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (effect_key) DO NOTHING
-                 RETURNING member_id
-             ), changed AS (
-                 UPDATE balances SET available = available + $8, pending = pending + $9,
-                                     lifetime = lifetime + $10, updated_at = $7
-                  WHERE member_id = (SELECT member_id FROM entry)
-                 RETURNING lifetime
-             ), tiered AS (
-                 UPDATE members m SET tier = reached.name
-                   FROM changed,
-                        LATERAL (SELECT x.name, x.rank
-                                   FROM unnest($11::text[], $12::bigint[]) WITH ORDINALITY AS x(name, threshold, rank)
-                                  WHERE x.threshold <= changed.lifetime
-                                  ORDER BY x.rank DESC LIMIT 1) reached
-                  WHERE m.member_id = $1
-                    AND coalesce(array_position($11::text[], m.tier), 0) < reached.rank
-                 RETURNING 1
-             )
-             SELECT (SELECT count(*) FROM entry), (SELECT count(*) FROM changed), (SELECT count(*) FROM tiered)",
+            &BOOK_SQL,
             &[
-                &member, &kind, &points, &source, &order_ref, &effect_key, &at, &available, &pending, &lifetime,
-                &names, &thresholds,
+                &member,
+                &kind,
+                &points,
+                &source,
+                &order_ref,
+                &effect_key,
+                &at,
+                &available,
+                &pending,
+                &lifetime,
+                &names,
+                &thresholds,
+                &period,
             ],
         )
         .await?;
@@ -129,13 +188,11 @@ async fn book(
             .await?;
         client
             .execute(
-                "UPDATE balances SET available = available + $2, pending = pending + $3,
-                                     lifetime = lifetime + $4, updated_at = $5
-                  WHERE member_id = $1",
-                &[&member, &available, &pending, &lifetime, &at],
+                &BALANCE_SQL,
+                &[&member, &available, &pending, &lifetime, &at, &period],
             )
             .await?;
-        if let Some(program) = program {
+        if let Some((program, _)) = program {
             update_tier(client, program, member).await?;
         }
     }
@@ -148,6 +205,7 @@ struct Known {
     stage: OrderStage,
     points: i64,
     clawed_back: i64,
+    placed_at: DateTime<Utc>,
 }
 
 fn stage(text: &str) -> OrderStage {
@@ -166,7 +224,7 @@ async fn known(
 ) -> Result<Option<Known>, tokio_postgres::Error> {
     let row = client
         .query_opt(
-            "SELECT member_id, stage, points, clawed_back FROM orders
+            "SELECT member_id, stage, points, clawed_back, placed_at FROM orders
               WHERE source = $1 AND order_ref = $2 FOR UPDATE",
             &[&source, &order_ref],
         )
@@ -176,6 +234,7 @@ async fn known(
         stage: stage(r.get(1)),
         points: r.get(2),
         clawed_back: r.get(3),
+        placed_at: r.get(4),
     }))
 }
 
@@ -233,7 +292,7 @@ pub async fn apply_order(
             OrderStage::Placed => {
                 book(
                     client,
-                    Some(program),
+                    Some((program, at)),
                     member,
                     "earn_pending",
                     points,
@@ -247,7 +306,7 @@ pub async fn apply_order(
             OrderStage::Completed => {
                 book(
                     client,
-                    Some(program),
+                    Some((program, at)),
                     member,
                     "earn_available",
                     points,
@@ -306,7 +365,7 @@ pub async fn apply_order(
         (OrderStage::Placed, OrderStage::Completed) => {
             book(
                 client,
-                Some(program),
+                Some((program, was.placed_at)),
                 member,
                 "pending_release",
                 -remaining,
@@ -318,7 +377,7 @@ pub async fn apply_order(
             .await?;
             book(
                 client,
-                Some(program),
+                Some((program, was.placed_at)),
                 member,
                 "earn_available",
                 remaining,
@@ -332,7 +391,7 @@ pub async fn apply_order(
         (OrderStage::Placed, _) => {
             book(
                 client,
-                Some(program),
+                Some((program, was.placed_at)),
                 member,
                 "pending_void",
                 -remaining,
@@ -346,7 +405,7 @@ pub async fn apply_order(
         (_, _) => {
             book(
                 client,
-                Some(program),
+                Some((program, was.placed_at)),
                 member,
                 "clawback",
                 -remaining,
@@ -377,7 +436,7 @@ pub async fn apply_refund(
 ) -> Result<Booked, tokio_postgres::Error> {
     let Some(order) = client
         .query_opt(
-            "SELECT member_id, stage, points, clawed_back, refunded, earn_basis, grand_total FROM orders
+            "SELECT member_id, stage, points, clawed_back, refunded, earn_basis, grand_total, placed_at FROM orders
               WHERE source = $1 AND order_ref = $2 FOR UPDATE",
             &[&source, &refund.order_ref],
         )
@@ -390,6 +449,7 @@ pub async fn apply_refund(
     let points: i64 = order.get(2);
     let clawed_back: i64 = order.get(3);
     let refunded: Decimal = order.get(4);
+    let placed_at: DateTime<Utc> = order.get(7);
     // The refund is a part of this: the earn basis, or the grand total for
     // refunds of gross money.
     let basis: Decimal = if refund.of_grand_total {
@@ -448,7 +508,7 @@ pub async fn apply_refund(
     let key = format!("{source}:refund:{}", refund.refund_ref);
     let booked = book(
         client,
-        Some(program),
+        Some((program, placed_at)),
         member,
         kind,
         -delta,
@@ -465,7 +525,7 @@ pub async fn apply_refund(
     })
 }
 
-/// The member's tier from lifetime points: upgrades at once when a
+/// The member's tier from qualifying points: upgrades at once when a
 /// threshold is crossed. (Downgrades happen only at a period's end, which
 /// the scheduler owns.)
 async fn update_tier(
@@ -476,8 +536,8 @@ async fn update_tier(
     if program.tiers.is_empty() {
         return Ok(());
     }
-    // The highest tier the lifetime points reach, set only if it is above
-    // the current one: one round trip.
+    // The highest tier the qualifying points reach, set only if it is
+    // above the current one: one round trip.
     let names: Vec<&str> = program.tiers.iter().map(|t| t.name.as_str()).collect();
     let thresholds: Vec<i64> = program.tiers.iter().map(|t| t.threshold).collect();
     client
@@ -486,7 +546,7 @@ async fn update_tier(
                FROM balances b,
                     LATERAL (SELECT x.name, x.rank
                                FROM unnest($2::text[], $3::bigint[]) WITH ORDINALITY AS x(name, threshold, rank)
-                              WHERE x.threshold <= b.lifetime
+                              WHERE x.threshold <= b.qualifying
                               ORDER BY x.rank DESC LIMIT 1) reached
               WHERE m.member_id = $1 AND b.member_id = $1
                 AND coalesce(array_position($2::text[], m.tier), 0) < reached.rank",
@@ -641,45 +701,69 @@ pub async fn apply_new_orders(
         )
         .await?;
     // Entries, balances (summed per member) and tiers in one statement.
+    // A member's qualifying count takes the entries of the latest tier
+    // period among its own in the batch (see `qualifying_set`).
     let names: Vec<&str> = program.tiers.iter().map(|t| t.name.as_str()).collect();
     let thresholds: Vec<i64> = program.tiers.iter().map(|t| t.threshold).collect();
+    let periods: Vec<Option<DateTime<Utc>>> = e_ats
+        .iter()
+        .map(|at| super::tiers::qualifying_period(program, *at))
+        .collect();
     let booked: i64 = client
         .query_one(
-            "WITH entry AS (
+            "WITH input AS (
+                 SELECT * FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::text[],
+                                      $7::timestamptz[], $10::timestamptz[])
+                        AS x(m, k, p, r, e, a, q)
+             ), entry AS (
                  INSERT INTO ledger_entries (member_id, kind, points, source, order_ref, effect_key, occurred_at)
-                 SELECT m, k, p, $1, r, e, a
-                   FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::timestamptz[])
-                        AS x(m, k, p, r, e, a)
+                 SELECT m, k, p, $1, r, e, a FROM input
                  ON CONFLICT (effect_key) DO NOTHING
-                 RETURNING member_id, kind, points, occurred_at
+                 RETURNING member_id, kind, points, occurred_at, effect_key
+             ), dated AS (
+                 SELECT entry.*, input.q, max(input.q) OVER (PARTITION BY entry.member_id) AS latest
+                   FROM entry JOIN input ON input.e = entry.effect_key
              ), per_member AS (
                  SELECT member_id,
                         sum(points) FILTER (WHERE kind = 'earn_pending') AS pending,
                         sum(points) FILTER (WHERE kind = 'earn_available') AS available,
+                        coalesce(sum(points) FILTER (WHERE kind = 'earn_available'
+                                                       AND q IS NOT DISTINCT FROM latest), 0) AS in_latest,
+                        max(latest) AS latest,
                         max(occurred_at) AS at
-                   FROM entry GROUP BY member_id
+                   FROM dated GROUP BY member_id
              ), changed AS (
                  UPDATE balances b
                     SET pending = b.pending + coalesce(d.pending, 0),
                         available = b.available + coalesce(d.available, 0),
                         lifetime = b.lifetime + coalesce(d.available, 0),
+                        qualifying = CASE WHEN coalesce(d.available, 0) = 0 THEN b.qualifying
+                                          WHEN d.latest IS NULL THEN b.lifetime + d.available
+                                          WHEN d.latest > b.qualifying_since THEN d.in_latest
+                                          WHEN d.latest = b.qualifying_since THEN b.qualifying + d.in_latest
+                                          ELSE b.qualifying END,
+                        qualifying_since = CASE WHEN coalesce(d.available, 0) = 0 THEN b.qualifying_since
+                                                WHEN d.latest IS NULL THEN '-infinity'::timestamptz
+                                                ELSE greatest(b.qualifying_since, d.latest) END,
                         updated_at = d.at
                    FROM per_member d
                   WHERE b.member_id = d.member_id
-                 RETURNING b.member_id, b.lifetime
+                 RETURNING b.member_id, b.qualifying
              ), tiered AS (
                  UPDATE members m SET tier = reached.name
                    FROM changed,
                         LATERAL (SELECT x.name, x.rank
                                    FROM unnest($8::text[], $9::bigint[]) WITH ORDINALITY AS x(name, threshold, rank)
-                                  WHERE x.threshold <= changed.lifetime
+                                  WHERE x.threshold <= changed.qualifying
                                   ORDER BY x.rank DESC LIMIT 1) reached
                   WHERE m.member_id = changed.member_id
                     AND coalesce(array_position($8::text[], m.tier), 0) < reached.rank
                  RETURNING 1
              )
              SELECT (SELECT count(*) FROM changed) + (SELECT count(*) FROM tiered) * 0",
-            &[&source, &e_members, &e_kinds, &e_points, &e_refs, &e_keys, &e_ats, &names, &thresholds],
+            &[
+                &source, &e_members, &e_kinds, &e_points, &e_refs, &e_keys, &e_ats, &names, &thresholds, &periods,
+            ],
         )
         .await?
         .get(0);
@@ -765,7 +849,7 @@ pub async fn add_offer_bonus(
         .await?;
     book(
         client,
-        Some(program),
+        Some((program, at)),
         member,
         kind,
         bonus,

@@ -1,7 +1,8 @@
 //! Event triggers, detected inside the ledger transaction that caused
 //! them and written to the outbox in that same transaction: welcome on
 //! enrollment, tier upgrade, milestones (nth purchase, lifetime points),
-//! redemption confirmed, points earned.
+//! redemption confirmed, points earned. (The tier downgrade notice comes
+//! from the review at a period's end: see `schedule`.)
 //!
 //! Welcome, tiers and milestones are judged from state, not from the code
 //! path that booked the points: at each commit, for every member the batch
@@ -431,8 +432,9 @@ pub async fn record(
 }
 
 /// The source time at which a member reached `mark`: the purchase that
-/// made the nth, the entry that took lifetime points to a tier's or a
-/// milestone's threshold, or the member's creation (welcome).
+/// made the nth, the entry that took qualifying points to a tier's or
+/// lifetime points to a milestone's threshold, or the member's creation
+/// (welcome).
 async fn reached_at(
     db: &Db,
     triggers: &Triggers,
@@ -477,18 +479,23 @@ async fn reached_at(
     let Some(threshold) = threshold else {
         return Ok(None);
     };
+    // A tier counts the points of the current qualification period (all
+    // of them when tiers follow lifetime points); a milestone, lifetime.
+    let in_period = mark.starts_with("tier:");
     Ok(db
         .query_opt(
             "SELECT occurred_at FROM (
                  SELECT occurred_at, entry_id,
-                        sum(points) OVER (ORDER BY occurred_at, entry_id) AS lifetime
+                        sum(points) OVER (ORDER BY occurred_at, entry_id) AS running
                    FROM ledger_entries
                   WHERE member_id = $1 AND kind IN ('earn_available', 'clawback')
+                    AND (NOT $3 OR occurred_at >= coalesce(
+                            (SELECT qualifying_since FROM balances WHERE member_id = $1), '-infinity'))
              ) running
-             WHERE lifetime >= $2::bigint
+             WHERE running >= $2::bigint
              ORDER BY occurred_at, entry_id
              LIMIT 1",
-            &[&member, &threshold],
+            &[&member, &threshold, &in_period],
         )
         .await?
         .map(|r| r.get(0)))

@@ -1,6 +1,11 @@
 //! Scheduled triggers: `lapse_risk` (no purchase for k × the member's
 //! usual interval, or N days) and `points_expiring` (D days before the
-//! balance expires for inactivity), plus the expiry itself.
+//! balance expires for inactivity), plus the expiry itself; with tier
+//! qualification periods, `tier_downgrade_warning` before a period's end
+//! and the period's review after its grace days, which may take the member
+//! down one tier and send `tier_downgrade`. A review schedules the next
+//! period's review and warning, so a member who never comes back is
+//! reviewed every period until the entry tier.
 //!
 //! Each member has at most one row per kind in `scheduled_triggers`, with
 //! the time it comes due. The ledger transaction keeps the rows of the
@@ -24,6 +29,7 @@ use crate::connect;
 use crate::delivery::{outbox, Clock};
 use crate::ledger::db::Db;
 use crate::ledger::orders;
+use crate::ledger::tiers::{self, Period};
 
 /// Purchases looked at for the usual interval (the last 10 intervals).
 const RHYTHM_PURCHASES: i64 = 11;
@@ -43,16 +49,19 @@ pub async fn maintain(
     triggers: &Triggers,
     members: &HashMap<i64, super::Touch>,
 ) -> Result<(), tokio_postgres::Error> {
-    // Nothing to schedule (no lapse route, no expiry): no work per batch.
+    // Nothing to schedule (no lapse route, no expiry, no tier periods): no
+    // work per batch.
     let lapse = triggers.routed(TriggerKind::LapseRisk);
-    if members.is_empty() || (!lapse && triggers.expiry.is_none()) {
+    let tier_rule = triggers.program.tier_period.as_ref();
+    let warn = triggers.routed(TriggerKind::TierDowngradeWarning);
+    if members.is_empty() || (!lapse && triggers.expiry.is_none() && tier_rule.is_none()) {
         return Ok(());
     }
     let ids: Vec<i64> = members.keys().copied().collect();
     let rows = db
         .query(
             "SELECT m.member_id, s.last_purchase, s.purchases, s.median_gap, a.last_activity,
-                    coalesce(b.available, 0)
+                    coalesce(b.available, 0), m.tier
                FROM members m
                LEFT JOIN balances b ON b.member_id = m.member_id
                LEFT JOIN LATERAL (
@@ -76,6 +85,7 @@ pub async fn maintain(
     let (mut up_members, mut up_kinds, mut up_dues, mut up_occasions, mut up_data) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut gone_members, mut gone_kinds) = (Vec::new(), Vec::new());
+    let mut reviews = Vec::new();
     for row in rows {
         let member: i64 = row.get(0);
         let last_purchase: Option<DateTime<Utc>> = row.get(1);
@@ -83,6 +93,7 @@ pub async fn maintain(
         let median_gap: Option<f64> = row.get(3);
         let last_activity: Option<DateTime<Utc>> = row.get(4);
         let available: i64 = row.get(5);
+        let tier: Option<String> = row.get(6);
         let Some(touched_at) = members.get(&member).map(|m| m.last) else {
             continue;
         };
@@ -154,7 +165,33 @@ pub async fn maintain(
                 )
             }),
         );
+        let above_entry = tier
+            .as_deref()
+            .and_then(|t| tiers::rank(&triggers.tiers, t))
+            .is_some_and(|rank| rank > 0);
+        if let Some(rule) = tier_rule.filter(|_| above_entry) {
+            let current = Period::of(rule, touched_at);
+            // Within the grace days of the previous period, its review is
+            // the next one.
+            let previous = Period::of(rule, current.start - Duration::microseconds(1));
+            let reviewed = if previous.review_at(rule) > touched_at {
+                previous
+            } else {
+                current
+            };
+            reviews.push(TierRow::review(member, rule, reviewed));
+            if warn {
+                let warning = TierRow::warning(member, rule, current);
+                plan(
+                    "tier_warning",
+                    Some((warning.due, warning.occasion, warning.data)),
+                );
+            }
+        }
     }
+    // A review already waiting (an earlier period's, if the scheduler is
+    // behind) stays: each review schedules the next.
+    insert_tier_rows(db, &reviews).await?;
     if !up_members.is_empty() {
         db.execute(
             "INSERT INTO scheduled_triggers (member_id, kind, due_at, occasion, data)
@@ -166,6 +203,68 @@ pub async fn maintain(
         .await?;
     }
     remove(db, &gone_members, &gone_kinds).await
+}
+
+/// A `tier_review` or `tier_warning` row: the period it is about is in
+/// its data.
+struct TierRow {
+    member: i64,
+    kind: &'static str,
+    due: DateTime<Utc>,
+    occasion: String,
+    data: serde_json::Value,
+}
+
+impl TierRow {
+    fn review(member: i64, rule: &crate::config::TierPeriodSettings, period: Period) -> Self {
+        Self::about(member, "tier_review", period.review_at(rule), period)
+    }
+
+    fn warning(member: i64, rule: &crate::config::TierPeriodSettings, period: Period) -> Self {
+        Self::about(member, "tier_warning", period.warning_at(rule), period)
+    }
+
+    fn about(member: i64, kind: &'static str, due: DateTime<Utc>, period: Period) -> Self {
+        Self {
+            member,
+            kind,
+            due,
+            occasion: format!("{kind}:member:{member}:{}", period.start.format("%Y-%m-%d")),
+            data: json!({ "period_start": period.start, "period_end": period.end }),
+        }
+    }
+}
+
+/// The period a tier row is about.
+fn period_of_row(data: &serde_json::Value) -> Option<Period> {
+    let field = |name: &str| {
+        data.get(name)
+            .and_then(|v| serde_json::from_value::<DateTime<Utc>>(v.clone()).ok())
+    };
+    Some(Period {
+        start: field("period_start")?,
+        end: field("period_end")?,
+    })
+}
+
+/// Inserts tier rows where the member has none of that kind.
+async fn insert_tier_rows(db: &Db, rows: &[TierRow]) -> Result<(), tokio_postgres::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let members: Vec<i64> = rows.iter().map(|r| r.member).collect();
+    let kinds: Vec<&str> = rows.iter().map(|r| r.kind).collect();
+    let dues: Vec<DateTime<Utc>> = rows.iter().map(|r| r.due).collect();
+    let occasions: Vec<&str> = rows.iter().map(|r| r.occasion.as_str()).collect();
+    let data: Vec<&serde_json::Value> = rows.iter().map(|r| &r.data).collect();
+    db.execute(
+        "INSERT INTO scheduled_triggers (member_id, kind, due_at, occasion, data)
+         SELECT * FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::jsonb[])
+         ON CONFLICT (member_id, kind) DO NOTHING",
+        &[&members, &kinds, &dues, &occasions, &data],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Deletes the rows of `(members[i], kinds[i])`.
@@ -190,6 +289,8 @@ pub struct Scheduler {
     url: DatabaseUrl,
     password: Option<Secret>,
     db: tokio::sync::Mutex<Option<Db>>,
+    /// Whether members without a tier review were given one (first pass).
+    reviews_started: std::sync::atomic::AtomicBool,
     triggers: Arc<Triggers>,
     interval: StdDuration,
     clock: Arc<dyn Clock>,
@@ -210,6 +311,7 @@ impl Scheduler {
             url: settings.ledger.url.clone(),
             password: settings.ledger.password.clone(),
             db: tokio::sync::Mutex::new(None),
+            reviews_started: std::sync::atomic::AtomicBool::new(false),
             triggers,
             interval: StdDuration::from_secs(settings.triggers.scheduler_interval_seconds.max(1)),
             clock,
@@ -240,6 +342,15 @@ impl Scheduler {
         let Some(db) = guard.as_ref() else {
             return Ok(Pass::default());
         };
+        if !self
+            .reviews_started
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let _turn = self.writer.hold().await;
+            self.start_reviews(db).await?;
+            self.reviews_started
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut pass = Pass::default();
         loop {
             let _turn = self.writer.hold().await;
@@ -272,6 +383,7 @@ impl Scheduler {
             .await?;
         let mut fired = Vec::new();
         let (mut members, mut kinds) = (Vec::new(), Vec::new());
+        let mut follow_ups = Vec::new();
         for row in &rows {
             let member: i64 = row.get(0);
             let kind: String = row.get(1);
@@ -279,6 +391,14 @@ impl Scheduler {
             let occasion: String = row.get(3);
             let data: serde_json::Value = row.get(4);
             match kind.as_str() {
+                "tier_review" | "tier_warning" => {
+                    if let Some(fire) = self
+                        .tier_row(db, member, &kind, due, occasion, &data, &mut follow_ups)
+                        .await?
+                    {
+                        fired.push(fire);
+                    }
+                }
                 "lapse_risk" | "points_expiring" => fired.push(Fired {
                     kind: if kind == "lapse_risk" {
                         TriggerKind::LapseRisk
@@ -319,8 +439,163 @@ impl Scheduler {
         }
         outbox::enqueue(db, &messages(&self.triggers, &fired)).await?;
         remove(db, &members, &kinds).await?;
+        insert_tier_rows(db, &follow_ups).await?;
         pass.fired += fired.len();
         Ok(rows.len())
+    }
+
+    /// Gives members above the entry tier that have no review one for the
+    /// current period (tier periods just turned on, or members from before
+    /// them): they keep their tier until that review. Once per process; the
+    /// reviews then schedule each other.
+    async fn start_reviews(&self, db: &Db) -> Result<(), tokio_postgres::Error> {
+        let Some(rule) = self.triggers.program.tier_period.as_ref() else {
+            return Ok(());
+        };
+        let upper: Vec<&str> = self
+            .triggers
+            .tiers
+            .iter()
+            .skip(1)
+            .map(|t| t.name.as_str())
+            .collect();
+        let now = self.clock.now();
+        let period = Period::of(rule, now);
+        let mut rows = vec![TierRow::review(0, rule, period)];
+        if self.triggers.routed(TriggerKind::TierDowngradeWarning) && period.warning_at(rule) > now
+        {
+            rows.push(TierRow::warning(0, rule, period));
+        }
+        for row in rows {
+            // The row's occasion with the member's id in it.
+            let (prefix, suffix) = (
+                format!("{}:member:", row.kind),
+                format!(":{}", period.start.format("%Y-%m-%d")),
+            );
+            let started = db
+                .execute(
+                    "INSERT INTO scheduled_triggers (member_id, kind, due_at, occasion, data)
+                     SELECT m.member_id, $2::text, $3::timestamptz, $4::text || m.member_id || $5::text, $6::jsonb
+                       FROM members m
+                      WHERE m.tier = ANY($1) AND m.merged_into IS NULL
+                        AND NOT EXISTS (SELECT 1 FROM scheduled_triggers s
+                                         WHERE s.member_id = m.member_id AND s.kind = $2::text)
+                     ON CONFLICT (member_id, kind) DO NOTHING",
+                    &[&upper, &row.kind, &row.due, &prefix, &suffix, &row.data],
+                )
+                .await?;
+            if started > 0 {
+                tracing::info!(
+                    members = started,
+                    kind = row.kind,
+                    due_at = %row.due,
+                    "tier periods: members above the entry tier scheduled for the current period"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A period's review or warning. A review takes a member whose points
+    /// fall short down one tier (and says so), forgets the tiers above it
+    /// (so reaching them again is an upgrade again), and schedules the
+    /// next period's review and warning while the member is above the
+    /// entry tier. A warning fires only for a member not on track.
+    #[allow(clippy::too_many_arguments)]
+    async fn tier_row(
+        &self,
+        db: &Db,
+        member: i64,
+        kind: &str,
+        due: DateTime<Utc>,
+        occasion: String,
+        data: &serde_json::Value,
+        follow_ups: &mut Vec<TierRow>,
+    ) -> Result<Option<Fired>, tokio_postgres::Error> {
+        // Periods turned off since the row was scheduled: nothing to do.
+        let (Some(rule), Some(period)) = (
+            self.triggers.program.tier_period.as_ref(),
+            period_of_row(data),
+        ) else {
+            return Ok(None);
+        };
+        let tiers_list = &self.triggers.tiers;
+        let points = |short: &tiers::Shortfall| {
+            json!({
+                "tier": short.falls_to,
+                "previous_tier": short.tier,
+                "qualifying_points": short.qualifying,
+                "threshold": short.threshold,
+                "period_start": period.start,
+                "period_end": period.end,
+            })
+        };
+        if kind == "tier_warning" {
+            let Some(short) = tiers::shortfall(db, tiers_list, member, period, false).await? else {
+                return Ok(None);
+            };
+            return Ok(Some(Fired {
+                kind: TriggerKind::TierDowngradeWarning,
+                member,
+                occasion,
+                occurred_at: due,
+                data: json!({
+                    "tier": short.tier,
+                    "falls_to": short.falls_to,
+                    "qualifying_points": short.qualifying,
+                    "points_needed": short.threshold - short.qualifying,
+                    "period_end": period.end,
+                    "review_at": period.review_at(rule),
+                }),
+                offer: None,
+            }));
+        }
+        let downgrade = tiers::review(db, tiers_list, member, period, rule).await?;
+        let now_tier = match &downgrade {
+            Some(short) => Some(short.falls_to.clone()),
+            None => tiers::current_tier(db, member).await?,
+        };
+        let rank = now_tier.as_deref().and_then(|t| tiers::rank(tiers_list, t));
+        if rank.is_some_and(|rank| rank > 0) {
+            let next = period.next(rule);
+            follow_ups.push(TierRow::review(member, rule, next));
+            if self.triggers.routed(TriggerKind::TierDowngradeWarning) {
+                follow_ups.push(TierRow::warning(member, rule, next));
+            }
+        }
+        let Some(short) = downgrade else {
+            return Ok(None);
+        };
+        let above: Vec<String> = rank
+            .map(|rank| {
+                tiers_list[rank + 1..]
+                    .iter()
+                    .map(|t| format!("tier:{}", t.name))
+                    .collect()
+            })
+            .unwrap_or_default();
+        db.execute(
+            "DELETE FROM trigger_marks WHERE member_id = $1 AND mark = ANY($2)",
+            &[&member, &above],
+        )
+        .await?;
+        // Where the member is now, marked silently: a later upgrade says
+        // where it came from.
+        db.execute(
+            "INSERT INTO trigger_marks (member_id, mark, reached_at, announced)
+             VALUES ($1, $2, $3, false) ON CONFLICT DO NOTHING",
+            &[&member, &format!("tier:{}", short.falls_to), &due],
+        )
+        .await?;
+        tracing::info!(member_id = member, "tier review: down one tier");
+        Ok(Some(Fired {
+            kind: TriggerKind::TierDowngrade,
+            member,
+            occasion: occasion.replacen("tier_review", "tier_downgrade", 1),
+            occurred_at: due,
+            data: points(&short),
+            offer: None,
+        }))
     }
 
     /// Passes every `triggers.scheduler_interval_seconds` until `shutdown`.

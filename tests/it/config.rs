@@ -387,3 +387,49 @@ fn the_compose_configuration_is_valid() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[test]
+fn tier_periods_that_cannot_work_are_named() {
+    let (_, problems) = problems(
+        r#"[ledger]
+url = "postgres://postgres@127.0.0.1/loyalty"
+
+[program]
+tiers = [{ name = "base", threshold = 0 }, { name = "gold", threshold = 500 }]
+
+[program.tier_period]
+months = 5
+first_month = 13
+grace_days = 200
+warning_days = 0
+"#,
+    );
+    let found: Vec<(&str, &str)> = problems
+        .iter()
+        .map(|p| (p.key.as_str(), p.message.as_str()))
+        .collect();
+    let keys: Vec<&str> = found.iter().map(|(key, _)| *key).collect();
+    assert_eq!(
+        keys,
+        [
+            "program.tier_period.months",
+            "program.tier_period.first_month",
+            "program.tier_period.grace_days",
+            "program.tier_period.warning_days",
+        ],
+        "{problems:#?}"
+    );
+    assert!(found[0].1.contains("use 1, 2, 3, 4, 6 or 12"));
+
+    // A downgrade route without periods would never fire.
+    let problem = only_problem(&format!(
+        "[ledger]\nurl = \"postgres://postgres@127.0.0.1/loyalty\"\n{crm}\n[[triggers.routes]]\ntrigger = \"tier_downgrade\"\nprovider = \"crm\"\n",
+        crm = crate::support::webhook_provider("crm", "http://127.0.0.1:9/hook")
+    ));
+    assert_eq!(problem.key, "triggers.routes[0].trigger");
+    assert!(
+        problem.message.contains("add [program.tier_period]"),
+        "{}",
+        problem.message
+    );
+}

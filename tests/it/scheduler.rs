@@ -10,6 +10,8 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use loyalty_cdc::config::Settings;
 use loyalty_cdc::delivery::ManualClock;
 use loyalty_cdc::ledger::db::Db;
+use loyalty_cdc::ledger::orders::{self, NewOrder};
+use loyalty_cdc::normalize::{OrderEvent, OrderStage};
 use loyalty_cdc::triggers::schedule::{Pass, Scheduler};
 use loyalty_cdc::triggers::{self, BatchFacts, Triggers};
 
@@ -329,4 +331,302 @@ async fn members_from_before_triggers_reach_their_marks_silently() {
         silent, 4,
         "welcome, gold and both milestones, marked silently; `legacy` removed"
     );
+}
+
+/// An order of `points` (rate 1) at `stage`.
+fn order(reference: &str, points: i64, stage: OrderStage) -> OrderEvent {
+    OrderEvent {
+        order_ref: reference.into(),
+        stage,
+        earn_basis: points.into(),
+        grand_total: points.into(),
+        currency: None,
+        channel: None,
+        identifiers: Default::default(),
+        lines: Vec::new(),
+    }
+}
+
+fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(y, m, d, 12, 0, 0).unwrap()
+}
+
+async fn new_member(db: &Db, created: DateTime<Utc>) -> i64 {
+    let id: i64 = db
+        .client()
+        .query_one(
+            "INSERT INTO members (created_at) VALUES ($1) RETURNING member_id",
+            &[&created],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    db.client()
+        .execute(
+            "INSERT INTO balances (member_id, updated_at) VALUES ($1, $2)",
+            &[&id, &created],
+        )
+        .await
+        .unwrap();
+    id
+}
+
+async fn touch(db: &Db, triggers: &Triggers, members: &[i64], when: DateTime<Utc>) -> Vec<String> {
+    let mut facts = BatchFacts::default();
+    for member in members {
+        facts.touched(*member, true, when);
+    }
+    db.batch_execute("BEGIN").await.unwrap();
+    let fired = triggers::record(db, triggers, facts).await.unwrap();
+    db.batch_execute("COMMIT").await.unwrap();
+    // Tier triggers only (welcome fires too, unrouted here).
+    fired
+        .into_iter()
+        .filter(|f| f.kind.as_str().starts_with("tier"))
+        .map(|f| format!("{}:{}", f.kind.as_str(), f.member))
+        .collect()
+}
+
+async fn tier_and_qualifying(db: &Db, member: i64) -> (String, i64) {
+    let row = db
+        .client()
+        .query_one(
+            "SELECT m.tier, b.qualifying FROM members m JOIN balances b USING (member_id) WHERE member_id = $1",
+            &[&member],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test]
+async fn tiers_qualify_per_calendar_year_and_go_down_one_at_a_time_after_the_grace_days() {
+    crate::support::init_logging();
+    let ledger_db = PgDatabase::create("tierperiod").await;
+    let mut client = ledger_db.client().await;
+    loyalty_cdc::ledger::migrate(&mut client).await.unwrap();
+    let db = Db::new(client);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loyalty-cdc.toml");
+    let mut config = format!(
+        r#"[ledger]
+url = "{url}"
+
+[program]
+tiers = [{{ name = "base", threshold = 0 }}, {{ name = "silver", threshold = 100 }}, {{ name = "gold", threshold = 300 }}]
+
+[program.tier_period]
+months = 12
+grace_days = 30
+warning_days = 30
+{crm}"#,
+        url = ledger_db.url(),
+        crm = crate::support::webhook_provider("crm", "http://127.0.0.1:9/hook")
+    );
+    for trigger in ["tier_upgrade", "tier_downgrade", "tier_downgrade_warning"] {
+        config.push_str(&format!(
+            "\n[[triggers.routes]]\ntrigger = \"{trigger}\"\nprovider = \"crm\"\n"
+        ));
+    }
+    std::fs::write(&path, config).unwrap();
+    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let triggers: Arc<Triggers> = Triggers::from_settings(&settings);
+    let program = &settings.program;
+
+    // M and N reach gold with one purchase in 2025 (booked together);
+    // L was gold before tier periods were configured.
+    let m = new_member(&db, at(2025, 3, 1)).await;
+    let n = new_member(&db, at(2025, 3, 1)).await;
+    let l = new_member(&db, at(2024, 5, 1)).await;
+    db.client()
+        .execute(
+            "UPDATE members SET tier = 'gold' WHERE member_id = $1",
+            &[&l],
+        )
+        .await
+        .unwrap();
+    let (m1, n1) = (
+        order("m1", 350, OrderStage::Completed),
+        order("n1", 350, OrderStage::Completed),
+    );
+    let booked = orders::apply_new_orders(
+        &db,
+        program,
+        "shop",
+        &[
+            NewOrder {
+                order: &m1,
+                member: m,
+                at: at(2025, 3, 1),
+            },
+            NewOrder {
+                order: &n1,
+                member: n,
+                at: at(2025, 3, 1),
+            },
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(booked, [true, true]);
+    let mut fired = touch(&db, &triggers, &[m, n], at(2025, 3, 1)).await;
+    fired.sort();
+    assert_eq!(
+        fired,
+        [format!("tier_upgrade:{m}"), format!("tier_upgrade:{n}")]
+    );
+    assert_eq!(tier_and_qualifying(&db, m).await, ("gold".into(), 350));
+    assert_eq!(
+        scheduled(&db, m).await,
+        [
+            (
+                "tier_review".to_string(),
+                Utc.with_ymd_and_hms(2026, 1, 31, 0, 0, 0).unwrap()
+            ),
+            (
+                "tier_warning".to_string(),
+                Utc.with_ymd_and_hms(2025, 12, 2, 0, 0, 0).unwrap()
+            ),
+        ],
+        "the 2025 review 30 days after its end, the warning 30 days before"
+    );
+
+    // The first pass gives L, gold from before periods, the 2025 review.
+    let clock = Arc::new(ManualClock::new(at(2025, 11, 1)));
+    let scheduler = Scheduler::new(&settings, Arc::clone(&triggers), clock.clone());
+    assert_eq!(scheduler.run_once().await.unwrap().fired, 0);
+    assert_eq!(scheduled(&db, l).await.len(), 2);
+
+    // December 2nd: only L, with no points this year, is warned; M and N
+    // are on track.
+    clock.set(Utc.with_ymd_and_hms(2025, 12, 2, 0, 0, 0).unwrap());
+    assert_eq!(scheduler.run_once().await.unwrap().fired, 1);
+    let sent = outbox(&db).await;
+    assert_eq!(
+        (sent[2].0, sent[2].1.as_str()),
+        (l, "tier_downgrade_warning")
+    );
+    assert_eq!(sent[2].2["points_needed"], 300);
+    assert_eq!(sent[2].2["falls_to"], "silver");
+
+    // The 2025 review: M and N keep gold for 2026; L goes down one tier.
+    clock.set(Utc.with_ymd_and_hms(2026, 1, 31, 0, 0, 0).unwrap());
+    assert_eq!(scheduler.run_once().await.unwrap().fired, 1);
+    let sent = outbox(&db).await;
+    assert_eq!((sent[3].0, sent[3].1.as_str()), (l, "tier_downgrade"));
+    assert_eq!(sent[3].2["tier"], "silver");
+    assert_eq!(sent[3].2["previous_tier"], "gold");
+    assert_eq!(tier_and_qualifying(&db, m).await.0, "gold");
+
+    // 2026: M buys for 50 points in March (the count starts afresh) and
+    // places an order of 120 in December that completes in January: it
+    // counts for 2026, the year it was placed.
+    orders::apply_order(
+        &db,
+        program,
+        "shop",
+        &order("m2", 50, OrderStage::Completed),
+        Some(m),
+        at(2026, 3, 10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        touch(&db, &triggers, &[m], at(2026, 3, 10)).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(tier_and_qualifying(&db, m).await, ("gold".into(), 50));
+    clock.set(Utc.with_ymd_and_hms(2026, 12, 2, 0, 0, 0).unwrap());
+    assert_eq!(
+        scheduler.run_once().await.unwrap().fired,
+        3,
+        "M, N and L warned"
+    );
+    let warning = &outbox(&db).await[4..];
+    let of_m = warning.iter().find(|(member, _, _)| *member == m).unwrap();
+    assert_eq!(of_m.2["qualifying_points"], 50);
+    assert_eq!(of_m.2["points_needed"], 250);
+    orders::apply_order(
+        &db,
+        program,
+        "shop",
+        &order("m3", 120, OrderStage::Placed),
+        Some(m),
+        at(2026, 12, 20),
+    )
+    .await
+    .unwrap();
+    orders::apply_order(
+        &db,
+        program,
+        "shop",
+        &order("m3", 120, OrderStage::Completed),
+        Some(m),
+        at(2027, 1, 10),
+    )
+    .await
+    .unwrap();
+    touch(&db, &triggers, &[m], at(2027, 1, 10)).await;
+    assert_eq!(tier_and_qualifying(&db, m).await, ("gold".into(), 170));
+
+    // The 2026 review: M (170 points) and N (none) go down one tier, to
+    // silver, not further; L (silver, no points) to base.
+    clock.set(Utc.with_ymd_and_hms(2027, 1, 31, 0, 0, 0).unwrap());
+    assert_eq!(scheduler.run_once().await.unwrap().fired, 3);
+    let downgrades = &outbox(&db).await[7..];
+    let tier_of = |member: i64| {
+        let (_, kind, data) = downgrades
+            .iter()
+            .find(|(who, _, _)| *who == member)
+            .unwrap();
+        assert_eq!(kind, "tier_downgrade");
+        (
+            data["tier"].as_str().unwrap().to_string(),
+            data["qualifying_points"].as_i64().unwrap(),
+        )
+    };
+    assert_eq!(tier_of(m), ("silver".into(), 170));
+    assert_eq!(tier_of(n), ("silver".into(), 0));
+    assert_eq!(tier_of(l), ("base".into(), 0));
+    assert!(
+        scheduled(&db, l).await.is_empty(),
+        "the entry tier is not reviewed"
+    );
+    assert_eq!(
+        scheduler.run_once().await.unwrap().fired,
+        0,
+        "once per occasion"
+    );
+    let restarted = Scheduler::new(&settings, Arc::clone(&triggers), clock.clone());
+    assert_eq!(
+        restarted.run_once().await.unwrap().fired,
+        0,
+        "also after a restart"
+    );
+
+    // M reaches gold again in 2027: an upgrade again, from silver.
+    orders::apply_order(
+        &db,
+        program,
+        "shop",
+        &order("m4", 400, OrderStage::Completed),
+        Some(m),
+        at(2027, 3, 1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(tier_and_qualifying(&db, m).await, ("gold".into(), 400));
+    assert_eq!(
+        touch(&db, &triggers, &[m], at(2027, 3, 1)).await,
+        [format!("tier_upgrade:{m}")]
+    );
+    let upgrade = outbox(&db).await.pop().unwrap();
+    assert_eq!(upgrade.2["previous_tier"], "silver");
+
+    // The 2027 review: M keeps gold; N, who never came back, goes to base.
+    clock.set(Utc.with_ymd_and_hms(2028, 1, 31, 0, 0, 0).unwrap());
+    restarted.run_once().await.unwrap();
+    assert_eq!(tier_and_qualifying(&db, m).await.0, "gold");
+    assert_eq!(tier_and_qualifying(&db, n).await.0, "base");
+    assert!(scheduled(&db, n).await.is_empty());
 }

@@ -1,0 +1,21 @@
+-- Tier qualification periods (`[program.tier_period]`): tiers qualify on
+-- the points earned in the current period and are reviewed at its end.
+--
+-- `qualifying` counts the lifetime points (earned available less clawed
+-- back) of orders placed in the period starting `qualifying_since`, kept in
+-- the same statement as the balance, so an upgrade is decided at once.
+-- Without periods it equals `lifetime` and `qualifying_since` is -infinity.
+-- The review of a period sums that period's entries itself: the count here
+-- only serves upgrades.
+ALTER TABLE balances
+    ADD COLUMN qualifying       bigint      NOT NULL DEFAULT 0,
+    ADD COLUMN qualifying_since timestamptz NOT NULL DEFAULT '-infinity';
+UPDATE balances SET qualifying = lifetime;
+
+-- `tier_review`: a period's review, `grace_days` after its end (the member
+-- may go down one tier; `tier_downgrade`). `tier_warning`: `warning_days`
+-- before a period's end, a member not on track is warned
+-- (`tier_downgrade_warning`).
+ALTER TABLE scheduled_triggers DROP CONSTRAINT scheduled_triggers_kind_check;
+ALTER TABLE scheduled_triggers ADD CONSTRAINT scheduled_triggers_kind_check CHECK (kind IN (
+    'lapse_risk', 'points_expiring', 'points_expiry', 'tier_review', 'tier_warning'));
