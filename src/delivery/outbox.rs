@@ -79,6 +79,15 @@ pub async fn claim(
     limit: i64,
     partition: (i64, i64),
 ) -> Result<Vec<Claimed>, tokio_postgres::Error> {
+    // The oldest due rows are found by walking the partial index on the
+    // due time in order and stopping at `limit`. The planner's row
+    // estimate of a queue is always stale (rows arrive and leave faster
+    // than statistics are gathered): believing few rows are due, it
+    // collects every due row (bitmap scan) and sorts them, 5–10× the work
+    // when a backlog is due. The walk is the one plan without a sort, so
+    // sorting and bitmap scans are turned off for this statement only.
+    db.batch_execute("SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off")
+        .await?;
     let rows = db
         .query(
             "SELECT message_id, member_id, trigger, route, provider, channel, payload, attempts, created_at
@@ -90,6 +99,8 @@ pub async fn claim(
                 FOR UPDATE SKIP LOCKED",
             &[&now, &limit, &partition.0, &partition.1],
         )
+        .await?;
+    db.batch_execute("RESET enable_sort; RESET enable_bitmapscan")
         .await?;
     Ok(rows
         .iter()
