@@ -17,7 +17,10 @@
 //! - [`pipeline`]: `loyalty-cdc run`: every source into the ledger, and
 //!   delivery.
 //! - [`preflight`]: `loyalty-cdc check`, every prerequisite with its fix.
+//! - [`status`]: `loyalty-cdc status`: positions, lag and what waits.
+//! - [`api`]: the HTTP listener: metrics, health, readiness, the member API.
 
+pub mod api;
 pub mod config;
 pub mod connect;
 pub mod delivery;
@@ -27,6 +30,7 @@ pub mod normalize;
 pub mod pipeline;
 pub mod preflight;
 pub mod source;
+pub mod status;
 pub mod triggers;
 
 /// How the caller should react to an error. Every module's error type maps

@@ -7,9 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use loyalty_cdc::config::{Settings, DEFAULT_CONFIG_PATH};
 use loyalty_cdc::delivery::outbox;
-use loyalty_cdc::identity::{
-    normalize_card, normalize_email, Identifier, IdentifierKind, Identity,
-};
+use loyalty_cdc::identity::Identity;
 use loyalty_cdc::{ledger, pipeline, preflight};
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +50,13 @@ enum Command {
     /// Migrate the ledger, snapshot new sources, then stream every source
     /// into the ledger until SIGINT/SIGTERM.
     Run,
+    /// Where every source stands (position, lag in bytes and seconds, last
+    /// event, state) and what waits (outbox, dead letters, quarantine).
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Members of the program.
     #[command(subcommand)]
     Member(MemberCommand),
@@ -112,6 +117,7 @@ fn main() -> ExitCode {
             Command::Check => check(&cli.config).await,
             Command::Migrate => migrate(&cli.config).await,
             Command::Run => run(&cli.config).await,
+            Command::Status { json } => status(&cli.config, json).await,
             Command::Member(MemberCommand::Show { identifier, json }) => {
                 member_show(&cli.config, &identifier, json).await
             }
@@ -244,9 +250,38 @@ async fn run(path: &Path) -> ExitCode {
         tracing::info!("shutting down: finishing the open batch");
         on_signal.cancel();
     });
-    let result = pipeline::run(&settings, shutdown, |sources| {
+    // The HTTP listener (metrics, health, the member API) is bound before
+    // anything starts: a taken port fails the start, naming the key.
+    loyalty_cdc::api::install_recorder();
+    let listener = match tokio::net::TcpListener::bind(settings.api.listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!(
+                "error: api.listen: cannot listen on {}: {error}\n  fix: set [api] listen to a free address, e.g. listen = \"127.0.0.1:8788\"",
+                settings.api.listen
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let settings = std::sync::Arc::new(settings);
+    let api_settings = std::sync::Arc::clone(&settings);
+    let api_shutdown = shutdown.clone();
+    let result = pipeline::run(&settings, shutdown, move |sources| {
         for source in &sources {
             tracing::info!(source = %source.name, kind = %source.kind, "source started");
+        }
+        match loyalty_cdc::api::ApiState::new(api_settings, sources) {
+            Ok(state) => {
+                tracing::info!(listen = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "HTTP listener: /metrics, /healthz, /readyz, /v1/members/{{identifier}}");
+                tokio::spawn(async move {
+                    if let Err(error) =
+                        loyalty_cdc::api::serve(listener, std::sync::Arc::new(state), api_shutdown).await
+                    {
+                        tracing::error!(%error, "HTTP listener stopped");
+                    }
+                });
+            }
+            Err(error) => tracing::error!(%error, "HTTP listener not started"),
         }
     })
     .await;
@@ -257,25 +292,6 @@ async fn run(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// The identifier a person typed, normalized the way the ledger stores it.
-fn parse_identifier(text: &str, identity: &Identity) -> Result<Identifier, String> {
-    let (kind, value) = match text.split_once(':') {
-        Some(("card", v)) => (IdentifierKind::Card, normalize_card(v)),
-        Some(("customer", v)) => (IdentifierKind::Customer, Some(v.to_string())),
-        Some(("email", v)) => (IdentifierKind::Email, normalize_email(v)),
-        Some(("phone", v)) => (IdentifierKind::Phone, identity.normalize_phone(v)),
-        _ if text.contains('@') => (IdentifierKind::Email, normalize_email(text)),
-        _ if text.starts_with('+') => (IdentifierKind::Phone, identity.normalize_phone(text)),
-        _ => {
-            return Err(format!(
-                "`{text}` is not an identifier; write an email, a phone number with +country code, card:NUMBER, customer:SOURCE:ID or member:ID"
-            ))
-        }
-    };
-    let value = value.ok_or_else(|| format!("`{text}` is not a valid {}", kind.as_str()))?;
-    Ok(Identifier { kind, value })
 }
 
 async fn member_show(path: &Path, identifier: &str, json: bool) -> ExitCode {
@@ -301,7 +317,7 @@ async fn member_show(path: &Path, identifier: &str, json: bool) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match parse_identifier(identifier, &identity) {
+            match identity.parse_typed(identifier) {
                 Ok(parsed) => ledger::members::find(&client, &parsed)
                     .await
                     .map_err(|e| format!("ledger: {e}")),
@@ -357,6 +373,76 @@ async fn member_show(path: &Path, identifier: &str, json: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn status(path: &Path, json: bool) -> ExitCode {
+    let Some(settings) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    let db = match ledger::connect(&settings.ledger).await {
+        Ok(client) => ledger::db::Db::new(client),
+        Err(error) => {
+            eprintln!("error: ledger: {error}\n  fix: {}", error.fix());
+            return ExitCode::FAILURE;
+        }
+    };
+    let status = match loyalty_cdc::status::gather(&settings, &db).await {
+        Ok(status) => status,
+        Err(error) => {
+            eprintln!(
+                "error: ledger: {}\n  fix: run `loyalty-cdc migrate` (or `run`) against this ledger first",
+                ledger::db::describe(&error)
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        return match serde_json::to_string_pretty(&status) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: cannot print JSON: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    println!(
+        "{:<16} {:<9} {:<13} {:>14} {:>10}  {:<20} position",
+        "source", "kind", "state", "lag bytes", "lag s", "last event"
+    );
+    for source in &status.sources {
+        println!(
+            "{:<16} {:<9} {:<13} {:>14} {:>10}  {:<20} {}",
+            source.name,
+            source.kind,
+            source.state,
+            source.lag_bytes.map_or("?".into(), |b| b.to_string()),
+            source.lag_seconds.map_or("?".into(), |s| format!("{s:.1}")),
+            source
+                .last_event_at
+                .map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string()),
+            if source.position.is_empty() {
+                "-"
+            } else {
+                &source.position
+            },
+        );
+        if let Some(error) = &source.error {
+            println!("{:<16} cannot ask the source: {error}", "");
+        }
+    }
+    println!(
+        "outbox: {} pending{}; {} dead letter(s); {} quarantined",
+        status.outbox_pending,
+        status
+            .outbox_oldest_pending_seconds
+            .map_or(String::new(), |s| format!(" (oldest {s:.0} s)")),
+        status.dead_letters,
+        status.quarantined
+    );
+    ExitCode::SUCCESS
 }
 
 /// The ledger database, or the error printed.

@@ -100,6 +100,9 @@ async fn killing_the_service_at_random_moments_loses_and_doubles_nothing() {
 [ledger]
 url = "{ledger}"
 
+[api]
+listen = "127.0.0.1:0"
+
 [program]
 points_per_currency_unit = 1
 

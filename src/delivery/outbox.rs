@@ -140,6 +140,20 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// The outcome's name in `delivery_attempts` and in metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Sent => "sent",
+            Outcome::Retry(_) => "retry",
+            Outcome::Dead { .. } => "dead",
+            Outcome::Held(_) => "held",
+            Outcome::Suppressed => "suppressed",
+            Outcome::Disabled { .. } => "disabled",
+        }
+    }
+}
+
 /// One attempt's record.
 #[derive(Debug, Clone)]
 pub struct Attempt {

@@ -423,6 +423,8 @@ impl Worker {
             .await;
         finished.extend(results.into_iter().flatten());
         for f in &finished {
+            metrics::counter!("loyalty_delivery_total", "provider" => f.provider.clone(), "outcome" => f.outcome.label())
+                .increment(1);
             match &f.outcome {
                 Outcome::Dead { reason, .. } => {
                     tracing::warn!(message_id = %f.message_id, provider = %f.provider, reason = %reason, "dead-lettered")
@@ -488,6 +490,8 @@ impl Worker {
                         break;
                     }
                 }
+                metrics::histogram!("loyalty_provider_latency_seconds", "provider" => provider.name.clone())
+                    .record(started.elapsed().as_secs_f64());
                 let latency = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
                 let body = String::from_utf8_lossy(&body).into_owned();
                 let code = status.as_u16();

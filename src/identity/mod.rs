@@ -242,6 +242,27 @@ impl Identity {
         ))
     }
 
+    /// An identifier as a person types it (`member show`, the API),
+    /// normalized the way the ledger stores it: an email, a phone number
+    /// with `+`, or `card:`, `customer:`, `email:`, `phone:` and the value.
+    pub fn parse_typed(&self, text: &str) -> Result<Identifier, String> {
+        let (kind, value) = match text.split_once(':') {
+            Some(("card", v)) => (IdentifierKind::Card, normalize_card(v)),
+            Some(("customer", v)) => (IdentifierKind::Customer, Some(v.to_string())),
+            Some(("email", v)) => (IdentifierKind::Email, normalize_email(v)),
+            Some(("phone", v)) => (IdentifierKind::Phone, self.normalize_phone(v)),
+            _ if text.contains('@') => (IdentifierKind::Email, normalize_email(text)),
+            _ if text.starts_with('+') => (IdentifierKind::Phone, self.normalize_phone(text)),
+            _ => {
+                return Err(format!(
+                    "`{text}` is not an identifier; write an email, a phone number with +country code, card:NUMBER, customer:SOURCE:ID or member:ID"
+                ))
+            }
+        };
+        let value = value.ok_or_else(|| format!("`{text}` is not a valid {}", kind.as_str()))?;
+        Ok(Identifier { kind, value })
+    }
+
     /// E.164, or `None` for what is not a valid number.
     pub fn normalize_phone(&self, raw: &str) -> Option<String> {
         let raw = raw.trim();

@@ -33,6 +33,11 @@ pub struct ApplyCounts {
     /// Ledger commits (batches).
     pub commits: AtomicU64,
     pub events: AtomicU64,
+    /// Events applied, by kind (their sum is `events`).
+    pub orders: AtomicU64,
+    pub refunds: AtomicU64,
+    pub customers: AtomicU64,
+    pub redemptions: AtomicU64,
     pub anonymous: AtomicU64,
     pub quarantined: AtomicU64,
 }
@@ -182,6 +187,7 @@ impl LedgerConsumer {
         let Some((position, commit_ts)) = self.last.clone() else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
         write_references(
             &self.client,
             &self.source,
@@ -204,6 +210,8 @@ impl LedgerConsumer {
         .map_err(db)?;
         self.client.batch_execute("COMMIT").await.map_err(db)?;
         self.counts.commits.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!("loyalty_ledger_batch_commit_seconds", "source" => self.source.to_string())
+            .record(started.elapsed().as_secs_f64());
         if self.reference_cache.len() >= REFERENCE_CACHE_ROWS {
             // Only between batches: within one, the cache holds rows not
             // yet written.
@@ -368,6 +376,7 @@ impl LedgerConsumer {
         for ((outcome, member), new) in simple_outcomes.into_iter().zip(new) {
             if new {
                 self.counts.events.fetch_add(1, Ordering::Relaxed);
+                self.counts.orders.fetch_add(1, Ordering::Relaxed);
                 if let Outcome::Event(MemberEvent::Order(order), origin) = &outcome {
                     let mut facts = self.facts();
                     facts.touched(member, origin.live, origin.occurred_at);
@@ -443,6 +452,12 @@ impl LedgerConsumer {
             Outcome::Event(event, origin) => (event, origin),
         };
         let at = origin.occurred_at;
+        let count_of_kind: fn(&ApplyCounts) -> &AtomicU64 = match &event {
+            MemberEvent::Order(_) => |c| &c.orders,
+            MemberEvent::Refund(_) => |c| &c.refunds,
+            MemberEvent::Customer(_) => |c| &c.customers,
+            MemberEvent::Redemption(_) => |c| &c.redemptions,
+        };
         let problem = match event {
             MemberEvent::Order(order) => {
                 let member = self.member_of(&order.identifiers, at).await?;
@@ -526,6 +541,7 @@ impl LedgerConsumer {
             Some(reason) => self.quarantine(&origin, Op::Insert, &reason, None).await,
             None => {
                 self.counts.events.fetch_add(1, Ordering::Relaxed);
+                count_of_kind(&self.counts).fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
         }

@@ -158,3 +158,39 @@ pub async fn redeemed(
         .await?
         == 1)
 }
+
+/// An offer a member holds and can still use, for the wallet.
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct OpenOffer {
+    pub code: String,
+    pub multiplier: String,
+    pub bonus_points: i64,
+    pub granted_at: DateTime<Utc>,
+    pub valid_until: DateTime<Utc>,
+}
+
+/// The member's offers not yet redeemed and still valid at `now`, the
+/// one a purchase would take first at the top.
+pub async fn open(
+    db: &Db,
+    member: i64,
+    now: DateTime<Utc>,
+) -> Result<Vec<OpenOffer>, tokio_postgres::Error> {
+    Ok(db
+        .query(
+            "SELECT code, multiplier, bonus_points, granted_at, valid_until FROM member_offers
+              WHERE member_id = $1 AND redeemed_at IS NULL AND valid_until >= $2
+              ORDER BY multiplier DESC, bonus_points DESC, granted_at",
+            &[&member, &now],
+        )
+        .await?
+        .iter()
+        .map(|r| OpenOffer {
+            code: r.get(0),
+            multiplier: r.get::<_, Decimal>(1).normalize().to_string(),
+            bonus_points: r.get(2),
+            granted_at: r.get(3),
+            valid_until: r.get(4),
+        })
+        .collect())
+}

@@ -177,6 +177,66 @@ pub async fn current_tier(db: &Db, member: i64) -> Result<Option<String>, tokio_
         .and_then(|r| r.get(0)))
 }
 
+/// Where a member stands on the way to the next tier, for the wallet.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TierProgress {
+    pub tier: Option<String>,
+    /// Points that count for tiers now: earned in the current period (or
+    /// lifetime points without periods).
+    pub qualifying_points: i64,
+    pub next_tier: Option<String>,
+    pub next_threshold: Option<i64>,
+    pub points_to_next: Option<i64>,
+    /// End of the current qualification period (None without periods).
+    pub period_end: Option<DateTime<Utc>>,
+}
+
+/// The member's tier, qualifying points and what the next tier needs.
+pub async fn progress(
+    db: &Db,
+    program: &ProgramSettings,
+    member: i64,
+    now: DateTime<Utc>,
+) -> Result<TierProgress, tokio_postgres::Error> {
+    let row = db
+        .query_opt(
+            "SELECT m.tier, coalesce(b.qualifying, 0),
+                    CASE WHEN isfinite(b.qualifying_since) THEN b.qualifying_since END
+               FROM members m LEFT JOIN balances b ON b.member_id = m.member_id
+              WHERE m.member_id = $1",
+            &[&member],
+        )
+        .await?;
+    let (tier, counted, since): (Option<String>, i64, Option<DateTime<Utc>>) = match &row {
+        // -infinity (no periods) reads as None.
+        Some(r) => (r.get(0), r.get(1), r.get(2)),
+        None => (None, 0, None),
+    };
+    let period = program
+        .tier_period
+        .as_ref()
+        .map(|rule| Period::of(rule, now));
+    // A count from an earlier period is no longer current: nothing earned
+    // in this one yet.
+    let qualifying = match (period, since) {
+        (Some(period), Some(since)) if since < period.start => 0,
+        _ => counted,
+    };
+    let position = tier.as_deref().and_then(|t| rank(&program.tiers, t));
+    let next = match position {
+        Some(position) => program.tiers.get(position + 1),
+        None => program.tiers.iter().find(|t| t.threshold > qualifying),
+    };
+    Ok(TierProgress {
+        tier,
+        qualifying_points: qualifying,
+        next_tier: next.map(|t| t.name.clone()),
+        next_threshold: next.map(|t| t.threshold),
+        points_to_next: next.map(|t| (t.threshold - qualifying).max(0)),
+        period_end: period.map(|p| p.end),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

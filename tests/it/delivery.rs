@@ -41,7 +41,7 @@ async fn fixture(body: &str) -> Fixture {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("loyalty-cdc.toml");
     let text = format!(
-        "[ledger]\nurl = \"{}\"\n{}",
+        "[ledger]\nurl = \"{}\"\n{}\n[api]\nlisten = \"127.0.0.1:0\"\n",
         ledger_db.url(),
         body.replace("PROVIDERS", &providers_dir().display().to_string())
     );

@@ -179,7 +179,7 @@ async fn magento_order(
     tx.commit().await.unwrap();
 }
 
-async fn odoo_pos(db: &PgDatabase) -> tokio_postgres::Client {
+pub(crate) async fn odoo_pos(db: &PgDatabase) -> tokio_postgres::Client {
     db.load_schema("odoo-pos.postgres.sql").await;
     let client = db.client().await;
     client

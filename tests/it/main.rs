@@ -11,6 +11,7 @@ mod ledger_pipeline;
 mod migrate;
 mod mysql_binlog;
 mod mysql_source;
+mod ops;
 mod pg_source;
 mod scheduler;
 mod schemas;
