@@ -88,6 +88,19 @@ enum DlqCommand {
 
 #[derive(Subcommand)]
 enum MemberCommand {
+    /// GDPR erasure: each provider that can erase a person is asked to,
+    /// then identifiers, profile and the member's values in stored source
+    /// rows are removed, unsent messages cancelled; points and entries
+    /// stay under the bare member id. Erasing again does nothing.
+    Erase {
+        identifier: String,
+        /// Do not ask the providers (erased there by hand).
+        #[arg(long)]
+        local_only: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// A member's id, masked identifiers, points, tier and last entries.
     /// IDENTIFIER: an email, a phone number (E.164), `card:NUMBER`,
     /// `customer:SOURCE:ID` or `member:ID`.
@@ -121,6 +134,11 @@ fn main() -> ExitCode {
             Command::Member(MemberCommand::Show { identifier, json }) => {
                 member_show(&cli.config, &identifier, json).await
             }
+            Command::Member(MemberCommand::Erase {
+                identifier,
+                local_only,
+                json,
+            }) => member_erase(&cli.config, &identifier, local_only, json).await,
             Command::Dlq(DlqCommand::List { limit, json }) => {
                 dlq_list(&cli.config, limit, json).await
             }
@@ -306,25 +324,16 @@ async fn member_show(path: &Path, identifier: &str, json: bool) -> ExitCode {
         }
     };
     let client = ledger::db::Db::new(client);
-    let member = match identifier.strip_prefix("member:").map(str::parse::<i64>) {
-        Some(Ok(id)) => Ok(Some(id)),
-        Some(Err(_)) => Err("member:ID needs a number".to_string()),
-        None => {
-            let identity = match Identity::new(&settings.identity) {
-                Ok(identity) => identity,
-                Err(error) => {
-                    eprintln!("error: {error}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match identity.parse_typed(identifier) {
-                Ok(parsed) => ledger::members::find(&client, &parsed)
-                    .await
-                    .map_err(|e| format!("ledger: {e}")),
-                Err(message) => Err(message),
-            }
+    let identity = match Identity::new(&settings.identity) {
+        Ok(identity) => identity,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
         }
     };
+    let member = ledger::members::find_typed(&client, &identity, identifier)
+        .await
+        .map_err(|e| e.to_string());
     let view = match member {
         Ok(Some(member)) => ledger::members::view(&client, member)
             .await
@@ -443,6 +452,108 @@ async fn status(path: &Path, json: bool) -> ExitCode {
         status.quarantined
     );
     ExitCode::SUCCESS
+}
+
+async fn member_erase(path: &Path, identifier: &str, local_only: bool, json: bool) -> ExitCode {
+    let Some(settings) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    let identity = match Identity::new(&settings.identity) {
+        Ok(identity) => identity,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let db = match ledger::connect(&settings.ledger).await {
+        Ok(client) => ledger::db::Db::new(client),
+        Err(error) => {
+            eprintln!("error: ledger: {error}\n  fix: {}", error.fix());
+            return ExitCode::FAILURE;
+        }
+    };
+    let member = match ledger::members::find_typed(&db, &identity, identifier).await {
+        Ok(Some(member)) => member,
+        Ok(None) => {
+            // Erased before (its identifiers are gone) or never known:
+            // either way nothing here holds it.
+            println!("nothing to erase: no member has the identifier {identifier}");
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let erasure =
+        match loyalty_cdc::erasure::erase(&settings, &db, &identity, member, local_only).await {
+            Ok(erasure) => erasure,
+            Err(error) => {
+                eprintln!("error: ledger: {}", ledger::db::describe(&error));
+                return ExitCode::FAILURE;
+            }
+        };
+    let failed = matches!(
+        erasure,
+        loyalty_cdc::erasure::Erasure::ProvidersFailed { .. }
+    );
+    if json {
+        match serde_json::to_string_pretty(&erasure) {
+            Ok(text) => println!("{text}"),
+            Err(error) => {
+                eprintln!("error: cannot print JSON: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        use loyalty_cdc::erasure::Erasure;
+        match &erasure {
+            Erasure::Erased {
+                member_id,
+                erased,
+                messages_cancelled,
+                providers,
+            } => {
+                println!(
+                    "member {member_id} erased: {} identifier(s), {} stored source row(s) cleaned, {messages_cancelled} unsent message(s) cancelled; points and entries kept under the member id",
+                    erased.identifiers, erased.source_rows
+                );
+                for provider in providers {
+                    println!(
+                        "  provider {}: erasure accepted ({})",
+                        provider.provider,
+                        provider.status.map_or("-".into(), |s| s.to_string())
+                    );
+                }
+            }
+            Erasure::AlreadyErased { member_id } => {
+                println!("member {member_id} was erased before; nothing to do")
+            }
+            Erasure::ProvidersFailed {
+                member_id,
+                providers,
+            } => {
+                eprintln!("error: member {member_id}: not every provider accepted the erasure, so nothing was erased here (the address is still needed to ask again):");
+                for provider in providers {
+                    eprintln!(
+                        "  provider {}: {}",
+                        provider.provider,
+                        if provider.done {
+                            "accepted".to_string()
+                        } else {
+                            provider.error.clone().unwrap_or_default()
+                        }
+                    );
+                }
+                eprintln!("  fix: run `member erase` again once the provider answers, or erase there by hand and run it with --local-only");
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// The ledger database, or the error printed.

@@ -2,7 +2,7 @@
 //! text), `/healthz` (the process answers), `/readyz` (every source
 //! connected and moving or confirmed idle recently, the ledger reachable),
 //! and the member API behind a bearer token: `GET /v1/members/{identifier}`,
-//! the app wallet.
+//! the app wallet, and `DELETE` of it, GDPR erasure.
 //!
 //! Metrics are read when scraped from what the readers, the ledger writers
 //! and the delivery worker already keep (their progress and counters) and
@@ -114,7 +114,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics_text))
-        .route("/v1/members/{identifier}", get(wallet))
+        .route("/v1/members/{identifier}", get(wallet).delete(erase_member))
         .with_state(state)
 }
 
@@ -311,6 +311,85 @@ fn problem(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        Json(json!({ "error": "a bearer token is required (Authorization: Bearer <api.token>)" })),
+    )
+        .into_response()
+}
+
+/// The member an identifier in a path names, or the error response.
+async fn resolve(state: &ApiState, identifier: &str) -> Result<Option<i64>, Response> {
+    let found = state
+        .with_db(async |db| {
+            Ok(crate::ledger::members::find_typed(db, &state.identity, identifier).await)
+        })
+        .await;
+    match found {
+        Ok(Ok(member)) => Ok(member),
+        Ok(Err(crate::ledger::members::LookupError::Invalid(message))) => {
+            Err(problem(StatusCode::BAD_REQUEST, message))
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(error = %error, "member API: the ledger could not be read");
+            Err(problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the ledger could not be read",
+            ))
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, "member API: the ledger could not be read");
+            Err(problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the ledger could not be read",
+            ))
+        }
+    }
+}
+
+/// `DELETE /v1/members/{identifier}`: GDPR erasure (see `erasure`). 200
+/// with what was done; 502 when a provider did not accept it (nothing
+/// erased here, repeat later); 404 for an identifier no member has.
+async fn erase_member(
+    State(state): State<Arc<ApiState>>,
+    Path(identifier): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let member = match resolve(&state, &identifier).await {
+        Ok(Some(member)) => member,
+        Ok(None) => {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "no member has this identifier (erased before, or never known)",
+            )
+        }
+        Err(response) => return response,
+    };
+    let result = state
+        .with_db(async |db| {
+            crate::erasure::erase(&state.settings, db, &state.identity, member, false).await
+        })
+        .await;
+    match result {
+        Ok(erasure @ crate::erasure::Erasure::ProvidersFailed { .. }) => {
+            (StatusCode::BAD_GATEWAY, Json(erasure)).into_response()
+        }
+        Ok(erasure) => Json(erasure).into_response(),
+        Err(error) => {
+            tracing::warn!(error = %error, "erasure failed and was rolled back");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the ledger could not be written; nothing was erased",
+            )
+        }
+    }
+}
+
 /// `GET /v1/members/{identifier}`: the app wallet — balance (available,
 /// pending), tier and progress to the next, current offers.
 async fn wallet(
@@ -319,35 +398,12 @@ async fn wallet(
     headers: HeaderMap,
 ) -> Response {
     if !authorized(&state, &headers) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            Json(json!({ "error": "a bearer token is required (Authorization: Bearer <api.token>)" })),
-        )
-            .into_response();
+        return unauthorized();
     }
-    let member = match identifier.strip_prefix("member:").map(str::parse::<i64>) {
-        Some(Ok(id)) => Ok(Some(id)),
-        Some(Err(_)) => return problem(StatusCode::BAD_REQUEST, "member:ID needs a number"),
-        None => match state.identity.parse_typed(&identifier) {
-            Ok(parsed) => {
-                state
-                    .with_db(async |db| crate::ledger::members::find(db, &parsed).await)
-                    .await
-            }
-            Err(message) => return problem(StatusCode::BAD_REQUEST, message),
-        },
-    };
-    let member = match member {
+    let member = match resolve(&state, &identifier).await {
         Ok(Some(member)) => member,
         Ok(None) => return problem(StatusCode::NOT_FOUND, "no member has this identifier"),
-        Err(error) => {
-            tracing::warn!(error = %error, "wallet: the ledger could not be read");
-            return problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the ledger could not be read",
-            );
-        }
+        Err(response) => return response,
     };
     let program: &ProgramSettings = &state.settings.program;
     let wallet = state

@@ -10,6 +10,7 @@
 //! - `policy.rs`: consent, quiet hours, frequency caps, cooldowns.
 //! - `worker.rs`: claims, sends, retries, dead letters.
 
+pub mod erase;
 pub mod outbox;
 pub mod policy;
 pub mod sign;

@@ -456,3 +456,29 @@ pub async fn counts(db: &Db) -> Result<Vec<(String, i64)>, tokio_postgres::Error
         .map(|r| (r.get(0), r.get(1)))
         .collect())
 }
+
+/// For an erased member: messages not yet sent are cancelled (with the
+/// reason), and what providers answered about its messages (dead letters'
+/// bodies, attempts' details) is removed. Returns the messages cancelled.
+pub async fn forget_members(db: &Db, members: &[i64]) -> Result<u64, tokio_postgres::Error> {
+    let cancelled = db
+        .execute(
+            "UPDATE outbox SET status = 'cancelled', status_reason = 'member erased'
+              WHERE member_id = ANY($1) AND status = 'pending'",
+            &[&members],
+        )
+        .await?;
+    db.execute(
+        "UPDATE dead_letters SET response_body = NULL
+          WHERE message_id IN (SELECT message_id FROM outbox WHERE member_id = ANY($1))",
+        &[&members],
+    )
+    .await?;
+    db.execute(
+        "UPDATE delivery_attempts SET detail = NULL
+          WHERE message_id IN (SELECT message_id FROM outbox WHERE member_id = ANY($1))",
+        &[&members],
+    )
+    .await?;
+    Ok(cancelled)
+}

@@ -118,6 +118,22 @@ struct RawTemplate {
     form: Option<BTreeMap<String, String>>,
     #[serde(default)]
     duplicate_statuses: Vec<u16>,
+    /// The provider's own request to erase a person (GDPR), if it has one.
+    #[serde(default)]
+    erase: Option<RawErase>,
+}
+
+/// `[erase]`: the request that asks the provider to delete everything it
+/// holds about a member. Sent with the template's headers (auth); `body`,
+/// when given, is a JSON template.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawErase {
+    #[serde(default = "default_method")]
+    method: String,
+    path: String,
+    #[serde(default)]
+    body: Option<String>,
 }
 
 fn default_method() -> String {
@@ -143,6 +159,8 @@ pub struct ProviderTemplate {
     pub duplicate_statuses: Vec<u16>,
     headers: Vec<String>,
     form: Vec<String>,
+    /// The erasure request's method and whether it has a body.
+    erase: Option<(reqwest::Method, bool)>,
     env: minijinja::Environment<'static>,
 }
 
@@ -247,6 +265,24 @@ impl ProviderTemplate {
                 format!("headers.{header}"),
             );
         }
+        let mut erase_method_problem = None;
+        let erase = raw.erase.as_ref().map(|erase| {
+            add("erase:path".into(), erase.path.clone(), "erase.path".into());
+            if let Some(body) = &erase.body {
+                add("erase:body".into(), body.clone(), "erase.body".into());
+            }
+            let method = erase.method.parse::<reqwest::Method>().unwrap_or_else(|_| {
+                erase_method_problem = Some((
+                    "erase.method".to_string(),
+                    format!(
+                        "`{}` is not an HTTP method; use POST or DELETE",
+                        erase.method
+                    ),
+                ));
+                reqwest::Method::POST
+            });
+            (method, erase.body.is_some())
+        });
         let mut form = Vec::new();
         match (raw.encoding, &raw.body, &raw.form) {
             (Encoding::Json, Some(body), None) => add("body".into(), body.clone(), "body".into()),
@@ -269,6 +305,7 @@ impl ProviderTemplate {
                 "encoding = \"form\" needs a [form] table and no `body`".into(),
             )),
         }
+        problems.extend(erase_method_problem);
         if raw.signing == Signing::StandardWebhooks
             && !raw.secrets.iter().any(|s| s == "signing_secret")
         {
@@ -295,6 +332,7 @@ impl ProviderTemplate {
             duplicate_statuses: raw.duplicate_statuses,
             headers: raw.headers.into_keys().collect(),
             form,
+            erase,
             env,
         })
     }
@@ -450,6 +488,60 @@ impl ProviderTemplate {
             content_type,
             body,
         })
+    }
+}
+
+impl ProviderTemplate {
+    /// Whether the provider has an erasure request (`[erase]`).
+    pub fn erases(&self) -> bool {
+        self.erase.is_some()
+    }
+
+    /// The erasure request for the member in `context`, if the provider
+    /// has one. `base_url` overrides the template's.
+    pub fn render_erase(
+        &self,
+        base_url: Option<&str>,
+        context: &minijinja::Value,
+    ) -> Option<Result<RenderedRequest, RenderError>> {
+        let (method, has_body) = self.erase.clone()?;
+        Some((|| {
+            let base = base_url.unwrap_or(&self.base_url).trim_end_matches('/');
+            let path = self.render_part("erase:path", context)?;
+            let url = if path.is_empty() || path == "/" {
+                base.to_string()
+            } else if path.starts_with('/') {
+                format!("{base}{path}")
+            } else {
+                format!("{base}/{path}")
+            };
+            let mut headers = Vec::with_capacity(self.headers.len());
+            for header in &self.headers {
+                let value = self.render_part(&format!("header:{header}"), context)?;
+                headers.push((header.clone(), value.trim().to_string()));
+            }
+            let body = if has_body {
+                let text = self.render_part("erase:body", context)?;
+                let value: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| RenderError {
+                        file: self.file.display().to_string(),
+                        part: "erase.body".into(),
+                        message: format!(
+                            "did not render to JSON ({e}); insert values with `| tojson`"
+                        ),
+                    })?;
+                serde_json::to_vec(&value).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            Ok(RenderedRequest {
+                method,
+                url,
+                headers,
+                content_type: "application/json",
+                body,
+            })
+        })())
     }
 }
 

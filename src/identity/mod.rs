@@ -263,6 +263,22 @@ impl Identity {
         Ok(Identifier { kind, value })
     }
 
+    /// Whether a value as a source wrote it is one of `identifiers` once
+    /// normalized (an erased member's email, phone or card in a stored
+    /// source row).
+    pub fn is_one_of(&self, raw: &str, identifiers: &[Identifier]) -> bool {
+        identifiers.iter().any(|identifier| {
+            let normalized = match identifier.kind {
+                IdentifierKind::Email => normalize_email(raw),
+                IdentifierKind::Phone => self.normalize_phone(raw),
+                IdentifierKind::Card => normalize_card(raw),
+                // A source's own customer id is a key, not a contact.
+                IdentifierKind::Customer => None,
+            };
+            normalized.as_deref() == Some(identifier.value.as_str())
+        })
+    }
+
     /// E.164, or `None` for what is not a valid number.
     pub fn normalize_phone(&self, raw: &str) -> Option<String> {
         let raw = raw.trim();

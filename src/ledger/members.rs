@@ -596,3 +596,255 @@ pub async fn contacts(
         })
         .collect())
 }
+
+/// What erasing a member removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Erased {
+    /// The member and the members merged into it.
+    pub members: Vec<i64>,
+    pub identifiers: u64,
+    /// Stored source rows (reference data, quarantine) whose values were
+    /// the member's.
+    pub source_rows: u64,
+}
+
+/// The member and every member merged into it (directly or not).
+pub async fn with_merged(db: &Db, member: i64) -> Result<Vec<i64>, tokio_postgres::Error> {
+    Ok(db
+        .query(
+            "WITH RECURSIVE family (member_id) AS (
+                 SELECT $1::bigint
+                 UNION
+                 SELECT m.member_id FROM members m JOIN family f ON m.merged_into = f.member_id
+             )
+             SELECT member_id FROM family ORDER BY member_id",
+            &[&member],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Whether the member was erased before.
+pub async fn is_erased(db: &Db, member: i64) -> Result<bool, tokio_postgres::Error> {
+    Ok(db
+        .query_opt(
+            "SELECT erased_at IS NOT NULL FROM members WHERE member_id = $1",
+            &[&member],
+        )
+        .await?
+        .is_some_and(|r| r.get(0)))
+}
+
+/// Rows read per round when looking for an erased member's values in
+/// stored source rows: the memory bound of an erasure.
+const ERASE_SCAN_ROWS: i64 = 1000;
+
+/// GDPR erasure of the member's personal data, in the caller's
+/// transaction: identifiers, profile (consents, time zone, push token,
+/// LINE id), merge records' identifier values, and any value equal to one
+/// of its identifiers in stored source rows (reference data such as Odoo
+/// partners, quarantined rows) are removed; the member is marked erased.
+/// Ledger entries, orders and balances stay, under the bare member id.
+pub async fn erase_personal_data(
+    db: &Db,
+    identity: &crate::identity::Identity,
+    member: i64,
+    at: DateTime<Utc>,
+) -> Result<Erased, tokio_postgres::Error> {
+    let members = with_merged(db, member).await?;
+    let identifiers: Vec<Identifier> = db
+        .query(
+            "SELECT kind, value FROM member_identifiers WHERE member_id = ANY($1)",
+            &[&members],
+        )
+        .await?
+        .iter()
+        .filter_map(|r| {
+            let kind: String = r.get(0);
+            Some(Identifier {
+                kind: IdentifierKind::parse(&kind)?,
+                value: r.get(1),
+            })
+        })
+        .collect();
+    let mut erased = Erased {
+        members: members.clone(),
+        ..Erased::default()
+    };
+    // Stored source rows first (found by the identifiers' values).
+    erased.source_rows = scrub_source_rows(db, identity, &identifiers).await?;
+    erased.identifiers = db
+        .execute(
+            "DELETE FROM member_identifiers WHERE member_id = ANY($1)",
+            &[&members],
+        )
+        .await?;
+    let values: Vec<&str> = identifiers.iter().map(|i| i.value.as_str()).collect();
+    db.execute(
+        "DELETE FROM shared_identifiers WHERE value = ANY($1)",
+        &[&values],
+    )
+    .await?;
+    db.execute(
+        "DELETE FROM member_profiles WHERE member_id = ANY($1)",
+        &[&members],
+    )
+    .await?;
+    db.execute(
+        "UPDATE member_merges SET via_value = '(erased)'
+          WHERE merged_member = ANY($1) OR into_member = ANY($1)",
+        &[&members],
+    )
+    .await?;
+    db.execute(
+        "UPDATE members SET erased_at = $2 WHERE member_id = ANY($1) AND erased_at IS NULL",
+        &[&members, &at],
+    )
+    .await?;
+    Ok(erased)
+}
+
+/// Removes the values equal to one of `identifiers` (once normalized)
+/// from stored source rows: reference data and quarantine. Candidates are
+/// found in SQL by the value's text (emails, cards) or digits (phones),
+/// then each value is compared normalized, so a row is only changed where
+/// a value really is the member's.
+async fn scrub_source_rows(
+    db: &Db,
+    identity: &crate::identity::Identity,
+    identifiers: &[Identifier],
+) -> Result<u64, tokio_postgres::Error> {
+    // What the text of a row holding the value must contain: the email or
+    // card as is (case-insensitively), or the phone's last 7 digits among
+    // the row's digits (sources write numbers with spaces and prefixes).
+    let mut texts = Vec::new();
+    let mut digits = Vec::new();
+    for identifier in identifiers {
+        match identifier.kind {
+            IdentifierKind::Email | IdentifierKind::Card => {
+                texts.push(format!("%{}%", like_escape(&identifier.value)))
+            }
+            IdentifierKind::Phone => {
+                let d: String = identifier
+                    .value
+                    .chars()
+                    .filter(char::is_ascii_digit)
+                    .collect();
+                if d.len() >= 7 {
+                    digits.push(format!("%{}%", &d[d.len() - 7..]));
+                }
+            }
+            IdentifierKind::Customer => {}
+        }
+    }
+    if texts.is_empty() && digits.is_empty() {
+        return Ok(0);
+    }
+    let mut changed = 0;
+    // Two fixed table names (no input reaches the statement text).
+    for table in ["reference_rows", "quarantine"] {
+        let select = format!(
+            "SELECT ctid::text, row_data FROM {table}
+              WHERE row_data IS NOT NULL
+                AND ($3::text IS NULL OR ctid > $3::text::tid)
+                AND (row_data::text ILIKE ANY($1)
+                     OR regexp_replace(row_data::text, '[^0-9]', '', 'g') LIKE ANY($2))
+              ORDER BY ctid LIMIT {ERASE_SCAN_ROWS}"
+        );
+        let update = format!("UPDATE {table} SET row_data = $2 WHERE ctid = $1::text::tid");
+        let mut after: Option<String> = None;
+        loop {
+            // Pages through candidates by physical row id: bounded memory
+            // whatever the table's size. (An updated row moves and may be
+            // met again: it no longer holds the values, so nothing changes.)
+            let rows = db
+                .client()
+                .query(&select, &[&texts, &digits, &after])
+                .await?;
+            for row in &rows {
+                let id: String = row.get(0);
+                let mut data: serde_json::Value = row.get(1);
+                if forget_values(&mut data, identity, identifiers) {
+                    db.client().execute(&update, &[&id, &data]).await?;
+                    changed += 1;
+                }
+            }
+            if (rows.len() as i64) < ERASE_SCAN_ROWS {
+                break;
+            }
+            after = rows.last().map(|r| r.get(0));
+        }
+    }
+    Ok(changed)
+}
+
+/// `%` and `_` taken literally in a LIKE pattern.
+fn like_escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
+}
+
+/// Sets every string in `data` that is one of `identifiers` to null
+/// (nested objects and arrays too, and strings holding JSON, as Odoo's
+/// translated fields); returns whether anything changed.
+fn forget_values(
+    data: &mut serde_json::Value,
+    identity: &crate::identity::Identity,
+    identifiers: &[Identifier],
+) -> bool {
+    match data {
+        serde_json::Value::String(text) => {
+            if identity.is_one_of(text, identifiers) {
+                *data = serde_json::Value::Null;
+                return true;
+            }
+            if let Ok(mut inner @ (serde_json::Value::Object(_) | serde_json::Value::Array(_))) =
+                serde_json::from_str::<serde_json::Value>(text)
+            {
+                if forget_values(&mut inner, identity, identifiers) {
+                    *data = serde_json::Value::String(inner.to_string());
+                    return true;
+                }
+            }
+            false
+        }
+        serde_json::Value::Array(items) => items.iter_mut().fold(false, |changed, item| {
+            forget_values(item, identity, identifiers) | changed
+        }),
+        serde_json::Value::Object(fields) => fields.values_mut().fold(false, |changed, item| {
+            forget_values(item, identity, identifiers) | changed
+        }),
+        _ => false,
+    }
+}
+
+/// Why an identifier typed by a person found no member.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    /// Not an identifier (the message says what is expected).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("ledger: {}", super::db::describe(.0))]
+    Database(#[from] tokio_postgres::Error),
+}
+
+/// The member an identifier as a person types it names: `member:ID`, an
+/// email, a phone number with `+`, `card:…`, `customer:SOURCE:ID`.
+pub async fn find_typed(
+    db: &Db,
+    identity: &Identity,
+    text: &str,
+) -> Result<Option<i64>, LookupError> {
+    match text.strip_prefix("member:").map(str::parse::<i64>) {
+        Some(Ok(id)) => Ok(Some(id)),
+        Some(Err(_)) => Err(LookupError::Invalid("member:ID needs a number".into())),
+        None => {
+            let identifier = identity.parse_typed(text).map_err(LookupError::Invalid)?;
+            Ok(find(db, &identifier).await?)
+        }
+    }
+}

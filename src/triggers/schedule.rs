@@ -267,6 +267,16 @@ async fn insert_tier_rows(db: &Db, rows: &[TierRow]) -> Result<(), tokio_postgre
     Ok(())
 }
 
+/// An erased member is due nothing any more.
+pub async fn forget_members(db: &Db, members: &[i64]) -> Result<(), tokio_postgres::Error> {
+    db.execute(
+        "DELETE FROM scheduled_triggers WHERE member_id = ANY($1)",
+        &[&members],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Deletes the rows of `(members[i], kinds[i])`.
 async fn remove<K: AsRef<str> + Sync + tokio_postgres::types::ToSql>(
     db: &Db,

@@ -360,6 +360,308 @@ mapping = "{connectors}/odoo-pos.toml"
             >= 1.0
     );
 
+    // Erasure through the API: the token, then the wallet is gone.
+    let delete = |token: Option<&str>| {
+        let request = http.delete(format!("{base}{wallet}"));
+        match token {
+            Some(token) => request.bearer_auth(token.to_string()).send(),
+            None => request.send(),
+        }
+    };
+    assert_eq!(delete(None).await.unwrap().status(), 401);
+    let erased = delete(Some(TOKEN)).await.unwrap();
+    assert_eq!(erased.status(), 200);
+    let erased: serde_json::Value = serde_json::from_str(&erased.text().await.unwrap()).unwrap();
+    assert_eq!(erased["result"], "erased", "{erased}");
+    let gone = http
+        .get(format!("{base}{wallet}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+    assert_eq!(
+        delete(Some(TOKEN)).await.unwrap().status(),
+        404,
+        "nothing left to erase"
+    );
+
     shutdown.cancel();
     service.await.unwrap().expect("pipeline ends cleanly");
+}
+
+/// Rows of every text and JSON column of the ledger database that hold
+/// `text` (case-insensitively) or, among their digits, `digits`.
+async fn traces(ledger: &tokio_postgres::Client, text: &str, digits: &str) -> Vec<String> {
+    let columns = ledger
+        .query(
+            "SELECT table_name, column_name FROM information_schema.columns
+              WHERE table_schema = 'public'
+                AND data_type IN ('text', 'character varying', 'jsonb', 'json')
+              ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(columns.len() > 30, "every text column of the ledger");
+    let mut found = Vec::new();
+    for column in columns {
+        let (table, name): (String, String) = (column.get(0), column.get(1));
+        let count: i64 = ledger
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {table} WHERE {name}::text ILIKE $1
+                        OR regexp_replace({name}::text, '[^0-9]', '', 'g') LIKE $2"
+                ),
+                &[&format!("%{text}%"), &format!("%{digits}%")],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if count > 0 {
+            found.push(format!("{table}.{name}"));
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_leaves_no_trace_of_the_person_and_tells_the_providers() {
+    crate::support::init_logging();
+    let ledger_db = PgDatabase::create("ledger").await;
+    let pos_db = PgDatabase::create("pos").await;
+    let pos = crate::ledger_pipeline::odoo_pos(&pos_db).await;
+    let receiver =
+        crate::support::receiver::Receiver::start(crate::support::receiver::Reply::status(202))
+            .await;
+    let providers = concat!(env!("CARGO_MANIFEST_DIR"), "/connectors/providers");
+    let config = format!(
+        r#"[ledger]
+url = "{ledger}"
+
+[identity]
+default_region = "DE"
+
+[delivery]
+enabled = false
+
+[api]
+listen = "127.0.0.1:0"
+
+[[sources]]
+name = "pos"
+kind = "postgres"
+url = "{pos}"
+slot = "{slot}"
+publication = "{slot}"
+mapping = "{connectors}/odoo-pos.toml"
+
+[[providers]]
+name = "klaviyo"
+template = "{providers}/klaviyo.toml"
+base_url = "{url}/klaviyo"
+secrets.api_key = "pk_test_klaviyo"
+
+[[providers]]
+name = "hooks"
+template = "{providers}/webhook.toml"
+base_url = "{url}/hooks"
+secrets.signing_secret = "{secret}"
+
+[[triggers.routes]]
+trigger = "welcome"
+provider = "hooks"
+"#,
+        ledger = ledger_db.url(),
+        pos = pos_db.url(),
+        slot = pos_db.name,
+        connectors = concat!(env!("CARGO_MANIFEST_DIR"), "/connectors/sources"),
+        url = receiver.url,
+        secret = crate::support::WEBHOOK_SECRET,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loyalty-cdc.toml");
+    std::fs::write(&path, &config).unwrap();
+    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
+
+    // Anna buys at the till: her email, phone and card reach the ledger
+    // (identifiers, and the partner row kept as reference data); her
+    // welcome waits in the outbox (delivery is off).
+    let shutdown = CancellationToken::new();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let service = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            pipeline::run(&settings, shutdown, move |sources| {
+                let _ = started_tx.send(sources[0].progress.clone());
+            })
+            .await
+        })
+    };
+    let progress = started_rx.await.unwrap();
+    wait_for("the source to stream", || {
+        let progress = progress.clone();
+        async move {
+            matches!(
+                progress.snapshot().state,
+                loyalty_cdc::source::progress::ReaderState::Streaming
+            )
+        }
+    })
+    .await;
+    pos.batch_execute(
+        "INSERT INTO res_partner (id, name, type, email, phone, barcode, lang)
+           VALUES (5, 'Anna Schmidt', 'contact', 'Anna.Schmidt@Example.DE', '030 1234567', '{\"1\": \"CARD-4711\"}', 'de_DE');
+         BEGIN;
+         INSERT INTO pos_order (id, name, amount_tax, amount_total, amount_paid, amount_return, company_id,
+                                partner_id, config_id, is_refund, state)
+           VALUES (1, 'Shop/0001', 19, 119, 119, 0, 1, 5, 1, false, 'paid');
+         INSERT INTO pos_order_line (id, name, product_id, qty, price_subtotal, price_subtotal_incl, order_id)
+           VALUES (11, 'L1', 1, 2, 100, 119, 1);
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    let ledger = ledger_db.client().await;
+    wait_for("the sale to be booked", || async {
+        ledger
+            .query_one("SELECT count(*) FROM outbox WHERE trigger = 'welcome'", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+            == 1
+    })
+    .await;
+    shutdown.cancel();
+    service.await.unwrap().expect("pipeline ends cleanly");
+    let member: i64 = ledger
+        .query_one(
+            "SELECT member_id FROM member_identifiers WHERE value = 'anna.schmidt@example.de'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let before = traces(&ledger, "anna.schmidt", "301234567").await;
+    assert!(
+        before.contains(&"member_identifiers.value".to_string())
+            && before.contains(&"reference_rows.row_data".to_string()),
+        "the scan finds her before: {before:?}"
+    );
+    assert!(!traces(&ledger, "CARD-4711", "301234567").await.is_empty());
+
+    let erase = crate::support::run_cli(
+        &config,
+        &["member", "erase", "Anna.Schmidt@example.de", "--json"],
+        &[],
+    )
+    .await;
+    assert_eq!(erase.code, 0, "{}", erase.output());
+    let report: serde_json::Value = serde_json::from_str(&erase.stdout).unwrap();
+    assert_eq!(report["result"], "erased");
+    assert_eq!(report["member_id"], member);
+    assert_eq!(
+        report["identifiers"], 4,
+        "email, phone, card and the POS customer id"
+    );
+    assert_eq!(report["source_rows"], 1, "the partner row");
+    assert_eq!(report["messages_cancelled"], 1, "the unsent welcome");
+
+    // The providers were asked: Klaviyo's profile deletion by email, the
+    // webhook's signed erasure event.
+    let requests = receiver.wait_for(2).await;
+    let klaviyo = requests
+        .iter()
+        .find(|r| r.path.starts_with("/klaviyo"))
+        .unwrap();
+    assert_eq!(
+        (klaviyo.method.as_str(), klaviyo.path.as_str()),
+        ("POST", "/klaviyo/api/data-privacy-deletion-jobs")
+    );
+    assert_eq!(
+        klaviyo.header("authorization"),
+        Some("Klaviyo-API-Key pk_test_klaviyo")
+    );
+    assert_eq!(
+        klaviyo.json()["data"]["attributes"]["profile"]["data"]["attributes"],
+        serde_json::json!({ "email": "anna.schmidt@example.de" })
+    );
+    let hook = requests
+        .iter()
+        .find(|r| r.path.starts_with("/hooks"))
+        .unwrap();
+    assert_eq!(hook.json()["type"], "loyalty.member_erased");
+    assert_eq!(hook.json()["data"]["member"]["id"], member);
+    assert_eq!(
+        hook.header("webhook-id"),
+        Some(format!("erase-{member}").as_str())
+    );
+    standardwebhooks::Webhook::new(crate::support::WEBHOOK_SECRET)
+        .unwrap()
+        .verify(&hook.body, &hook.headers)
+        .expect("the erasure event is signed");
+
+    // Nothing of her is left in any text or JSON column; her points are.
+    assert_eq!(
+        traces(&ledger, "anna.schmidt", "301234567").await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        traces(&ledger, "CARD-4711", "301234567").await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        traces(&ledger, "CARD4711", "301234567").await,
+        Vec::<String>::new()
+    );
+    let kept = ledger
+        .query_one(
+            "SELECT b.lifetime, m.erased_at IS NOT NULL, (SELECT status FROM outbox WHERE member_id = $1)
+               FROM balances b JOIN members m USING (member_id) WHERE member_id = $1",
+            &[&member],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        kept.get::<_, i64>(0),
+        100,
+        "points kept under the member id"
+    );
+    assert!(kept.get::<_, bool>(1));
+    assert_eq!(kept.get::<_, String>(2), "cancelled");
+    let partner: serde_json::Value = ledger
+        .query_one(
+            "SELECT row_data FROM reference_rows WHERE reference = 'partner' AND key = '5'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(partner["email"], serde_json::Value::Null, "{partner}");
+
+    // Again: nothing to do, by either name.
+    let again = crate::support::run_cli(
+        &config,
+        &["member", "erase", "anna.schmidt@example.de"],
+        &[],
+    )
+    .await;
+    assert_eq!(again.code, 0, "{}", again.output());
+    assert!(
+        again.stdout.contains("nothing to erase"),
+        "{}",
+        again.stdout
+    );
+    let by_id = crate::support::run_cli(
+        &config,
+        &["member", "erase", &format!("member:{member}")],
+        &[],
+    )
+    .await;
+    assert_eq!(by_id.code, 0, "{}", by_id.output());
+    assert!(by_id.stdout.contains("erased before"), "{}", by_id.stdout);
+    assert_eq!(receiver.requests().len(), 2, "providers asked once");
+    let show =
+        crate::support::run_cli(&config, &["member", "show", "anna.schmidt@example.de"], &[]).await;
+    assert_eq!(show.code, 1, "no member has her email any more");
 }
