@@ -60,9 +60,26 @@ enum Command {
     /// Members of the program.
     #[command(subcommand)]
     Member(MemberCommand),
+    /// Source rows that could not be mapped, kept with the reason.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
     /// Messages providers refused for good, or that ran out of attempts.
     #[command(subcommand)]
     Dlq(DlqCommand),
+}
+
+#[derive(Subcommand)]
+enum QuarantineCommand {
+    /// Open quarantined rows, oldest first: id, source, table, operation,
+    /// reason, position and the row.
+    List {
+        /// At most this many (default 100).
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -143,6 +160,9 @@ fn main() -> ExitCode {
                 dlq_list(&cli.config, limit, json).await
             }
             Command::Dlq(DlqCommand::Replay { ids }) => dlq_replay(&cli.config, &ids).await,
+            Command::Quarantine(QuarantineCommand::List { limit, json }) => {
+                quarantine_list(&cli.config, limit, json).await
+            }
         }
     })
 }
@@ -643,4 +663,50 @@ async fn dlq_replay(path: &Path, ids: &[i64]) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn quarantine_list(path: &Path, limit: i64, json: bool) -> ExitCode {
+    let Some(db) = ledger_db(path).await else {
+        return ExitCode::FAILURE;
+    };
+    let rows = match ledger::quarantine::open(&db, limit.max(1)).await {
+        Ok(rows) => rows,
+        Err(error) => {
+            eprintln!("error: ledger: {}", ledger::db::describe(&error));
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        return match serde_json::to_string_pretty(&rows) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: cannot print JSON: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if rows.is_empty() {
+        println!("nothing quarantined");
+    }
+    for row in &rows {
+        println!(
+            "{:>6}  {}  {:<10} {:<24} {:<8} at {}  {}",
+            row.id,
+            row.quarantined_at.format("%Y-%m-%d %H:%M:%S"),
+            row.source,
+            row.table,
+            row.operation,
+            row.position,
+            row.reason
+        );
+        if let Some(data) = &row.row {
+            // The row may hold personal data: shown to the operator who
+            // asked, never logged.
+            println!("        row: {data}");
+        }
+    }
+    ExitCode::SUCCESS
 }

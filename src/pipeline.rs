@@ -39,6 +39,9 @@ pub struct RunningSource {
     pub kind: SourceKind,
     pub progress: SourceProgress,
     pub counts: Arc<ApplyCounts>,
+    /// The ledger writers' turn, shared by every source of the process:
+    /// other writers of member state (the API's redemptions) take it too.
+    pub writer: WriterLock,
 }
 
 fn no_mapping(index: usize, source: &SourceSettings) -> PipelineError {
@@ -108,6 +111,7 @@ pub async fn run(
                     kind: source.kind,
                     progress: reader.progress(),
                     counts,
+                    writer: writer.clone(),
                 });
                 tasks.spawn(async move {
                     let mut consumer = consumer;
@@ -123,6 +127,7 @@ pub async fn run(
                     kind: source.kind,
                     progress: reader.progress(),
                     counts,
+                    writer: writer.clone(),
                 });
                 tasks.spawn(async move {
                     let mut consumer = consumer;

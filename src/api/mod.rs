@@ -13,10 +13,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use axum::extract::Query;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -69,6 +70,10 @@ pub struct ApiState {
     /// One ledger connection for scrapes and the wallet (reconnected when
     /// lost).
     db: tokio::sync::Mutex<Option<Db>>,
+    /// Redemptions fire the `redemption` trigger like a source's.
+    triggers: Arc<crate::triggers::Triggers>,
+    /// The ledger writers' turn (see `WriterLock`).
+    writer: crate::ledger::apply::WriterLock,
 }
 
 impl ApiState {
@@ -80,12 +85,19 @@ impl ApiState {
             .as_ref()
             .and_then(|t| t.expose())
             .map(str::to_string);
+        let writer = sources
+            .first()
+            .map(|s| s.writer.clone())
+            .unwrap_or_default();
+        let triggers = crate::triggers::Triggers::from_settings(&settings);
         Ok(Self {
             sources,
             settings,
             identity,
             token,
             db: tokio::sync::Mutex::new(None),
+            triggers,
+            writer,
         })
     }
 
@@ -108,13 +120,40 @@ impl ApiState {
     }
 }
 
+const MEMBER: &str = "/v1/members/{identifier}";
+const REDEMPTIONS: &str = "/v1/members/{identifier}/redemptions";
+const CONSENT: &str = "/v1/members/{identifier}/consent";
+const DEAD_LETTERS: &str = "/v1/dead-letters";
+const REPLAY: &str = "/v1/dead-letters/{id}/replay";
+const QUARANTINE: &str = "/v1/quarantine";
+
+/// Every operation served, as `docs/openapi.json` documents them (a test
+/// holds the two equal; [`router`] serves exactly these).
+pub const OPERATIONS: [(&str, &str); 10] = [
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", MEMBER),
+    ("delete", MEMBER),
+    ("post", REDEMPTIONS),
+    ("post", CONSENT),
+    ("get", DEAD_LETTERS),
+    ("post", REPLAY),
+    ("get", QUARANTINE),
+];
+
 /// The routes.
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics_text))
-        .route("/v1/members/{identifier}", get(wallet).delete(erase_member))
+        .route(MEMBER, get(wallet).delete(erase_member))
+        .route(REDEMPTIONS, post(redeem))
+        .route(CONSENT, post(consent))
+        .route(DEAD_LETTERS, get(dead_letters))
+        .route(REPLAY, post(replay_dead_letter))
+        .route(QUARANTINE, get(quarantined))
         .with_state(state)
 }
 
@@ -439,5 +478,343 @@ async fn wallet(
                 "the ledger could not be read",
             )
         }
+    }
+}
+
+/// `POST /v1/members/{identifier}/redemptions` body.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedemptionRequest {
+    points: i64,
+}
+
+/// The longest idempotency key taken (it becomes part of a ledger key).
+const MAX_IDEMPOTENCY_KEY: usize = 200;
+
+/// What a redemption request did.
+enum Redeemed {
+    Now,
+    Before,
+    KeyReused,
+    Insufficient(i64),
+}
+
+/// `POST /v1/members/{identifier}/redemptions` with an `Idempotency-Key`
+/// header: spends available points, never below zero (409 with what is
+/// available). The same key again answers what the first request did (200
+/// instead of 201) and books nothing; the same key for another redemption
+/// is refused (422).
+async fn redeem(
+    State(state): State<Arc<ApiState>>,
+    Path(identifier): Path<String>,
+    headers: HeaderMap,
+    body: Option<Json<RedemptionRequest>>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let Some(key) = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
+        .map(str::to_string)
+    else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            format!("an Idempotency-Key header (1 to {MAX_IDEMPOTENCY_KEY} characters) is required: a retried request must not spend twice"),
+        );
+    };
+    let Some(Json(request)) = body.filter(|b| b.points > 0) else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "the body must be JSON {\"points\": N} with N > 0",
+        );
+    };
+    let member = match resolve(&state, &identifier).await {
+        Ok(Some(member)) => member,
+        Ok(None) => return problem(StatusCode::NOT_FOUND, "no member has this identifier"),
+        Err(response) => return response,
+    };
+    let points = request.points;
+    let _turn = state.writer.hold().await;
+    let now = Utc::now();
+    let result = state
+        .with_db(async |db| {
+            db.batch_execute("BEGIN").await?;
+            let booked = redeem_in(db, &state.triggers, member, &key, points, now).await;
+            match booked {
+                Ok(redeemed) => {
+                    db.batch_execute("COMMIT").await?;
+                    let available: i64 = db
+                        .query_opt(
+                            "SELECT available FROM balances WHERE member_id = $1",
+                            &[&member],
+                        )
+                        .await?
+                        .map_or(0, |r| r.get(0));
+                    Ok((redeemed, available))
+                }
+                Err(error) => {
+                    let _ = db.batch_execute("ROLLBACK").await;
+                    Err(error)
+                }
+            }
+        })
+        .await;
+    let body =
+        |available: i64| json!({ "redemption_ref": key, "points": points, "available": available });
+    match result {
+        Ok((Redeemed::Now, available)) => {
+            (StatusCode::CREATED, Json(body(available))).into_response()
+        }
+        Ok((Redeemed::Before, available)) => (StatusCode::OK, Json(body(available))).into_response(),
+        Ok((Redeemed::KeyReused, _)) => problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "this Idempotency-Key was used for another redemption; use a new key for a new redemption",
+        ),
+        Ok((Redeemed::Insufficient(available), _)) => (
+            StatusCode::CONFLICT,
+            Json(json!({
+                "error": format!("{points} points exceed the {available} available; the balance never goes below zero"),
+                "available": available,
+            })),
+        )
+            .into_response(),
+        Err(error) => {
+            tracing::warn!(error = %error, "redemption failed and was rolled back");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the ledger could not be written; nothing was redeemed; retry with the same key",
+            )
+        }
+    }
+}
+
+/// A redemption in the open transaction, with its trigger.
+async fn redeem_in(
+    db: &Db,
+    triggers: &crate::triggers::Triggers,
+    member: i64,
+    key: &str,
+    points: i64,
+    now: chrono::DateTime<Utc>,
+) -> Result<Redeemed, tokio_postgres::Error> {
+    let effect = format!("api:redemption:{key}");
+    // The key used before: for this redemption, or for another?
+    if let Some(row) = db
+        .query_opt(
+            "SELECT member_id, -points FROM ledger_entries WHERE effect_key = $1",
+            &[&effect],
+        )
+        .await?
+    {
+        let same = row.get::<_, i64>(0) == member && row.get::<_, i64>(1) == points;
+        return Ok(if same {
+            Redeemed::Before
+        } else {
+            Redeemed::KeyReused
+        });
+    }
+    let event = crate::normalize::RedemptionEvent {
+        redemption_ref: key.to_string(),
+        points,
+        identifiers: Default::default(),
+    };
+    match crate::ledger::orders::apply_redemption(db, "api", &event, member, now).await? {
+        crate::ledger::orders::Booked::Insufficient(available) => {
+            Ok(Redeemed::Insufficient(available))
+        }
+        _ => {
+            let mut facts = crate::triggers::BatchFacts::default();
+            facts.touched(member, true, now);
+            facts.redeemed("api", member, key, points, now);
+            crate::triggers::record(db, triggers, facts).await?;
+            Ok(Redeemed::Now)
+        }
+    }
+}
+
+/// `POST /v1/members/{identifier}/consent` body: what the member said;
+/// an absent field stays as it was.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsentRequest {
+    email: Option<bool>,
+    sms: Option<bool>,
+    push: Option<bool>,
+}
+
+/// `POST /v1/members/{identifier}/consent`: records email, SMS and push
+/// consent (as a source's profile change would); answers the consent now.
+async fn consent(
+    State(state): State<Arc<ApiState>>,
+    Path(identifier): Path<String>,
+    headers: HeaderMap,
+    body: Option<Json<ConsentRequest>>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let Some(Json(request)) = body else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "the body must be JSON with any of \"email\", \"sms\", \"push\": true or false",
+        );
+    };
+    let member = match resolve(&state, &identifier).await {
+        Ok(Some(member)) => member,
+        Ok(None) => return problem(StatusCode::NOT_FOUND, "no member has this identifier"),
+        Err(response) => return response,
+    };
+    let profile = crate::normalize::Profile {
+        email_opt_in: request.email,
+        sms_opt_in: request.sms,
+        push_opt_in: request.push,
+        ..Default::default()
+    };
+    let result = state
+        .with_db(async |db| {
+            crate::ledger::members::update_profile(db, member, &profile, Utc::now()).await?;
+            Ok(crate::ledger::members::contacts(db, &[member])
+                .await?
+                .remove(&member))
+        })
+        .await;
+    match result {
+        Ok(Some(contact)) => Json(json!({
+            "member_id": contact.member_id.to_string(),
+            "consent": { "email": contact.email_opt_in, "sms": contact.sms_opt_in, "push": contact.push_opt_in },
+        }))
+        .into_response(),
+        Ok(None) => problem(StatusCode::NOT_FOUND, "no member has this identifier"),
+        Err(error) => {
+            tracing::warn!(error = %error, "consent: the ledger could not be written");
+            problem(StatusCode::SERVICE_UNAVAILABLE, "the ledger could not be written")
+        }
+    }
+}
+
+/// `?limit=N` of the list endpoints (default 100, at most 1,000).
+#[derive(Debug, serde::Deserialize)]
+struct ListQuery {
+    limit: Option<i64>,
+}
+
+impl ListQuery {
+    fn limit(&self) -> i64 {
+        self.limit.unwrap_or(100).clamp(1, 1000)
+    }
+}
+
+/// `GET /v1/dead-letters`: open dead letters, oldest first, with the
+/// provider's answer.
+async fn dead_letters(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    match state
+        .with_db(async |db| crate::delivery::outbox::dead_letters(db, query.limit()).await)
+        .await
+    {
+        Ok(letters) => Json(json!({ "dead_letters": letters })).into_response(),
+        Err(error) => {
+            tracing::warn!(error = %error, "dead letters: the ledger could not be read");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the ledger could not be read",
+            )
+        }
+    }
+}
+
+/// `POST /v1/dead-letters/{id}/replay`: due again (same message id) and
+/// the provider's endpoint re-enabled; 404 for an unknown or replayed id.
+async fn replay_dead_letter(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    match state
+        .with_db(async |db| crate::delivery::outbox::replay(db, &[id], Utc::now()).await)
+        .await
+    {
+        Ok(replayed) if replayed.contains(&id) => Json(json!({ "replayed": id })).into_response(),
+        Ok(_) => problem(
+            StatusCode::NOT_FOUND,
+            "no open dead letter has this id (unknown, or replayed before)",
+        ),
+        Err(error) => {
+            tracing::warn!(error = %error, "replay: the ledger could not be written");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the ledger could not be written",
+            )
+        }
+    }
+}
+
+/// `GET /v1/quarantine`: open quarantined source rows, oldest first.
+async fn quarantined(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    match state
+        .with_db(async |db| crate::ledger::quarantine::open(db, query.limit()).await)
+        .await
+    {
+        Ok(rows) => Json(json!({ "quarantine": rows })).into_response(),
+        Err(error) => {
+            tracing::warn!(error = %error, "quarantine: the ledger could not be read");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the ledger could not be read",
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_lists_exactly_the_operations_served() {
+        let document: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/openapi.json")).expect("valid JSON");
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, item) in document["paths"].as_object().expect("paths") {
+            for method in ["get", "post", "put", "patch", "delete"] {
+                if item.get(method).is_some() {
+                    documented.push((method.to_string(), path.clone()));
+                }
+            }
+        }
+        documented.sort();
+        let mut served: Vec<(String, String)> = OPERATIONS
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        served.sort();
+        assert_eq!(documented, served);
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"secret"));
     }
 }

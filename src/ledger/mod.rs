@@ -8,6 +8,7 @@
 //! - `members.rs`: members, identifiers, merges (`members`,
 //!   `member_identifiers`, `member_merges`, `shared_identifiers`).
 //! - `orders.rs`: orders, refunds, entries, balances, tier upgrades.
+//! - `quarantine.rs`: source rows that could not be mapped, for operators.
 //! - `tiers.rs`: tier qualification periods and their review (downgrades).
 //!
 //! Only this module writes ledger tables; other modules pass it types.
@@ -18,6 +19,7 @@ pub mod members;
 pub mod offers;
 pub mod orders;
 pub mod positions;
+pub mod quarantine;
 mod schema;
 pub mod tiers;
 

@@ -227,7 +227,7 @@ server_id = {server_id}
         shop = shop_db.url(),
         connectors = connectors().display()
     );
-    let (_path, settings) = write_config(&ledger_db, &sources);
+    let (path, settings) = write_config(&ledger_db, &sources);
     let (shutdown, handle) = start(settings).await;
     let ledger = Ledger::new(&ledger_db).await;
 
@@ -299,6 +299,22 @@ server_id = {server_id}
             "redemption `3` names no usable identifier, so no member can pay for it"
         ]
     );
+    // The operator's view of them.
+    let listed = crate::support::run_cli(
+        &std::fs::read_to_string(&path).unwrap(),
+        &["quarantine", "list", "--json"],
+        &[],
+    )
+    .await;
+    assert_eq!(listed.code, 0, "{}", listed.output());
+    let listed: serde_json::Value = serde_json::from_str(&listed.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    assert_eq!(listed[0]["source"], "pos");
+    assert_eq!(listed[0]["table"], "loyalty_history");
+    assert!(listed[1]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("redemption `3`"));
     assert_eq!(
         ledger.member_by_email("anna.schmidt@example.de").await,
         Some((20, 0, 50, Some("silver".into()))),

@@ -316,6 +316,108 @@ mapping = "{connectors}/odoo-pos.toml"
     assert_eq!(status["dead_letters"], 0);
     assert_eq!(status["quarantined"], 0);
 
+    // Redemptions: an idempotency key, never below zero.
+    let redeem = |key: Option<&str>, points: i64| {
+        let mut request = http
+            .post(format!("{base}{wallet}/redemptions"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(format!("{{\"points\": {points}}}"));
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key.to_string());
+        }
+        request.send()
+    };
+    let answer = |response: reqwest::Response| async move {
+        let status = response.status().as_u16();
+        let body: serde_json::Value =
+            serde_json::from_str(&response.text().await.unwrap()).unwrap();
+        (status, body)
+    };
+    assert_eq!(
+        redeem(None, 30).await.unwrap().status(),
+        400,
+        "no key, no redemption"
+    );
+    let (status, body) = answer(redeem(Some("r-1"), 30).await.unwrap()).await;
+    assert_eq!((status, &body["available"]), (201, &serde_json::json!(120)));
+    let (status, body) = answer(redeem(Some("r-1"), 30).await.unwrap()).await;
+    assert_eq!(
+        (status, &body["available"]),
+        (200, &serde_json::json!(120)),
+        "the same request again spends nothing"
+    );
+    assert_eq!(
+        redeem(Some("r-1"), 40).await.unwrap().status(),
+        422,
+        "a key names one redemption"
+    );
+    let (status, body) = answer(redeem(Some("r-2"), 500).await.unwrap()).await;
+    assert_eq!(
+        (status, &body["available"]),
+        (409, &serde_json::json!(120)),
+        "{body}"
+    );
+    let entries: i64 = ledger
+        .query_one(
+            "SELECT count(*) FROM ledger_entries WHERE kind = 'redeem'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(entries, 1);
+
+    // Consent, dead letters, quarantine.
+    let (status, body) = answer(
+        http.post(format!("{base}{wallet}/consent"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(r#"{"email": false, "sms": true}"#)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["consent"],
+        serde_json::json!({ "email": false, "sms": true, "push": null })
+    );
+    let (status, body) = answer(
+        http.get(format!("{base}/v1/dead-letters"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (200, serde_json::json!({ "dead_letters": [] }))
+    );
+    let replay = http
+        .post(format!("{base}/v1/dead-letters/999/replay"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 404);
+    let (status, body) = answer(
+        http.get(format!("{base}/v1/quarantine?limit=5"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (200, serde_json::json!({ "quarantine": [] }))
+    );
+    assert_eq!(get("/v1/dead-letters").await.unwrap().status(), 401);
+    assert_eq!(get("/v1/quarantine").await.unwrap().status(), 401);
+
     // The source's database goes away: not ready, and says why; back:
     // ready again, with the reconnect counted.
     relay.cut();
@@ -385,6 +487,41 @@ mapping = "{connectors}/odoo-pos.toml"
         404,
         "nothing left to erase"
     );
+
+    // Every operation of the OpenAPI document is served: no 405, and no
+    // router 404 (ours carry a JSON body; the router's is empty).
+    let unrouted = http
+        .get(format!("{base}/v1/nothing-here"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unrouted.status(), 404);
+    assert!(
+        unrouted.text().await.unwrap().is_empty(),
+        "the router's own 404 is empty"
+    );
+    for (method, path) in api::OPERATIONS {
+        let url = format!(
+            "{base}{}",
+            path.replace("{identifier}", "member:1")
+                .replace("{id}", "7")
+        );
+        let response = http
+            .request(method.to_uppercase().parse().unwrap(), &url)
+            .bearer_auth(TOKEN)
+            .header("Idempotency-Key", "doc-check")
+            .header("content-type", "application/json")
+            .body("{\"points\": 1}")
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap();
+        assert!(
+            status != 405 && !(status == 404 && body.is_empty()),
+            "{method} {path}: {status} {body}"
+        );
+    }
 
     shutdown.cancel();
     service.await.unwrap().expect("pipeline ends cleanly");
