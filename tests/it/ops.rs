@@ -802,3 +802,59 @@ provider = "hooks"
         crate::support::run_cli(&config, &["member", "show", "anna.schmidt@example.de"], &[]).await;
     assert_eq!(show.code, 1, "no member has her email any more");
 }
+
+/// `loyalty_…` and `process_…` metric names in a text.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let pattern = regex::Regex::new(r"\b(?:loyalty|process)_[a-z_]+\b").unwrap();
+    pattern
+        .find_iter(text)
+        .map(|m| {
+            let name = m.as_str();
+            ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name)
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn the_dashboard_and_the_alerts_use_only_metrics_the_service_exports() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    // What the code records (the macros name each metric once).
+    let mut exported = std::collections::BTreeSet::new();
+    let pattern =
+        regex::Regex::new(r#"metrics::(?:gauge|counter|histogram)!\(\s*"([a-z_]+)""#).unwrap();
+    for file in [
+        "src/api/mod.rs",
+        "src/ledger/apply.rs",
+        "src/delivery/worker.rs",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        exported.extend(pattern.captures_iter(&text).map(|c| c[1].to_string()));
+    }
+    assert!(exported.len() >= 20, "{exported:?}");
+    let dashboard = std::fs::read_to_string(root.join("docker/grafana-dashboard.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&dashboard).expect("the dashboard is JSON");
+    let alerts = std::fs::read_to_string(root.join("docker/prometheus-alerts.yml")).unwrap();
+    for (file, text) in [("dashboard", &dashboard), ("alerts", &alerts)] {
+        let used = metric_names(text);
+        assert!(used.len() >= 5, "{file}: {used:?}");
+        let unknown: Vec<&String> = used.iter().filter(|m| !exported.contains(*m)).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} uses metrics nobody exports: {unknown:?}"
+        );
+    }
+    // The alerts the issue asks for: lag bytes, a stalled source, dead
+    // letters growing, outbox age.
+    for name in [
+        "loyalty_source_lag_bytes",
+        "loyalty_source_seconds_since_progress",
+        "loyalty_dead_letters_open",
+        "loyalty_outbox_oldest_pending_seconds",
+    ] {
+        assert!(alerts.contains(name), "no alert on {name}");
+    }
+}
