@@ -17,6 +17,7 @@
 //! - [`pipeline`]: `loyalty-cdc run`: every source into the ledger, and
 //!   delivery.
 //! - [`preflight`]: `loyalty-cdc check`, every prerequisite with its fix.
+//! - [`demo`]: `loyalty-cdc demo`, the whole pipeline on the local databases.
 //! - [`erasure`]: GDPR erasure of a member, at the providers and here.
 //! - [`status`]: `loyalty-cdc status`: positions, lag and what waits.
 //! - [`api`]: the HTTP listener: metrics, health, readiness, the member API.
@@ -25,6 +26,7 @@ pub mod api;
 pub mod config;
 pub mod connect;
 pub mod delivery;
+pub mod demo;
 pub mod erasure;
 pub mod identity;
 pub mod ledger;

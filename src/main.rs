@@ -57,6 +57,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The whole pipeline on the local databases: fresh Odoo POS and
+    /// Magento 2 databases, a local provider receiver, generated customers
+    /// shopping in store and online, and a live view.
+    Demo {
+        /// How long the traffic runs: 90, 90s, 2m (default 60s).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        duration: std::time::Duration,
+        /// The HTTP listener (metrics, health, the member API).
+        #[arg(long, default_value = "127.0.0.1:8787")]
+        listen: std::net::SocketAddr,
+        /// PostgreSQL, as a user that may create databases.
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+        postgres: String,
+        /// MariaDB/MySQL, as a user that may create databases.
+        #[arg(long, default_value = "mysql://root@127.0.0.1:3306")]
+        mysql: String,
+        /// Where the demo's configuration goes.
+        #[arg(long, default_value = "target/demo")]
+        dir: PathBuf,
+        /// Customers (default 60).
+        #[arg(long, default_value_t = 60)]
+        customers: u32,
+        /// Orders per second (default 20).
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+    },
     /// Members of the program.
     #[command(subcommand)]
     Member(MemberCommand),
@@ -148,6 +174,26 @@ fn main() -> ExitCode {
             Command::Migrate => migrate(&cli.config).await,
             Command::Run => run(&cli.config).await,
             Command::Status { json } => status(&cli.config, json).await,
+            Command::Demo {
+                duration,
+                listen,
+                postgres,
+                mysql,
+                dir,
+                customers,
+                rate,
+            } => {
+                demo(loyalty_cdc::demo::DemoOptions {
+                    duration,
+                    listen,
+                    postgres,
+                    mysql,
+                    dir,
+                    customers: customers.max(2),
+                    rate,
+                })
+                .await
+            }
             Command::Member(MemberCommand::Show { identifier, json }) => {
                 member_show(&cli.config, &identifier, json).await
             }
@@ -709,4 +755,51 @@ async fn quarantine_list(path: &Path, limit: i64, json: bool) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `90`, `90s`, `2m`, `1h`.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration; write e.g. 20s, 2m or 90"))?;
+    let seconds = match unit {
+        "s" => value,
+        "m" => value * 60,
+        "h" => value * 3600,
+        _ => return Err(format!("`{text}`: the unit is s, m or h")),
+    };
+    Ok(std::time::Duration::from_secs(seconds))
+}
+
+async fn demo(options: loyalty_cdc::demo::DemoOptions) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_signal.cancel();
+        }
+    });
+    match loyalty_cdc::demo::run(options, shutdown).await {
+        Ok(summary)
+            if summary.orders_written > 0
+                && summary.ledger_entries > 0
+                && summary.delivered_total() > 0
+                && summary.unsigned == 0 =>
+        {
+            ExitCode::SUCCESS
+        }
+        Ok(summary) => {
+            eprintln!("error: the demo ran but did not go end to end: {summary:?}");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }

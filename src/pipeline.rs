@@ -34,6 +34,7 @@ pub enum PipelineError {
 }
 
 /// A running source, for status.
+#[derive(Clone)]
 pub struct RunningSource {
     pub name: String,
     pub kind: SourceKind,

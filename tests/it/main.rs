@@ -7,6 +7,7 @@ mod support;
 mod check;
 mod config;
 mod delivery;
+mod demo;
 mod ledger_pipeline;
 mod migrate;
 mod mysql_binlog;
