@@ -440,7 +440,12 @@ async fn member_show(path: &Path, identifier: &str, json: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(None) => {
-            eprintln!("no member has the identifier {identifier}");
+            // Masked: stderr is where logs are collected, and identifiers
+            // are personal data.
+            eprintln!(
+                "no member has the identifier {}",
+                masked_input(&identity, identifier)
+            );
             ExitCode::FAILURE
         }
         Err(message) => {
@@ -543,7 +548,10 @@ async fn member_erase(path: &Path, identifier: &str, local_only: bool, json: boo
         Ok(None) => {
             // Erased before (its identifiers are gone) or never known:
             // either way nothing here holds it.
-            println!("nothing to erase: no member has the identifier {identifier}");
+            println!(
+                "nothing to erase: no member has the identifier {}",
+                masked_input(&identity, identifier)
+            );
             return ExitCode::SUCCESS;
         }
         Err(error) => {
@@ -802,4 +810,15 @@ async fn demo(options: loyalty_cdc::demo::DemoOptions) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// An identifier a person typed, masked for output (`e***@example.com`);
+/// `member:ID` as is (an id is no personal data).
+fn masked_input(identity: &Identity, text: &str) -> String {
+    if text.starts_with("member:") {
+        return text.to_string();
+    }
+    identity
+        .parse_typed(text)
+        .map_or_else(|_| "(not an identifier)".to_string(), |i| i.to_string())
 }

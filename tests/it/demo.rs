@@ -24,6 +24,10 @@ async fn the_demo_runs_end_to_end() {
         .expect("run loyalty-cdc demo");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
+    {
+        use std::io::Write as _;
+        let _ = crate::support::log_file("demo").write_all(&output.stderr);
+    }
     assert!(output.status.success(), "{stdout}\n{stderr}");
     let done = Regex::new(
         r"== done: (\d+) orders and (\d+) refunds written; the ledger holds (\d+) orders, (\d+) entries, (\d+) members; (\d+) webhooks delivered and verified \((\d+) refused",

@@ -29,17 +29,51 @@ use std::sync::Once;
 use mysql_async::prelude::Queryable;
 use tokio_postgres::NoTls;
 
-/// Logs of the code under test, shown for failing tests when
-/// `LCDC_TEST_LOG` is set (e.g. `LCDC_TEST_LOG=loyalty_cdc=debug`).
+/// Where the tests' logs go: the code under test's own (in this process)
+/// and the binary's (`run_cli`, spawned services). `scripts/test.sh` scans
+/// them afterwards for email addresses and phone numbers: PII never goes
+/// to logs.
+pub fn log_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-logs")
+}
+
+/// A log file of this process in [`log_dir`], appended to.
+pub fn log_file(name: &str) -> std::fs::File {
+    let dir = log_dir();
+    std::fs::create_dir_all(&dir).expect("test log directory");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}-{}.log", std::process::id())))
+        .expect("test log file")
+}
+
+/// Logs of the code under test: at debug level for our crate into
+/// [`log_dir`] (scanned for PII after the run), and shown for failing
+/// tests when `LCDC_TEST_LOG` is set (e.g. `LCDC_TEST_LOG=loyalty_cdc=debug`).
 pub fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     static INIT: Once = Once::new();
     INIT.call_once(|| {
-        if let Ok(filter) = std::env::var("LCDC_TEST_LOG") {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        // As the binary does: the driver's bound values never reach a log.
+        let file_filter = tracing_subscriber::EnvFilter::new(
+            "info,loyalty_cdc=debug,tokio_postgres=warn,tokio_postgres::query=info",
+        );
+        let file = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(log_file("it")))
+            .with_filter(file_filter);
+        let shown = std::env::var("LCDC_TEST_LOG").ok().map(|filter| {
+            tracing_subscriber::fmt::layer()
                 .with_test_writer()
-                .try_init();
-        }
+                .with_filter(tracing_subscriber::EnvFilter::new(filter))
+        });
+        let _ = tracing_subscriber::registry()
+            .with(file)
+            .with(shown)
+            .try_init();
     });
 }
 
@@ -278,6 +312,7 @@ pub struct PgDatabase {
 
 impl PgDatabase {
     pub async fn create(label: &str) -> Self {
+        init_logging();
         sweep_leftovers().await;
         let name = unique_name(label);
         let admin = pg_connect(&pg_admin_url()).await;
@@ -506,6 +541,10 @@ pub async fn run_cli(config: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
     }
     command.envs(env.iter().copied());
     let output = command.output().await.expect("run loyalty-cdc");
+    {
+        use std::io::Write as _;
+        let _ = log_file("cli").write_all(&output.stderr);
+    }
     Run {
         code: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
