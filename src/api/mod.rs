@@ -251,6 +251,12 @@ async fn metrics_text(State(state): State<Arc<ApiState>>) -> Response {
             .absolute(progress.transactions_applied);
         metrics::counter!("loyalty_source_reconnects_total", "source" => name.clone())
             .absolute(progress.reconnects);
+        metrics::counter!("loyalty_source_snapshot_rows_total", "source" => name.clone())
+            .absolute(progress.snapshot_rows);
+        metrics::gauge!("loyalty_source_snapshot_tables", "source" => name.clone(), "state" => "done")
+            .set(progress.snapshot_tables_done as f64);
+        metrics::gauge!("loyalty_source_snapshot_tables", "source" => name.clone(), "state" => "total")
+            .set(progress.snapshot_tables as f64);
         // Bytes behind, asked of the source itself (the slot's confirmed
         // position, or the binlog after the applied one).
         let settings = state.settings.sources.iter().find(|s| s.name == name);

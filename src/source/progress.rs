@@ -36,6 +36,11 @@ pub struct ProgressSnapshot {
     pub changes_applied: u64,
     pub transactions_applied: u64,
     pub reconnects: u64,
+    /// The initial snapshot: rows copied, tables copied and to copy (all
+    /// 0 for a source that resumed without one).
+    pub snapshot_rows: u64,
+    pub snapshot_tables_done: u64,
+    pub snapshot_tables: u64,
     /// Monotonic time since anything moved (a transaction applied or the
     /// server's position confirmed on a quiet stream).
     pub since_progress: Duration,
@@ -64,6 +69,9 @@ struct Inner {
     changes_applied: u64,
     transactions_applied: u64,
     reconnects: u64,
+    snapshot_rows: u64,
+    snapshot_tables_done: u64,
+    snapshot_tables: u64,
     last_progress: Instant,
     last_apply: Option<Instant>,
 }
@@ -82,6 +90,9 @@ impl Default for SourceProgress {
             changes_applied: 0,
             transactions_applied: 0,
             reconnects: 0,
+            snapshot_rows: 0,
+            snapshot_tables_done: 0,
+            snapshot_tables: 0,
             last_progress: Instant::now(),
             last_apply: None,
         })))
@@ -108,6 +119,9 @@ impl SourceProgress {
             changes_applied: i.changes_applied,
             transactions_applied: i.transactions_applied,
             reconnects: i.reconnects,
+            snapshot_rows: i.snapshot_rows,
+            snapshot_tables_done: i.snapshot_tables_done,
+            snapshot_tables: i.snapshot_tables,
             since_progress: i.last_progress.elapsed(),
             since_last_apply: i.last_apply.map(|t| t.elapsed()),
         })
@@ -149,6 +163,28 @@ impl SourceProgress {
             i.confirmed = Some(i.confirmed.map_or(lsn, |c| c.max(lsn)));
             i.last_progress = Instant::now();
         });
+    }
+
+    /// A snapshot of `tables` tables starts (a restarted one from zero).
+    pub(crate) fn snapshot_started(&self, tables: usize) {
+        self.with(|i| {
+            i.snapshot_rows = 0;
+            i.snapshot_tables_done = 0;
+            i.snapshot_tables = tables as u64;
+            i.last_progress = Instant::now();
+        });
+    }
+
+    /// Rows of the snapshot handed to the consumer.
+    pub(crate) fn snapshot_copied(&self, rows: usize) {
+        self.with(|i| {
+            i.snapshot_rows += rows as u64;
+            i.last_progress = Instant::now();
+        });
+    }
+
+    pub(crate) fn snapshot_table_done(&self) {
+        self.with(|i| i.snapshot_tables_done += 1);
     }
 
     pub(crate) fn touch(&self) {

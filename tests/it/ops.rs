@@ -254,6 +254,23 @@ mapping = "{connectors}/odoo-pos.toml"
             &["source=\"pos\""]
         ) >= 1.0
     );
+    let tables = value(
+        "loyalty_source_snapshot_tables",
+        &["source=\"pos\"", "state=\"total\""],
+    );
+    assert!(tables >= 3.0, "the mapped tables: {tables}");
+    assert_eq!(
+        value(
+            "loyalty_source_snapshot_tables",
+            &["source=\"pos\"", "state=\"done\""]
+        ),
+        tables,
+        "the snapshot is complete"
+    );
+    assert!(
+        value("loyalty_source_snapshot_rows_total", &["source=\"pos\""]) >= 3.0,
+        "the till's setup rows (currency, company partner, till)"
+    );
     assert_eq!(value("loyalty_outbox_pending", &[]), 0.0);
     assert_eq!(value("loyalty_dead_letters_open", &[]), 0.0);
     assert_eq!(value("loyalty_quarantine_open", &[]), 0.0);

@@ -244,9 +244,14 @@ impl MysqlSource {
                 self.progress.set_state(ReaderState::Snapshotting);
                 let start = if self.snapshot {
                     let mut conn = connect::mysql(&self.url, self.password.as_ref()).await?;
-                    let start =
-                        super::snapshot::copy_tables(&mut conn, &self.name, &self.tables, consumer)
-                            .await?;
+                    let start = super::snapshot::copy_tables(
+                        &mut conn,
+                        &self.name,
+                        &self.tables,
+                        consumer,
+                        &self.progress,
+                    )
+                    .await?;
                     let _ = conn.disconnect().await;
                     start
                 } else {

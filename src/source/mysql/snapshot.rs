@@ -45,7 +45,9 @@ pub async fn copy_tables<C: TxnConsumer>(
     source: &Arc<str>,
     tables: &[(String, String)],
     consumer: &mut C,
+    watch: &crate::source::progress::SourceProgress,
 ) -> Result<BinlogOffset, MysqlSourceError> {
+    watch.snapshot_started(tables.len());
     let version: String = conn
         .query_first("SELECT @@version")
         .await?
@@ -140,6 +142,7 @@ pub async fn copy_tables<C: TxnConsumer>(
             });
             table_rows += 1;
             if chunk.len() >= CHUNK_ROWS {
+                let copied = chunk.len();
                 consumer
                     .apply(SourceTxn::snapshot_chunk(
                         source,
@@ -148,6 +151,7 @@ pub async fn copy_tables<C: TxnConsumer>(
                         std::mem::take(&mut chunk),
                     ))
                     .await?;
+                watch.snapshot_copied(copied);
             }
             if last_log.elapsed() >= PROGRESS_EVERY {
                 last_log = Instant::now();
@@ -157,6 +161,7 @@ pub async fn copy_tables<C: TxnConsumer>(
         }
         drop(rows);
         if !chunk.is_empty() {
+            let copied = chunk.len();
             consumer
                 .apply(SourceTxn::snapshot_chunk(
                     source,
@@ -165,7 +170,9 @@ pub async fn copy_tables<C: TxnConsumer>(
                     chunk,
                 ))
                 .await?;
+            watch.snapshot_copied(copied);
         }
+        watch.snapshot_table_done();
         tracing::info!(source = %source, table = %format!("{database}.{name}"), rows = table_rows, "snapshot: table copied");
         total += table_rows;
     }

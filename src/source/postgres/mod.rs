@@ -519,6 +519,7 @@ impl PostgresSource {
                 Position::snapshot(consistent_point),
                 consumer,
                 shutdown,
+                &self.progress,
             )
             .await?;
             tracing::info!(source = %self.name, tables = report.tables, rows = report.rows, "snapshot complete");

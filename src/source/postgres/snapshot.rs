@@ -42,7 +42,9 @@ pub struct SnapshotReport {
 }
 
 /// Copies every table inside the exported snapshot `snapshot_name` and
-/// hands the rows to `consumer` as snapshot transactions at `position`.
+/// hands the rows to `consumer` as snapshot transactions at `position`;
+/// `watch` shows how far it got.
+#[allow(clippy::too_many_arguments)]
 pub async fn copy_tables<C: TxnConsumer>(
     client: &mut Client,
     source: &Arc<str>,
@@ -51,7 +53,9 @@ pub async fn copy_tables<C: TxnConsumer>(
     position: Position,
     consumer: &mut C,
     shutdown: &CancellationToken,
+    watch: &crate::source::progress::SourceProgress,
 ) -> Result<SnapshotReport, PgSourceError> {
+    watch.snapshot_started(tables.len());
     let txn = client.transaction().await?;
     txn.batch_execute(&format!(
         "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
@@ -128,6 +132,7 @@ pub async fn copy_tables<C: TxnConsumer>(
                             "stopped during the snapshot; the next start copies again".into(),
                         ));
                     }
+                    let rows = chunk.len();
                     consumer
                         .apply(SourceTxn::snapshot_chunk(
                             source,
@@ -136,6 +141,7 @@ pub async fn copy_tables<C: TxnConsumer>(
                             std::mem::take(&mut chunk),
                         ))
                         .await?;
+                    watch.snapshot_copied(rows);
                     chunk_bytes = 0;
                 }
             }
@@ -151,6 +157,7 @@ pub async fn copy_tables<C: TxnConsumer>(
             )));
         }
         if !chunk.is_empty() {
+            let rows = chunk.len();
             consumer
                 .apply(SourceTxn::snapshot_chunk(
                     source,
@@ -159,7 +166,9 @@ pub async fn copy_tables<C: TxnConsumer>(
                     chunk,
                 ))
                 .await?;
+            watch.snapshot_copied(rows);
         }
+        watch.snapshot_table_done();
         tracing::info!(source = %source, table = %spec, rows = table_rows, "snapshot: table copied");
         report.rows += table_rows;
         report.tables += 1;
