@@ -651,105 +651,109 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> Result<Su
             }))
         }
     };
-    let ready_by = Instant::now() + Duration::from_secs(60);
-    while !sources
-        .iter()
-        .all(|s| s.progress.snapshot().state == ReaderState::Streaming)
-    {
-        if Instant::now() > ready_by || pipeline.is_finished() {
-            stop.cancel();
-            return Err(DemoError::Pipeline(
-                "the sources did not start streaming within 60 s; `loyalty-cdc check` with the demo configuration says why".into(),
-            ));
+    // Everything from here runs inside a block whose every exit stops the
+    // pipeline and drops the demo's slot (a slot left behind keeps
+    // PostgreSQL's WAL forever).
+    let driven = async {
+        let ready_by = Instant::now() + Duration::from_secs(60);
+        while !sources
+            .iter()
+            .all(|s| s.progress.snapshot().state == ReaderState::Streaming)
+        {
+            if Instant::now() > ready_by || pipeline.is_finished() {
+                return Err(DemoError::Pipeline(
+                    "the sources did not start streaming within 60 s; `loyalty-cdc check` with the demo configuration says why".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    out(&format!(
-        "== running: metrics http://{listen}/metrics, health http://{listen}/readyz, wallet http://{listen}/v1/members/customer1@demo.example"
-    ));
+        out(&format!(
+            "== running: metrics http://{listen}/metrics, health http://{listen}/readyz, wallet http://{listen}/v1/members/customer1@demo.example"
+        ));
 
-    let ledger = pg(&with_database(&options.postgres, LEDGER_DB)?).await?;
-    let mut traffic = Traffic::new(&options).await?;
-    let started = Instant::now();
-    let interval = Duration::from_secs_f64(1.0 / options.rate.max(0.1));
-    let mut next_order = Instant::now();
-    let mut next_view = Instant::now();
-    let terminal = std::io::stdout().is_terminal();
-    let mut drawn = 0usize;
-    let mut traffic_error = None;
-    while started.elapsed() < options.duration
-        && !shutdown.is_cancelled()
-        && !pipeline.is_finished()
-    {
-        if Instant::now() >= next_order {
-            let lapsing = started.elapsed() > options.duration / 3;
-            if let Err(error) = traffic.step(lapsing).await {
-                traffic_error = Some(error);
+        let ledger = pg(&with_database(&options.postgres, LEDGER_DB)?).await?;
+        let mut traffic = Traffic::new(&options).await?;
+        let started = Instant::now();
+        let interval = Duration::from_secs_f64(1.0 / options.rate.max(0.1));
+        let mut next_order = Instant::now();
+        let mut next_view = Instant::now();
+        let terminal = std::io::stdout().is_terminal();
+        let mut drawn = 0usize;
+        let mut traffic_error = None;
+        while started.elapsed() < options.duration
+            && !shutdown.is_cancelled()
+            && !pipeline.is_finished()
+        {
+            if Instant::now() >= next_order {
+                let lapsing = started.elapsed() > options.duration / 3;
+                if let Err(error) = traffic.step(lapsing).await {
+                    traffic_error = Some(error);
+                    break;
+                }
+                next_order += interval;
+            }
+            if Instant::now() >= next_view {
+                let view = live_view(
+                    &options,
+                    started.elapsed(),
+                    &traffic,
+                    &sources,
+                    &ledger,
+                    &received,
+                )
+                .await;
+                if terminal {
+                    // Back to the top of the last view, then redraw it.
+                    if drawn > 0 {
+                        print!("\x1b[{drawn}A\x1b[J");
+                    }
+                    print!("{view}");
+                    drawn = view.lines().count();
+                    next_view += Duration::from_millis(500);
+                } else {
+                    print!("{view}");
+                    next_view += Duration::from_secs(5);
+                }
+                let _ = std::io::stdout().flush();
+            }
+            let wait = next_order
+                .min(next_view)
+                .saturating_duration_since(Instant::now());
+            tokio::select! {
+                _ = tokio::time::sleep(wait.min(Duration::from_millis(200))) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+        if let Some(error) = traffic_error {
+            return Err(setup("generating traffic", error, FIX_DATABASES));
+        }
+
+        // Let the ledger and delivery catch up (at most 30 s).
+        out("== traffic stopped; waiting for the ledger and delivery to catch up");
+        let ran = started.elapsed();
+        let catch_up = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = ledger_figures(&ledger).await;
+            if (now.orders as u64 >= traffic.orders
+                && now.refunds as u64 >= traffic.refunds
+                && now.pending == 0)
+                || Instant::now() > catch_up
+            {
                 break;
             }
-            next_order += interval;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        if Instant::now() >= next_view {
-            let view = live_view(
-                &options,
-                started.elapsed(),
-                &traffic,
-                &sources,
-                &ledger,
-                &received,
-            )
-            .await;
-            if terminal {
-                // Back to the top of the last view, then redraw it.
-                if drawn > 0 {
-                    print!("\x1b[{drawn}A\x1b[J");
-                }
-                print!("{view}");
-                drawn = view.lines().count();
-                next_view += Duration::from_millis(500);
-            } else {
-                print!("{view}");
-                next_view += Duration::from_secs(5);
-            }
-            let _ = std::io::stdout().flush();
-        }
-        let wait = next_order
-            .min(next_view)
-            .saturating_duration_since(Instant::now());
-        tokio::select! {
-            _ = tokio::time::sleep(wait.min(Duration::from_millis(200))) => {}
-            _ = shutdown.cancelled() => {}
-        }
+        print!(
+            "{}",
+            live_view(&options, ran, &traffic, &sources, &ledger, &received).await
+        );
+        Ok::<_, DemoError>((traffic, ledger))
     }
-    if let Some(error) = traffic_error {
-        stop.cancel();
-        return Err(setup("generating traffic", error, FIX_DATABASES));
-    }
-
-    // Let the ledger and delivery catch up (at most 30 s).
-    out("== traffic stopped; waiting for the ledger and delivery to catch up");
-    let ran = started.elapsed();
-    let catch_up = Instant::now() + Duration::from_secs(30);
-    loop {
-        let now = ledger_figures(&ledger).await;
-        if (now.orders as u64 >= traffic.orders
-            && now.refunds as u64 >= traffic.refunds
-            && now.pending == 0)
-            || Instant::now() > catch_up
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    print!(
-        "{}",
-        live_view(&options, ran, &traffic, &sources, &ledger, &received).await
-    );
+    .await;
     stop.cancel();
     let stopped = pipeline.await;
     receiver_stop.cancel();
-    // A slot left behind would keep PostgreSQL's WAL forever: the demo
-    // drops its own (the next run starts from fresh databases anyway).
+    // The next run starts from fresh databases anyway.
     if let Ok(admin) = pg(&with_database(&options.postgres, "postgres")?).await {
         let _ = admin
             .batch_execute(&format!(
@@ -757,6 +761,7 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> Result<Su
             ))
             .await;
     }
+    let (traffic, ledger) = driven?;
     if let Ok(Err(error)) = stopped {
         return Err(DemoError::Pipeline(error.to_string()));
     }

@@ -12,7 +12,7 @@ use crate::config::Settings;
 use crate::delivery::erase::ProviderErasure;
 use crate::identity::Identity;
 use crate::ledger::db::Db;
-use crate::ledger::members::{self, Erased};
+use crate::ledger::members::{self, Contact, Erased};
 
 /// What an erasure did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -36,31 +36,51 @@ pub enum Erasure {
     },
 }
 
-/// Erases `member` (the survivor, if it was merged into another). With
-/// `local_only`, providers are not asked (the operator erased there by
-/// hand).
-pub async fn erase(
-    settings: &Settings,
-    db: &Db,
-    identity: &Identity,
-    member: i64,
-    local_only: bool,
-) -> Result<Erasure, tokio_postgres::Error> {
-    let contact = members::contacts(db, &[member]).await?.remove(&member);
-    let Some(contact) = contact else {
-        // Unknown ids are found by the caller; a member without a contact
-        // row was merged away or erased.
-        return Ok(Erasure::AlreadyErased { member_id: member });
+/// Who an erasure is about: the member's contact (the addresses the
+/// providers need), or the answer when there is nothing to do.
+pub enum Target {
+    Member(Contact),
+    Nothing(Erasure),
+}
+
+/// The contact of `member` (its survivor, if merged), unless it was erased
+/// before.
+pub async fn target(db: &Db, member: i64) -> Result<Target, tokio_postgres::Error> {
+    let Some(contact) = members::contacts(db, &[member]).await?.remove(&member) else {
+        return Ok(Target::Nothing(Erasure::AlreadyErased {
+            member_id: member,
+        }));
     };
-    let member = contact.member_id;
-    if contact.erased || members::is_erased(db, member).await? {
-        return Ok(Erasure::AlreadyErased { member_id: member });
+    if contact.erased || members::is_erased(db, contact.member_id).await? {
+        return Ok(Target::Nothing(Erasure::AlreadyErased {
+            member_id: contact.member_id,
+        }));
     }
-    let providers = if local_only {
+    Ok(Target::Member(contact))
+}
+
+/// Asks the providers (none with `local_only`). Holds no ledger lock: the
+/// requests may take a while.
+pub async fn ask_providers(
+    settings: &Settings,
+    contact: &Contact,
+    local_only: bool,
+) -> Vec<ProviderErasure> {
+    if local_only {
         Vec::new()
     } else {
-        crate::delivery::erase::request(settings, &contact).await
-    };
+        crate::delivery::erase::request(settings, contact).await
+    }
+}
+
+/// The ledger's part, once every provider accepted: one transaction.
+pub async fn erase_here(
+    db: &Db,
+    identity: &Identity,
+    contact: &Contact,
+    providers: Vec<ProviderErasure>,
+) -> Result<Erasure, tokio_postgres::Error> {
+    let member = contact.member_id;
     if providers.iter().any(|p| !p.done) {
         return Ok(Erasure::ProvidersFailed {
             member_id: member,
@@ -97,4 +117,22 @@ pub async fn erase(
             Err(error)
         }
     }
+}
+
+/// Erases `member` (the survivor, if it was merged into another). With
+/// `local_only`, providers are not asked (the operator erased there by
+/// hand).
+pub async fn erase(
+    settings: &Settings,
+    db: &Db,
+    identity: &Identity,
+    member: i64,
+    local_only: bool,
+) -> Result<Erasure, tokio_postgres::Error> {
+    let contact = match target(db, member).await? {
+        Target::Member(contact) => contact,
+        Target::Nothing(answer) => return Ok(answer),
+    };
+    let providers = ask_providers(settings, &contact, local_only).await;
+    erase_here(db, identity, &contact, providers).await
 }

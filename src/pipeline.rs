@@ -74,6 +74,16 @@ pub async fn run(
     crate::ledger::migrate(&mut client)
         .await
         .map_err(|e| PipelineError::Ledger(e.to_string()))?;
+    let counted =
+        crate::ledger::tiers::count_current_period(&client, &settings.program, chrono::Utc::now())
+            .await
+            .map_err(|e| PipelineError::Ledger(crate::ledger::db::describe(&e)))?;
+    if counted > 0 {
+        tracing::info!(
+            balances = counted,
+            "tier periods: the current period's qualifying points counted from the entries"
+        );
+    }
     drop(client);
     let program = Arc::new(settings.program.clone());
 

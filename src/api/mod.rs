@@ -235,6 +235,24 @@ const STATES: [&str; 6] = [
 /// Sets the scrape-time figures, then renders every metric.
 async fn metrics_text(State(state): State<Arc<ApiState>>) -> Response {
     let now = Utc::now();
+    // Every source asked for its head at once (each within 5 s), so a
+    // scrape takes as long as the slowest, not the sum.
+    let mut probes = futures_util::future::join_all(state.sources.iter().map(|source| {
+        let settings = state
+            .settings
+            .sources
+            .iter()
+            .find(|s| s.name == source.name);
+        let applied = source.progress.snapshot().applied;
+        async move {
+            match settings {
+                Some(settings) => crate::status::probe(settings, applied.as_ref()).await,
+                None => Err("not configured".to_string()),
+            }
+        }
+    }))
+    .await
+    .into_iter();
     for source in &state.sources {
         let name = source.name.clone();
         let progress = source.progress.snapshot();
@@ -257,19 +275,14 @@ async fn metrics_text(State(state): State<Arc<ApiState>>) -> Response {
             .set(progress.snapshot_tables_done as f64);
         metrics::gauge!("loyalty_source_snapshot_tables", "source" => name.clone(), "state" => "total")
             .set(progress.snapshot_tables as f64);
-        // Bytes behind, asked of the source itself (the slot's confirmed
-        // position, or the binlog after the applied one).
-        let settings = state.settings.sources.iter().find(|s| s.name == name);
-        let lag_bytes = match settings {
-            Some(settings) => crate::status::probe(settings, progress.applied.as_ref())
-                .await
-                .ok()
-                .flatten(),
-            None => None,
-        };
-        if let Some(bytes) = lag_bytes {
-            metrics::gauge!("loyalty_source_lag_bytes", "source" => name.clone()).set(bytes as f64);
-        }
+        // Bytes behind, asked of the source itself (below, all at once);
+        // unknown (the source cannot be asked) is NaN, never the last value.
+        let probe = probes.next().unwrap_or(Err(String::new()));
+        metrics::gauge!("loyalty_source_probe_up", "source" => name.clone())
+            .set(if probe.is_ok() { 1.0 } else { 0.0 });
+        let lag_bytes = probe.ok().flatten();
+        metrics::gauge!("loyalty_source_lag_bytes", "source" => name.clone())
+            .set(lag_bytes.map_or(f64::NAN, |bytes| bytes as f64));
         if let Some(seconds) = crate::status::lag_seconds(lag_bytes, progress.last_commit_ts, now) {
             metrics::gauge!("loyalty_source_lag_seconds", "source" => name.clone()).set(seconds);
         }
@@ -415,11 +428,31 @@ async fn erase_member(
         }
         Err(response) => return response,
     };
-    let result = state
-        .with_db(async |db| {
-            crate::erasure::erase(&state.settings, db, &state.identity, member, false).await
+    // On a task of its own: a client that hangs up cannot leave the
+    // ledger connection inside an open transaction. The providers are
+    // asked with no lock held.
+    let task = {
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            use crate::erasure::{self, Target};
+            let contact = match state
+                .with_db(async |db| erasure::target(db, member).await)
+                .await?
+            {
+                Target::Member(contact) => contact,
+                Target::Nothing(answer) => return Ok(answer),
+            };
+            let providers = erasure::ask_providers(&state.settings, &contact, false).await;
+            state
+                .with_db(async |db| {
+                    erasure::erase_here(db, &state.identity, &contact, providers).await
+                })
+                .await
         })
-        .await;
+    };
+    let result = task
+        .await
+        .unwrap_or_else(|e| Err(format!("the erasure task ended: {e}")));
     match result {
         Ok(erasure @ crate::erasure::Erasure::ProvidersFailed { .. }) => {
             (StatusCode::BAD_GATEWAY, Json(erasure)).into_response()
@@ -543,31 +576,42 @@ async fn redeem(
         Err(response) => return response,
     };
     let points = request.points;
-    let _turn = state.writer.hold().await;
     let now = Utc::now();
-    let result = state
-        .with_db(async |db| {
-            db.batch_execute("BEGIN").await?;
-            let booked = redeem_in(db, &state.triggers, member, &key, points, now).await;
-            match booked {
-                Ok(redeemed) => {
-                    db.batch_execute("COMMIT").await?;
-                    let available: i64 = db
-                        .query_opt(
-                            "SELECT available FROM balances WHERE member_id = $1",
-                            &[&member],
-                        )
-                        .await?
-                        .map_or(0, |r| r.get(0));
-                    Ok((redeemed, available))
-                }
-                Err(error) => {
-                    let _ = db.batch_execute("ROLLBACK").await;
-                    Err(error)
-                }
-            }
+    // On a task of its own: a client that hangs up cannot leave the
+    // ledger connection inside an open transaction.
+    let task = {
+        let state = Arc::clone(&state);
+        let key = key.clone();
+        tokio::spawn(async move {
+            let _turn = state.writer.hold().await;
+            state
+                .with_db(async |db| {
+                    db.batch_execute("BEGIN").await?;
+                    let booked = redeem_in(db, &state.triggers, member, &key, points, now).await;
+                    match booked {
+                        Ok(redeemed) => {
+                            db.batch_execute("COMMIT").await?;
+                            let available: i64 = db
+                                .query_opt(
+                                    "SELECT available FROM balances WHERE member_id = $1",
+                                    &[&member],
+                                )
+                                .await?
+                                .map_or(0, |r| r.get(0));
+                            Ok((redeemed, available))
+                        }
+                        Err(error) => {
+                            let _ = db.batch_execute("ROLLBACK").await;
+                            Err(error)
+                        }
+                    }
+                })
+                .await
         })
-        .await;
+    };
+    let result = task
+        .await
+        .unwrap_or_else(|e| Err(format!("the redemption task ended: {e}")));
     let body =
         |available: i64| json!({ "redemption_ref": key, "points": points, "available": available });
     match result {

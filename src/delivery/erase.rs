@@ -57,6 +57,20 @@ pub async fn request(settings: &Settings, contact: &Contact) -> Vec<ProviderEras
         let Some(template) = provider.compiled.as_ref().filter(|t| t.erases()) else {
             continue;
         };
+        // Without what the provider is addressed by (Klaviyo: the email),
+        // nothing of this member ever went there: nothing to erase.
+        if let Some(field) = super::policy::missing(&template.requires, contact) {
+            results.push(ProviderErasure {
+                provider: provider.name.clone(),
+                status: None,
+                done: true,
+                error: Some(format!(
+                    "not asked: the member has no {}, so nothing was ever sent there",
+                    field.as_str()
+                )),
+            });
+            continue;
+        }
         // A stable id per member: a receiver dedupes a repeated erasure.
         let id = format!("erase-{}", contact.member_id);
         let secrets: std::collections::BTreeMap<&str, &str> = provider

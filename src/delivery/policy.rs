@@ -75,16 +75,8 @@ pub fn judge(
     if let Err(reason) = consent {
         return Decision::Suppress(reason.into());
     }
-    for field in requires {
-        let value = match field {
-            ContactField::Email => &contact.email,
-            ContactField::Phone => &contact.phone,
-            ContactField::PushToken => &contact.push_token,
-            ContactField::LineUserId => &contact.line_user_id,
-        };
-        if value.as_deref().unwrap_or("").is_empty() {
-            return Decision::Suppress(format!("no {} for this member", field.as_str()));
-        }
+    if let Some(field) = missing(requires, contact) {
+        return Decision::Suppress(format!("no {} for this member", field.as_str()));
     }
     if let Some(hours) = settings.cooldown_hours.get(trigger) {
         let since = now - Duration::hours(*hours);
@@ -172,6 +164,19 @@ fn quiet_until(
             .earliest()
     })?;
     Some(until.with_timezone(&Utc))
+}
+
+/// The first of `requires` the member has no value for.
+pub fn missing(requires: &[ContactField], contact: &Contact) -> Option<ContactField> {
+    requires.iter().copied().find(|field| {
+        let value = match field {
+            ContactField::Email => &contact.email,
+            ContactField::Phone => &contact.phone,
+            ContactField::PushToken => &contact.push_token,
+            ContactField::LineUserId => &contact.line_user_id,
+        };
+        value.as_deref().unwrap_or("").is_empty()
+    })
 }
 
 #[cfg(test)]

@@ -681,12 +681,9 @@ pub async fn erase_personal_data(
             &[&members],
         )
         .await?;
-    let values: Vec<&str> = identifiers.iter().map(|i| i.value.as_str()).collect();
-    db.execute(
-        "DELETE FROM shared_identifiers WHERE value = ANY($1)",
-        &[&values],
-    )
-    .await?;
+    // `shared_identifiers` stays: it marks values that link no one (a
+    // till's default card); forgetting one would let it merge strangers
+    // again.
     db.execute(
         "DELETE FROM member_profiles WHERE member_id = ANY($1)",
         &[&members],
@@ -721,11 +718,13 @@ async fn scrub_source_rows(
     // the row's digits (sources write numbers with spaces and prefixes).
     let mut texts = Vec::new();
     let mut digits = Vec::new();
+    let mut cards = Vec::new();
     for identifier in identifiers {
         match identifier.kind {
-            IdentifierKind::Email | IdentifierKind::Card => {
-                texts.push(format!("%{}%", like_escape(&identifier.value)))
-            }
+            IdentifierKind::Email => texts.push(format!("%{}%", like_escape(&identifier.value))),
+            // Stored as written (`DEMO-00001`, `1234 5678`): compared by
+            // letters and digits only, as cards are normalized.
+            IdentifierKind::Card => cards.push(format!("%{}%", like_escape(&identifier.value))),
             IdentifierKind::Phone => {
                 let d: String = identifier
                     .value
@@ -739,7 +738,7 @@ async fn scrub_source_rows(
             IdentifierKind::Customer => {}
         }
     }
-    if texts.is_empty() && digits.is_empty() {
+    if texts.is_empty() && digits.is_empty() && cards.is_empty() {
         return Ok(0);
     }
     let mut changed = 0;
@@ -750,7 +749,8 @@ async fn scrub_source_rows(
               WHERE row_data IS NOT NULL
                 AND ($3::text IS NULL OR ctid > $3::text::tid)
                 AND (row_data::text ILIKE ANY($1)
-                     OR regexp_replace(row_data::text, '[^0-9]', '', 'g') LIKE ANY($2))
+                     OR regexp_replace(row_data::text, '[^0-9]', '', 'g') LIKE ANY($2)
+                     OR regexp_replace(upper(row_data::text), '[^A-Z0-9]', '', 'g') LIKE ANY($4))
               ORDER BY ctid LIMIT {ERASE_SCAN_ROWS}"
         );
         let update = format!("UPDATE {table} SET row_data = $2 WHERE ctid = $1::text::tid");
@@ -761,7 +761,7 @@ async fn scrub_source_rows(
             // met again: it no longer holds the values, so nothing changes.)
             let rows = db
                 .client()
-                .query(&select, &[&texts, &digits, &after])
+                .query(&select, &[&texts, &digits, &after, &cards])
                 .await?;
             for row in &rows {
                 let id: String = row.get(0);
@@ -840,7 +840,22 @@ pub async fn find_typed(
     text: &str,
 ) -> Result<Option<i64>, LookupError> {
     match text.strip_prefix("member:").map(str::parse::<i64>) {
-        Some(Ok(id)) => Ok(Some(id)),
+        // The member as it is now: merged ones lead to their survivor;
+        // an unknown id to none.
+        Some(Ok(id)) => Ok(db
+            .query_opt(
+                "WITH RECURSIVE chain (member_id, merged_into, depth) AS (
+                     SELECT member_id, merged_into, 0 FROM members WHERE member_id = $1
+                     UNION ALL
+                     SELECT m.member_id, m.merged_into, c.depth + 1
+                       FROM members m JOIN chain c ON m.member_id = c.merged_into
+                      WHERE c.depth < 32
+                 )
+                 SELECT member_id FROM chain WHERE merged_into IS NULL",
+                &[&id],
+            )
+            .await?
+            .map(|r| r.get(0))),
         Some(Err(_)) => Err(LookupError::Invalid("member:ID needs a number".into())),
         None => {
             let identifier = identity.parse_typed(text).map_err(LookupError::Invalid)?;

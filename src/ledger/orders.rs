@@ -87,13 +87,17 @@ static BOOK_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
                                  lifetime = lifetime + $10, updated_at = $7,
                                  {qualifying}
               WHERE member_id = (SELECT member_id FROM entry)
-             RETURNING qualifying
+             RETURNING qualifying, qualifying_since
          ), tiered AS (
+             -- A count of an earlier period than this booking's qualifies
+             -- for nothing now (a member reviewed down must earn again).
              UPDATE members m SET tier = reached.name
                FROM changed,
                     LATERAL (SELECT x.name, x.rank
                                FROM unnest($11::text[], $12::bigint[]) WITH ORDINALITY AS x(name, threshold, rank)
-                              WHERE x.threshold <= changed.qualifying
+                              WHERE x.threshold <= CASE WHEN $13::timestamptz IS NULL
+                                                             OR changed.qualifying_since >= $13::timestamptz
+                                                        THEN changed.qualifying ELSE 0 END
                               ORDER BY x.rank DESC LIMIT 1) reached
               WHERE m.member_id = $1
                 AND coalesce(array_position($11::text[], m.tier), 0) < reached.rank
@@ -193,7 +197,7 @@ async fn book(
             )
             .await?;
         if let Some((program, _)) = program {
-            update_tier(client, program, member).await?;
+            update_tier(client, program, member, period).await?;
         }
     }
     Ok(true)
@@ -532,6 +536,7 @@ async fn update_tier(
     client: &Db,
     program: &ProgramSettings,
     member: i64,
+    period: Option<DateTime<Utc>>,
 ) -> Result<(), tokio_postgres::Error> {
     if program.tiers.is_empty() {
         return Ok(());
@@ -546,11 +551,13 @@ async fn update_tier(
                FROM balances b,
                     LATERAL (SELECT x.name, x.rank
                                FROM unnest($2::text[], $3::bigint[]) WITH ORDINALITY AS x(name, threshold, rank)
-                              WHERE x.threshold <= b.qualifying
+                              WHERE x.threshold <= CASE WHEN $4::timestamptz IS NULL
+                                                             OR b.qualifying_since >= $4::timestamptz
+                                                        THEN b.qualifying ELSE 0 END
                               ORDER BY x.rank DESC LIMIT 1) reached
               WHERE m.member_id = $1 AND b.member_id = $1
                 AND coalesce(array_position($2::text[], m.tier), 0) < reached.rank",
-            &[&member, &names, &thresholds],
+            &[&member, &names, &thresholds, &period],
         )
         .await?;
     Ok(())
@@ -721,7 +728,13 @@ pub async fn apply_new_orders(
                  ON CONFLICT (effect_key) DO NOTHING
                  RETURNING member_id, kind, points, occurred_at, effect_key
              ), dated AS (
-                 SELECT entry.*, input.q, max(input.q) OVER (PARTITION BY entry.member_id) AS latest
+                 -- `latest`: the newest period among the member's points
+                 -- that count (available ones); `newest`: among all its
+                 -- bookings in the batch.
+                 SELECT entry.*, input.q,
+                        max(input.q) FILTER (WHERE entry.kind = 'earn_available')
+                            OVER (PARTITION BY entry.member_id) AS latest,
+                        max(input.q) OVER (PARTITION BY entry.member_id) AS newest
                    FROM entry JOIN input ON input.e = entry.effect_key
              ), per_member AS (
                  SELECT member_id,
@@ -730,6 +743,7 @@ pub async fn apply_new_orders(
                         coalesce(sum(points) FILTER (WHERE kind = 'earn_available'
                                                        AND q IS NOT DISTINCT FROM latest), 0) AS in_latest,
                         max(latest) AS latest,
+                        max(newest) AS newest,
                         max(occurred_at) AS at
                    FROM dated GROUP BY member_id
              ), changed AS (
@@ -748,13 +762,15 @@ pub async fn apply_new_orders(
                         updated_at = d.at
                    FROM per_member d
                   WHERE b.member_id = d.member_id
-                 RETURNING b.member_id, b.qualifying
+                 RETURNING b.member_id, b.qualifying, b.qualifying_since, d.newest
              ), tiered AS (
                  UPDATE members m SET tier = reached.name
                    FROM changed,
                         LATERAL (SELECT x.name, x.rank
                                    FROM unnest($8::text[], $9::bigint[]) WITH ORDINALITY AS x(name, threshold, rank)
-                                  WHERE x.threshold <= changed.qualifying
+                                  WHERE x.threshold <= CASE WHEN changed.newest IS NULL
+                                                                 OR changed.qualifying_since >= changed.newest
+                                                            THEN changed.qualifying ELSE 0 END
                                   ORDER BY x.rank DESC LIMIT 1) reached
                   WHERE m.member_id = changed.member_id
                     AND coalesce(array_position($8::text[], m.tier), 0) < reached.rank

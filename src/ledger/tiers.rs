@@ -166,6 +166,37 @@ pub async fn review(
     Ok(Some(short))
 }
 
+/// Counts of the current period for balances that have none yet (rows
+/// from before tier periods were configured carry `-infinity`: their count
+/// is the lifetime). Run once at start, before any booking, so the first
+/// booking adds to the period's points instead of starting from zero.
+/// Returns the balances counted.
+pub async fn count_current_period(
+    client: &tokio_postgres::Client,
+    program: &ProgramSettings,
+    now: DateTime<Utc>,
+) -> Result<u64, tokio_postgres::Error> {
+    let Some(rule) = program.tier_period.as_ref() else {
+        return Ok(0);
+    };
+    let period = Period::of(rule, now);
+    client
+        .execute(
+            "UPDATE balances b
+                SET qualifying = coalesce((
+                        SELECT sum(e.points)
+                          FROM ledger_entries e
+                          LEFT JOIN orders o ON o.source = e.source AND o.order_ref = e.order_ref
+                         WHERE e.member_id = b.member_id AND e.kind IN ('earn_available', 'clawback')
+                           AND coalesce(o.placed_at, e.occurred_at) >= $1
+                           AND coalesce(o.placed_at, e.occurred_at) < $2), 0),
+                    qualifying_since = $1
+              WHERE b.qualifying_since = '-infinity'",
+            &[&period.start, &period.end],
+        )
+        .await
+}
+
 /// The member's tier now (None: no tier, or merged away).
 pub async fn current_tier(db: &Db, member: i64) -> Result<Option<String>, tokio_postgres::Error> {
     Ok(db

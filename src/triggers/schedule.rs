@@ -540,7 +540,13 @@ impl Scheduler {
                 "period_end": period.end,
             })
         };
+        let now = self.clock.now();
         if kind == "tier_warning" {
+            // A warning about a period that has ended (the scheduler was
+            // down) would only confuse: its review decides now.
+            if now >= period.end {
+                return Ok(None);
+            }
             let Some(short) = tiers::shortfall(db, tiers_list, member, period, false).await? else {
                 return Ok(None);
             };
@@ -598,6 +604,12 @@ impl Scheduler {
         )
         .await?;
         tracing::info!(member_id = member, "tier review: down one tier");
+        // A review caught up late (after the next period ended, the
+        // scheduler down meanwhile) takes the member down without a
+        // notice about a long-past period.
+        if now >= period.next(rule).end {
+            return Ok(None);
+        }
         Ok(Some(Fired {
             kind: TriggerKind::TierDowngrade,
             member,

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Duration, TimeZone, Utc};
+use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
 use loyalty_cdc::config::Settings;
 use loyalty_cdc::delivery::ManualClock;
 use loyalty_cdc::ledger::db::Db;
@@ -604,6 +604,20 @@ warning_days = 30
         "also after a restart"
     );
 
+    // N's 350 points of 2025 qualify for nothing in 2027: a purchase
+    // placed (pending) does not bring gold back.
+    orders::apply_order(
+        &db,
+        program,
+        "shop",
+        &order("n2", 20, OrderStage::Placed),
+        Some(n),
+        at(2027, 2, 1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(tier_and_qualifying(&db, n).await.0, "silver");
+
     // M reaches gold again in 2027: an upgrade again, from silver.
     orders::apply_order(
         &db,
@@ -629,4 +643,76 @@ warning_days = 30
     assert_eq!(tier_and_qualifying(&db, m).await.0, "gold");
     assert_eq!(tier_and_qualifying(&db, n).await.0, "base");
     assert!(scheduled(&db, n).await.is_empty());
+}
+
+#[tokio::test]
+async fn turning_tier_periods_on_counts_the_current_period_from_the_entries() {
+    let ledger_db = PgDatabase::create("tiercount").await;
+    let mut client = ledger_db.client().await;
+    loyalty_cdc::ledger::migrate(&mut client).await.unwrap();
+    let db = Db::new(client);
+    let now = Utc::now();
+    let program: loyalty_cdc::config::ProgramSettings = toml::from_str(
+        r#"tiers = [{ name = "base", threshold = 0 }, { name = "gold", threshold = 300 }]
+tier_period = { months = 12 }"#,
+    )
+    .unwrap();
+    // A member from before periods: 300 points placed last year, 200 now;
+    // its count is the lifetime (500), of no period.
+    let member = new_member(&db, now - Duration::days(400)).await;
+    for (reference, points, placed) in [
+        ("old", 300i64, now - Duration::days(370)),
+        ("new", 200, now),
+    ] {
+        db.client()
+            .execute(
+                "INSERT INTO orders (source, order_ref, member_id, stage, earn_basis, grand_total, points, lines, placed_at, updated_at)
+                 VALUES ('shop', $1, $2, 'completed', $3::bigint::numeric, $3::bigint::numeric, $3, 1, $4, $4)",
+                &[&reference, &member, &points, &placed],
+            )
+            .await
+            .unwrap();
+        db.client()
+            .execute(
+                "INSERT INTO ledger_entries (member_id, kind, points, source, order_ref, effect_key, occurred_at)
+                 VALUES ($1, 'earn_available', $2, 'shop', $3, 'shop:order:' || $3 || ':available', $4)",
+                &[&member, &points, &reference, &placed],
+            )
+            .await
+            .unwrap();
+    }
+    db.client()
+        .execute(
+            "UPDATE balances SET available = 500, lifetime = 500, qualifying = 500 WHERE member_id = $1",
+            &[&member],
+        )
+        .await
+        .unwrap();
+    let counted = loyalty_cdc::ledger::tiers::count_current_period(db.client(), &program, now)
+        .await
+        .unwrap();
+    assert_eq!(counted, 1);
+    let (qualifying, since): (i64, DateTime<Utc>) = {
+        let row = db
+            .client()
+            .query_one(
+                "SELECT qualifying, qualifying_since FROM balances WHERE member_id = $1",
+                &[&member],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(qualifying, 200, "this year's points only");
+    assert_eq!(
+        since,
+        Utc.with_ymd_and_hms(now.year(), 1, 1, 0, 0, 0).unwrap()
+    );
+    assert_eq!(
+        loyalty_cdc::ledger::tiers::count_current_period(db.client(), &program, now)
+            .await
+            .unwrap(),
+        0,
+        "once"
+    );
 }
