@@ -844,7 +844,7 @@ fn the_dashboard_and_the_alerts_use_only_metrics_the_service_exports() {
     let pattern =
         regex::Regex::new(r#"metrics::(?:gauge|counter|histogram)!\(\s*"([a-z_]+)""#).unwrap();
     for file in [
-        "src/api/mod.rs",
+        "src/api/metrics.rs",
         "src/ledger/apply.rs",
         "src/delivery/worker.rs",
     ] {

@@ -1,0 +1,102 @@
+//! The operators' API: dead letters and quarantine.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::Utc;
+use serde_json::json;
+
+use super::{authorized, problem, unauthorized, ApiState};
+
+/// `?limit=N` of the list endpoints (default 100, at most 1,000).
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct ListQuery {
+    limit: Option<i64>,
+}
+
+impl ListQuery {
+    fn limit(&self) -> i64 {
+        self.limit.unwrap_or(100).clamp(1, 1000)
+    }
+}
+
+/// `GET /v1/dead-letters`: open dead letters, oldest first, with the
+/// provider's answer.
+pub(super) async fn dead_letters(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    match state
+        .with_db(async |db| crate::delivery::outbox::dead_letters(db, query.limit()).await)
+        .await
+    {
+        Ok(letters) => Json(json!({ "dead_letters": letters })).into_response(),
+        Err(error) => {
+            tracing::warn!(error = %error, "dead letters: the ledger could not be read");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the ledger could not be read",
+            )
+        }
+    }
+}
+
+/// `POST /v1/dead-letters/{id}/replay`: due again (same message id) and
+/// the provider's endpoint re-enabled; 404 for an unknown or replayed id.
+pub(super) async fn replay_dead_letter(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    match state
+        .with_db(async |db| crate::delivery::outbox::replay(db, &[id], Utc::now()).await)
+        .await
+    {
+        Ok(replayed) if replayed.contains(&id) => Json(json!({ "replayed": id })).into_response(),
+        Ok(_) => problem(
+            StatusCode::NOT_FOUND,
+            "no open dead letter has this id (unknown, or replayed before)",
+        ),
+        Err(error) => {
+            tracing::warn!(error = %error, "replay: the ledger could not be written");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the ledger could not be written",
+            )
+        }
+    }
+}
+
+/// `GET /v1/quarantine`: open quarantined source rows, oldest first.
+pub(super) async fn quarantined(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    match state
+        .with_db(async |db| crate::ledger::quarantine::open(db, query.limit()).await)
+        .await
+    {
+        Ok(rows) => Json(json!({ "quarantine": rows })).into_response(),
+        Err(error) => {
+            tracing::warn!(error = %error, "quarantine: the ledger could not be read");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the ledger could not be read",
+            )
+        }
+    }
+}
