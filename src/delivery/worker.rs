@@ -715,9 +715,15 @@ fn render(
     contact: &members::Contact,
 ) -> Result<template::RenderedRequest, template::RenderError> {
     let mut context = context(provider, message, contact);
-    let params =
-        template::render_params(&route.params, &minijinja::Value::from_serialize(&context))?;
-    context["params"] = json!(params);
+    // Parameters are templates over the same context: rendered first, when
+    // the route has any (most webhook routes have none).
+    if !route.params.is_empty() {
+        let params =
+            template::render_params(&route.params, &minijinja::Value::from_serialize(&context))?;
+        context["params"] = json!(params);
+    } else {
+        context["params"] = json!({});
+    }
     provider.template.render(
         provider.base_url.as_deref(),
         &minijinja::Value::from_serialize(&context),
