@@ -716,3 +716,67 @@ tier_period = { months = 12 }"#,
         "once"
     );
 }
+
+#[tokio::test]
+async fn a_scheduler_back_from_an_outage_sends_nothing_about_long_past_periods() {
+    let ledger_db = PgDatabase::create("tieroutage").await;
+    let mut client = ledger_db.client().await;
+    loyalty_cdc::ledger::migrate(&mut client).await.unwrap();
+    let db = Db::new(client);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loyalty-cdc.toml");
+    let mut config = format!(
+        r#"[ledger]
+url = "{url}"
+
+[program]
+tiers = [{{ name = "base", threshold = 0 }}, {{ name = "silver", threshold = 100 }}, {{ name = "gold", threshold = 300 }}]
+
+[program.tier_period]
+months = 12
+{crm}"#,
+        url = ledger_db.url(),
+        crm = crate::support::webhook_provider("crm", "http://127.0.0.1:9/hook")
+    );
+    for trigger in ["tier_downgrade", "tier_downgrade_warning"] {
+        config.push_str(&format!(
+            "\n[[triggers.routes]]\ntrigger = \"{trigger}\"\nprovider = \"crm\"\n"
+        ));
+    }
+    std::fs::write(&path, config).unwrap();
+    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let triggers: Arc<Triggers> = Triggers::from_settings(&settings);
+    let member = new_member(&db, at(2025, 3, 1)).await;
+    let gold = order("g1", 350, OrderStage::Completed);
+    orders::apply_new_orders(
+        &db,
+        &settings.program,
+        "shop",
+        &[NewOrder {
+            order: &gold,
+            member,
+            at: at(2025, 3, 1),
+        }],
+    )
+    .await
+    .unwrap();
+    touch(&db, &triggers, &[member], at(2025, 3, 1)).await;
+    assert_eq!(tier_and_qualifying(&db, member).await.0, "gold");
+
+    // The scheduler is down from before the 2025 warning until March 2027.
+    // Back, it applies the 2025 review (keeps gold: 350 points) and the
+    // 2026 one (down to silver), and sends the one notice still timely.
+    let clock = Arc::new(ManualClock::new(at(2027, 3, 1)));
+    let scheduler = Scheduler::new(&settings, Arc::clone(&triggers), clock);
+    scheduler.run_once().await.unwrap();
+    assert_eq!(tier_and_qualifying(&db, member).await.0, "silver");
+    let sent = outbox(&db).await;
+    let kinds: Vec<&str> = sent.iter().map(|(_, kind, _)| kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["tier_downgrade"],
+        "no warning about 2025 or 2026, one notice: {sent:?}"
+    );
+    assert_eq!(sent[0].2["previous_tier"], "gold");
+    assert_eq!(sent[0].2["tier"], "silver");
+}
