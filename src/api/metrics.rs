@@ -73,7 +73,10 @@ pub(super) async fn metrics_text(State(state): State<Arc<ApiState>>) -> Response
             .sources
             .iter()
             .find(|s| s.name == source.name);
-        let applied = source.progress.snapshot().applied;
+        // Where the reader has read to (past transactions of other
+        // tables too): what is behind is what it has not read.
+        let progress = source.progress.snapshot();
+        let applied = progress.read_to.or(progress.applied);
         async move {
             match settings {
                 Some(settings) => crate::status::probe(settings, applied.as_ref()).await,

@@ -28,6 +28,11 @@ pub struct ProgressSnapshot {
     pub state: ReaderState,
     /// Last position handed to the consumer.
     pub applied: Option<Position>,
+    /// Last position read, past transactions with nothing to capture
+    /// (other tables, other databases of the server): the reader is
+    /// caught up to here even when nothing was applied. Lag is measured
+    /// from it.
+    pub read_to: Option<Position>,
     /// PostgreSQL: last LSN reported to the server as flushed.
     pub confirmed: Option<Lsn>,
     /// Source commit time of the last applied transaction.
@@ -64,6 +69,7 @@ impl ProgressSnapshot {
 struct Inner {
     state: ReaderState,
     applied: Option<Position>,
+    read_to: Option<Position>,
     confirmed: Option<Lsn>,
     last_commit_ts: Option<DateTime<Utc>>,
     changes_applied: u64,
@@ -85,6 +91,7 @@ impl Default for SourceProgress {
         Self(Arc::new(Mutex::new(Inner {
             state: ReaderState::Starting,
             applied: None,
+            read_to: None,
             confirmed: None,
             last_commit_ts: None,
             changes_applied: 0,
@@ -114,6 +121,7 @@ impl SourceProgress {
         self.with(|i| ProgressSnapshot {
             state: i.state.clone(),
             applied: i.applied.clone(),
+            read_to: i.read_to.clone(),
             confirmed: i.confirmed,
             last_commit_ts: i.last_commit_ts,
             changes_applied: i.changes_applied,
@@ -149,6 +157,7 @@ impl SourceProgress {
     pub(crate) fn applied(&self, position: Position, commit_ts: DateTime<Utc>, changes: usize) {
         self.with(|i| {
             let now = Instant::now();
+            i.read_to = Some(position.clone());
             i.applied = Some(position);
             i.last_commit_ts = Some(commit_ts);
             i.changes_applied += changes as u64;
@@ -185,6 +194,14 @@ impl SourceProgress {
 
     pub(crate) fn snapshot_table_done(&self) {
         self.with(|i| i.snapshot_tables_done += 1);
+    }
+
+    /// Read past a transaction with nothing to capture.
+    pub(crate) fn passed(&self, position: Position) {
+        self.with(|i| {
+            i.read_to = Some(position);
+            i.last_progress = Instant::now();
+        });
     }
 
     pub(crate) fn touch(&self) {

@@ -137,6 +137,27 @@ async fn a_magento_order_with_three_items_arrives_as_one_transaction() {
         .unwrap()
         .expect("the applied file is listed");
     assert!(lag < 1 << 30, "bytes behind: {lag}");
+
+    // Writes to a table the source does not watch: nothing is applied, but
+    // the reader is caught up past them (lag is measured from there).
+    conn.query_drop(
+        "INSERT INTO store_website (website_id, code, name) VALUES (9, 'other', 'Other')",
+    )
+    .await
+    .unwrap();
+    wait_for("the reader to pass the unwatched write", || async {
+        let progress = running.progress.snapshot();
+        matches!(
+            (&progress.read_to, &progress.applied),
+            (Some(read), Some(applied)) if read > applied
+        )
+    })
+    .await;
+    assert_eq!(
+        running.progress.snapshot().transactions_applied,
+        2,
+        "nothing applied for it"
+    );
     running.stop().await.unwrap();
 
     let rows = captured(&sink_db, "AND kind = 'stream'").await;

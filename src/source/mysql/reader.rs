@@ -645,10 +645,6 @@ impl MysqlSource {
             return Ok(());
         }
         let changes = txn.changes.finish().map_err(MysqlSourceError::Spill)?;
-        if changes.is_empty() {
-            // Nothing captured in it: no need to bother the consumer.
-            return Ok(());
-        }
         let position = Position {
             offset: Offset::Binlog(BinlogOffset {
                 file: file.to_string(),
@@ -657,6 +653,12 @@ impl MysqlSource {
             }),
             phase: Phase::Stream,
         };
+        if changes.is_empty() {
+            // Nothing captured in it: no need to bother the consumer; the
+            // reader is caught up to here all the same (lag, readiness).
+            self.progress.passed(position);
+            return Ok(());
+        }
         let commit_ts = DateTime::from_timestamp(i64::from(timestamp), 0).unwrap_or(txn.started_at);
         let rows = changes.len();
         consumer
