@@ -7,7 +7,6 @@
 //! lag per source, members per tier and triggers delivered by kind.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -21,8 +20,6 @@ use crate::delivery::sign::SigningKey;
 use crate::pipeline::RunningSource;
 use crate::source::progress::ReaderState;
 
-const ODOO_SCHEMA: &str = include_str!("../demo/schemas/odoo-pos.postgres.sql");
-const MAGENTO_SCHEMA: &str = include_str!("../demo/schemas/magento2.mysql.sql");
 const POS_DB: &str = "loyalty_demo_pos";
 const LEDGER_DB: &str = "loyalty_demo_ledger";
 const SHOP_DB: &str = "loyalty_demo_shop";
@@ -37,8 +34,12 @@ pub struct DemoOptions {
     pub postgres: String,
     /// MariaDB/MySQL as a user that may create databases.
     pub mysql: String,
-    /// Where the configuration and the webhook log go.
+    /// Where the configuration goes.
     pub dir: PathBuf,
+    /// The shared schema files (`odoo-pos.postgres.sql`,
+    /// `magento2.mysql.sql`): the real Odoo POS and Magento 2 layouts the
+    /// mappings and tests use.
+    pub schemas: PathBuf,
     pub customers: u32,
     /// Orders per second generated.
     pub rate: f64,
@@ -67,6 +68,17 @@ fn setup(what: &str, detail: impl std::fmt::Display, fix: &str) -> DemoError {
 
 const FIX_DATABASES: &str = "bash docker/setup-local-databases.sh (configures and starts the local PostgreSQL and MariaDB), or give --postgres / --mysql URLs of servers where this user may create databases";
 
+/// What the demo reports while it runs; the command line shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// A step begins (one line).
+    Step(String),
+    /// The live view, twice a second while traffic runs (several lines).
+    View(String),
+    /// The last view, once everything caught up.
+    Final(String),
+}
+
 /// What the demo did, printed at its end.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -77,6 +89,8 @@ pub struct Summary {
     pub members: i64,
     pub delivered: BTreeMap<String, u64>,
     pub unsigned: u64,
+    /// The demo's configuration, for the commands to try afterwards.
+    pub config: PathBuf,
 }
 
 impl Summary {
@@ -185,7 +199,21 @@ async fn my(url: &str) -> Result<mysql_async::Conn, DemoError> {
 
 /// Fresh demo databases with the real schemas and the shops' own setup
 /// rows (currency, company, till, product; website and store).
+/// One of the shared schema files.
+fn schema(options: &DemoOptions, file: &str) -> Result<String, DemoError> {
+    let path = options.schemas.join(file);
+    std::fs::read_to_string(&path).map_err(|e| {
+        setup(
+            &format!("schema file {}", path.display()),
+            e,
+            "give --schemas the directory of the shared schemas (../shared/schemas beside the clone), or set LOYALTY_SHARED_SCHEMAS",
+        )
+    })
+}
+
 async fn create_databases(options: &DemoOptions) -> Result<(), DemoError> {
+    let odoo_schema = schema(options, "odoo-pos.postgres.sql")?;
+    let magento_schema = schema(options, "magento2.mysql.sql")?;
     let admin = pg(&with_database(&options.postgres, "postgres")?).await?;
     let fail = |e: tokio_postgres::Error| {
         setup("PostgreSQL", crate::ledger::db::describe(&e), FIX_DATABASES)
@@ -202,7 +230,7 @@ async fn create_databases(options: &DemoOptions) -> Result<(), DemoError> {
         admin.batch_execute(&statement).await.map_err(fail)?;
     }
     let pos = pg(&with_database(&options.postgres, POS_DB)?).await?;
-    pos.batch_execute(ODOO_SCHEMA).await.map_err(fail)?;
+    pos.batch_execute(&odoo_schema).await.map_err(fail)?;
     pos.batch_execute(
         "INSERT INTO res_currency (id, name, symbol) VALUES (1, 'EUR', '€');
          INSERT INTO res_partner (id, name, type, is_company) VALUES (1, 'Demo Store GmbH', 'contact', true);
@@ -223,7 +251,7 @@ async fn create_databases(options: &DemoOptions) -> Result<(), DemoError> {
         .map_err(fail)?;
     let _ = admin.disconnect().await;
     let mut shop = my(&with_database(&options.mysql, SHOP_DB)?).await?;
-    shop.query_drop(MAGENTO_SCHEMA).await.map_err(fail)?;
+    shop.query_drop(magento_schema).await.map_err(fail)?;
     shop.query_drop(
         "INSERT INTO store_website (website_id, code, name) VALUES (1, 'base', 'Main Website');
          INSERT INTO store (store_id, code, website_id, name) VALUES (1, 'default', 1, 'Default Store View')",
@@ -560,9 +588,12 @@ fn state_text(state: &ReaderState) -> &'static str {
 
 /// Runs the demo until `options.duration` passes or `shutdown`; returns
 /// what happened.
-pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> Result<Summary, DemoError> {
-    let out = |line: &str| println!("{line}");
-    out("== fresh demo databases: loyalty_demo_pos and loyalty_demo_ledger (PostgreSQL), loyalty_demo_shop (MariaDB), with the Odoo POS and Magento 2 schemas");
+pub async fn run(
+    options: DemoOptions,
+    shutdown: CancellationToken,
+    report: &mut (dyn FnMut(Report) + Send),
+) -> Result<Summary, DemoError> {
+    report(Report::Step("== fresh demo databases: loyalty_demo_pos and loyalty_demo_ledger (PostgreSQL), loyalty_demo_shop (MariaDB), with the Odoo POS and Magento 2 schemas".into()));
     create_databases(&options).await?;
 
     let secret = {
@@ -584,9 +615,9 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> Result<Su
     let key = SigningKey::parse(&secret).map_err(|e| setup("signing secret", e, "report this"))?;
     let receiver_stop = CancellationToken::new();
     let (receiver, received) = start_receiver(key, receiver_stop.clone()).await?;
-    out(&format!(
+    report(Report::Step(format!(
         "== a local provider receiver on {receiver}: Standard Webhooks, every signature checked"
-    ));
+    )));
 
     std::fs::create_dir_all(&options.dir)
         .map_err(|e| setup("demo directory", e, "give --dir a writable directory"))?;
@@ -595,7 +626,10 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> Result<Su
         .map_err(|e| setup("demo configuration", e, "give --dir a writable directory"))?;
     let settings =
         Settings::load(&path).map_err(|e| setup("demo configuration", e, "report this"))?;
-    out(&format!("== configuration: {}", path.display()));
+    report(Report::Step(format!(
+        "== configuration: {}",
+        path.display()
+    )));
 
     let findings = crate::preflight::check(&settings).await;
     let problems: Vec<String> = findings
@@ -667,9 +701,9 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> Result<Su
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        out(&format!(
+        report(Report::Step(format!(
             "== running: metrics http://{listen}/metrics, health http://{listen}/readyz, wallet http://{listen}/v1/members/customer1@demo.example"
-        ));
+        )));
 
         let ledger = pg(&with_database(&options.postgres, LEDGER_DB)?).await?;
         let mut traffic = Traffic::new(&options).await?;
@@ -677,8 +711,6 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> Result<Su
         let interval = Duration::from_secs_f64(1.0 / options.rate.max(0.1));
         let mut next_order = Instant::now();
         let mut next_view = Instant::now();
-        let terminal = std::io::stdout().is_terminal();
-        let mut drawn = 0usize;
         let mut traffic_error = None;
         while started.elapsed() < options.duration
             && !shutdown.is_cancelled()
@@ -702,19 +734,8 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> Result<Su
                     &received,
                 )
                 .await;
-                if terminal {
-                    // Back to the top of the last view, then redraw it.
-                    if drawn > 0 {
-                        print!("\x1b[{drawn}A\x1b[J");
-                    }
-                    print!("{view}");
-                    drawn = view.lines().count();
-                    next_view += Duration::from_millis(500);
-                } else {
-                    print!("{view}");
-                    next_view += Duration::from_secs(5);
-                }
-                let _ = std::io::stdout().flush();
+                report(Report::View(view));
+                next_view += Duration::from_millis(500);
             }
             let wait = next_order
                 .min(next_view)
@@ -729,7 +750,9 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> Result<Su
         }
 
         // Let the ledger and delivery catch up (at most 30 s).
-        out("== traffic stopped; waiting for the ledger and delivery to catch up");
+        report(Report::Step(
+            "== traffic stopped; waiting for the ledger and delivery to catch up".into(),
+        ));
         let ran = started.elapsed();
         let catch_up = Instant::now() + Duration::from_secs(30);
         loop {
@@ -743,10 +766,9 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> Result<Su
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        print!(
-            "{}",
-            live_view(&options, ran, &traffic, &sources, &ledger, &received).await
-        );
+        report(Report::Final(
+            live_view(&options, ran, &traffic, &sources, &ledger, &received).await,
+        ));
         Ok::<_, DemoError>((traffic, ledger))
     }
     .await;
@@ -775,22 +797,8 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> Result<Su
         members: figures.members,
         delivered: received.by_type.clone(),
         unsigned: received.unsigned,
+        config: path.clone(),
     };
-    println!(
-        "\n== done: {} orders and {} refunds written; the ledger holds {} orders, {} entries, {} members; {} webhooks delivered and verified ({} refused for a bad signature)",
-        summary.orders_written,
-        summary.refunds_written,
-        summary.orders_in_ledger,
-        summary.ledger_entries,
-        summary.members,
-        summary.delivered_total(),
-        summary.unsigned
-    );
-    let config = path.display();
-    println!("   where to look (the ledger stays until the next demo):");
-    println!("     loyalty-cdc --config {config} member show customer1@demo.example");
-    println!("     loyalty-cdc --config {config} status");
-    println!("     loyalty-cdc --config {config} run    # the service again: /metrics, /readyz, the wallet on api.listen");
     Ok(summary)
 }
 

@@ -76,6 +76,9 @@ enum Command {
         /// Where the demo's configuration goes.
         #[arg(long, default_value = "target/demo")]
         dir: PathBuf,
+        /// The shared schema files (Odoo POS, Magento 2).
+        #[arg(long, env = "LOYALTY_SHARED_SCHEMAS", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/schemas"))]
+        schemas: PathBuf,
         /// Customers (default 60).
         #[arg(long, default_value_t = 60)]
         customers: u32,
@@ -180,6 +183,7 @@ fn main() -> ExitCode {
                 postgres,
                 mysql,
                 dir,
+                schemas,
                 customers,
                 rate,
             } => {
@@ -189,6 +193,7 @@ fn main() -> ExitCode {
                     postgres,
                     mysql,
                     dir,
+                    schemas,
                     customers: customers.max(2),
                     rate,
                 })
@@ -408,16 +413,7 @@ async fn member_show(path: &Path, identifier: &str, json: bool) -> ExitCode {
         Err(message) => Err(message),
     };
     match view {
-        Ok(Some(view)) if json => match serde_json::to_string_pretty(&view) {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(error) => {
-                eprintln!("error: cannot print the member as JSON: {error}");
-                ExitCode::FAILURE
-            }
-        },
+        Ok(Some(view)) if json => print_json(&view),
         Ok(Some(view)) => {
             println!("member {}", view.member_id);
             println!("  identifiers  {}", view.identifiers.join(", "));
@@ -477,16 +473,7 @@ async fn status(path: &Path, json: bool) -> ExitCode {
         }
     };
     if json {
-        return match serde_json::to_string_pretty(&status) {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(error) => {
-                eprintln!("error: cannot print JSON: {error}");
-                ExitCode::FAILURE
-            }
-        };
+        return print_json(&status);
     }
     println!(
         "{:<16} {:<9} {:<13} {:>14} {:>10}  {:<20} position",
@@ -572,12 +559,8 @@ async fn member_erase(path: &Path, identifier: &str, local_only: bool, json: boo
         loyalty_cdc::erasure::Erasure::ProvidersFailed { .. }
     );
     if json {
-        match serde_json::to_string_pretty(&erasure) {
-            Ok(text) => println!("{text}"),
-            Err(error) => {
-                eprintln!("error: cannot print JSON: {error}");
-                return ExitCode::FAILURE;
-            }
+        if print_json(&erasure) == ExitCode::FAILURE {
+            return ExitCode::FAILURE;
         }
     } else {
         use loyalty_cdc::erasure::Erasure;
@@ -654,16 +637,7 @@ async fn dlq_list(path: &Path, limit: i64, json: bool) -> ExitCode {
         }
     };
     if json {
-        return match serde_json::to_string_pretty(&letters) {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(error) => {
-                eprintln!("error: cannot print JSON: {error}");
-                ExitCode::FAILURE
-            }
-        };
+        return print_json(&letters);
     }
     if letters.is_empty() {
         println!("no dead letters");
@@ -731,16 +705,7 @@ async fn quarantine_list(path: &Path, limit: i64, json: bool) -> ExitCode {
         }
     };
     if json {
-        return match serde_json::to_string_pretty(&rows) {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(error) => {
-                eprintln!("error: cannot print JSON: {error}");
-                ExitCode::FAILURE
-            }
-        };
+        return print_json(&rows);
     }
     if rows.is_empty() {
         println!("nothing quarantined");
@@ -785,6 +750,8 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 }
 
 async fn demo(options: loyalty_cdc::demo::DemoOptions) -> ExitCode {
+    use loyalty_cdc::demo::Report;
+    use std::io::{IsTerminal, Write};
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
@@ -792,23 +759,63 @@ async fn demo(options: loyalty_cdc::demo::DemoOptions) -> ExitCode {
             on_signal.cancel();
         }
     });
-    match loyalty_cdc::demo::run(options, shutdown).await {
-        Ok(summary)
-            if summary.orders_written > 0
-                && summary.ledger_entries > 0
-                && summary.delivered_total() > 0
-                && summary.unsigned == 0 =>
-        {
-            ExitCode::SUCCESS
+    // On a terminal the live view redraws in place; piped, it is written
+    // every 5 s.
+    let terminal = std::io::stdout().is_terminal();
+    let mut drawn = 0usize;
+    let mut last_written: Option<std::time::Instant> = None;
+    let mut show = |report: Report| {
+        match report {
+            Report::Step(line) => println!("{line}"),
+            Report::View(view) if terminal => {
+                if drawn > 0 {
+                    // Back to the top of the last view.
+                    print!("\x1b[{drawn}A\x1b[J");
+                }
+                print!("{view}");
+                drawn = view.lines().count();
+            }
+            Report::View(view) => {
+                if last_written.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(5)) {
+                    print!("{view}");
+                    last_written = Some(std::time::Instant::now());
+                }
+            }
+            Report::Final(view) => print!("{view}"),
         }
-        Ok(summary) => {
-            eprintln!("error: the demo ran but did not go end to end: {summary:?}");
-            ExitCode::FAILURE
-        }
+        let _ = std::io::stdout().flush();
+    };
+    let summary = match loyalty_cdc::demo::run(options, shutdown, &mut show).await {
+        Ok(summary) => summary,
         Err(error) => {
             eprintln!("error: {error}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    println!(
+        "\n== done: {} orders and {} refunds written; the ledger holds {} orders, {} entries, {} members; {} webhooks delivered and verified ({} refused for a bad signature)",
+        summary.orders_written,
+        summary.refunds_written,
+        summary.orders_in_ledger,
+        summary.ledger_entries,
+        summary.members,
+        summary.delivered_total(),
+        summary.unsigned
+    );
+    let config = summary.config.display();
+    println!("   where to look (the ledger stays until the next demo):");
+    println!("     loyalty-cdc --config {config} member show customer1@demo.example");
+    println!("     loyalty-cdc --config {config} status");
+    println!("     loyalty-cdc --config {config} run    # the service again: /metrics, /readyz, the wallet on api.listen");
+    if summary.orders_written > 0
+        && summary.ledger_entries > 0
+        && summary.delivered_total() > 0
+        && summary.unsigned == 0
+    {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("error: the demo ran but did not go end to end: {summary:?}");
+        ExitCode::FAILURE
     }
 }
 
@@ -821,4 +828,19 @@ fn masked_input(identity: &Identity, text: &str) -> String {
     identity
         .parse_typed(text)
         .map_or_else(|_| "(not an identifier)".to_string(), |i| i.to_string())
+}
+
+/// Prints `value` as indented JSON on stdout (the `--json` of every
+/// command).
+fn print_json(value: &impl serde::Serialize) -> ExitCode {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: cannot print JSON: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }

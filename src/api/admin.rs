@@ -9,7 +9,7 @@ use axum::Json;
 use chrono::Utc;
 use serde_json::json;
 
-use super::{authorized, problem, unauthorized, ApiState};
+use super::{authorized, ledger_failed, problem, unauthorized, ApiState};
 
 /// `?limit=N` of the list endpoints (default 100, at most 1,000).
 #[derive(Debug, serde::Deserialize)]
@@ -23,6 +23,14 @@ impl ListQuery {
     }
 }
 
+/// A list answer: `{"<key>": [...]}`, or the ledger's failure.
+fn listed<T: serde::Serialize>(key: &str, rows: Result<Vec<T>, String>) -> Response {
+    match rows {
+        Ok(rows) => Json(json!({ key: rows })).into_response(),
+        Err(error) => ledger_failed(key, &error),
+    }
+}
+
 /// `GET /v1/dead-letters`: open dead letters, oldest first, with the
 /// provider's answer.
 pub(super) async fn dead_letters(
@@ -33,19 +41,10 @@ pub(super) async fn dead_letters(
     if !authorized(&state, &headers) {
         return unauthorized();
     }
-    match state
+    let rows = state
         .with_db(async |db| crate::delivery::outbox::dead_letters(db, query.limit()).await)
-        .await
-    {
-        Ok(letters) => Json(json!({ "dead_letters": letters })).into_response(),
-        Err(error) => {
-            tracing::warn!(error = %error, "dead letters: the ledger could not be read");
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the ledger could not be read",
-            )
-        }
-    }
+        .await;
+    listed("dead_letters", rows)
 }
 
 /// `POST /v1/dead-letters/{id}/replay`: due again (same message id) and
@@ -67,13 +66,7 @@ pub(super) async fn replay_dead_letter(
             StatusCode::NOT_FOUND,
             "no open dead letter has this id (unknown, or replayed before)",
         ),
-        Err(error) => {
-            tracing::warn!(error = %error, "replay: the ledger could not be written");
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the ledger could not be written",
-            )
-        }
+        Err(error) => ledger_failed("replay", &error),
     }
 }
 
@@ -86,17 +79,8 @@ pub(super) async fn quarantined(
     if !authorized(&state, &headers) {
         return unauthorized();
     }
-    match state
+    let rows = state
         .with_db(async |db| crate::ledger::quarantine::open(db, query.limit()).await)
-        .await
-    {
-        Ok(rows) => Json(json!({ "quarantine": rows })).into_response(),
-        Err(error) => {
-            tracing::warn!(error = %error, "quarantine: the ledger could not be read");
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the ledger could not be read",
-            )
-        }
-    }
+        .await;
+    listed("quarantine", rows)
 }

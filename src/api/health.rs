@@ -16,7 +16,7 @@ use crate::source::progress::ReaderState;
 /// A source that has neither applied nor confirmed anything for this long
 /// is not ready (PostgreSQL sends keepalives every `wal_sender_timeout`/2,
 /// 30 s by default; MariaDB heartbeats come more often).
-pub const STALL_BOUND: Duration = Duration::from_secs(90);
+pub(super) const STALL_BOUND: Duration = Duration::from_secs(90);
 
 /// Why a source is not ready, if it is not.
 fn unready(source: &RunningSource) -> Option<String> {

@@ -9,7 +9,7 @@ use axum::Json;
 use chrono::Utc;
 use serde_json::json;
 
-use super::{authorized, problem, resolve, unauthorized, ApiState};
+use super::{authorized, ledger_failed, problem, resolve, unauthorized, ApiState};
 use crate::config::ProgramSettings;
 use crate::ledger::db::Db;
 
@@ -116,13 +116,7 @@ pub(super) async fn wallet(
     match wallet {
         Ok(Some(body)) => Json(body).into_response(),
         Ok(None) => problem(StatusCode::NOT_FOUND, "no member has this identifier"),
-        Err(error) => {
-            tracing::warn!(error = %error, "wallet: the ledger could not be read");
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the ledger could not be read",
-            )
-        }
+        Err(error) => ledger_failed("wallet", &error),
     }
 }
 
@@ -344,9 +338,6 @@ pub(super) async fn consent(
         }))
         .into_response(),
         Ok(None) => problem(StatusCode::NOT_FOUND, "no member has this identifier"),
-        Err(error) => {
-            tracing::warn!(error = %error, "consent: the ledger could not be written");
-            problem(StatusCode::SERVICE_UNAVAILABLE, "the ledger could not be written")
-        }
+        Err(error) => ledger_failed("consent", &error),
     }
 }

@@ -35,7 +35,6 @@ mod metrics;
 
 use admin::{dead_letters, quarantined, replay_dead_letter};
 use health::ready;
-pub use health::STALL_BOUND;
 use members::{consent, erase_member, redeem, wallet};
 pub use metrics::install_recorder;
 use metrics::metrics_text;
@@ -177,6 +176,16 @@ fn problem(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// The ledger could not be read or written: logged (the error names no
+/// personal data) and answered 503.
+fn ledger_failed(what: &str, error: &str) -> Response {
+    tracing::warn!(error = %error, what, "API: the ledger could not be used");
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the ledger could not be used; retry",
+    )
+}
+
 fn unauthorized() -> Response {
     (
         StatusCode::UNAUTHORIZED,
@@ -198,20 +207,8 @@ async fn resolve(state: &ApiState, identifier: &str) -> Result<Option<i64>, Resp
         Ok(Err(crate::ledger::members::LookupError::Invalid(message))) => {
             Err(problem(StatusCode::BAD_REQUEST, message))
         }
-        Ok(Err(error)) => {
-            tracing::warn!(error = %error, "member API: the ledger could not be read");
-            Err(problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the ledger could not be read",
-            ))
-        }
-        Err(error) => {
-            tracing::warn!(error = %error, "member API: the ledger could not be read");
-            Err(problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the ledger could not be read",
-            ))
-        }
+        Ok(Err(error)) => Err(ledger_failed("member lookup", &error.to_string())),
+        Err(error) => Err(ledger_failed("member lookup", &error)),
     }
 }
 

@@ -73,6 +73,17 @@ impl Relay {
     }
 }
 
+/// Waits until the source streams (its snapshot, if any, done).
+async fn streaming(progress: &loyalty_cdc::source::progress::SourceProgress) {
+    wait_for("the source to stream", || async {
+        matches!(
+            progress.snapshot().state,
+            loyalty_cdc::source::progress::ReaderState::Streaming
+        )
+    })
+    .await;
+}
+
 /// The value of the first sample of `name` whose labels include every
 /// `label="value"` given.
 fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
@@ -156,16 +167,7 @@ mapping = "{connectors}/odoo-pos.toml"
         200,
         "alive from the start"
     );
-    wait_for("the source to stream", || {
-        let progress = progress.clone();
-        async move {
-            matches!(
-                progress.snapshot().state,
-                loyalty_cdc::source::progress::ReaderState::Streaming
-            )
-        }
-    })
-    .await;
+    streaming(&progress).await;
 
     // The workload: two sales at the till to one customer (100 and 50
     // points of goods, tax excluded).
@@ -653,16 +655,7 @@ provider = "hooks"
         })
     };
     let progress = started_rx.await.unwrap();
-    wait_for("the source to stream", || {
-        let progress = progress.clone();
-        async move {
-            matches!(
-                progress.snapshot().state,
-                loyalty_cdc::source::progress::ReaderState::Streaming
-            )
-        }
-    })
-    .await;
+    streaming(&progress).await;
     pos.batch_execute(
         "INSERT INTO res_partner (id, name, type, email, phone, barcode, lang)
            VALUES (5, 'Anna Schmidt', 'contact', 'Anna.Schmidt@Example.DE', '030 1234567', '{\"1\": \"CARD-4711\"}', 'de_DE');

@@ -333,6 +333,34 @@ async fn members_from_before_triggers_reach_their_marks_silently() {
     );
 }
 
+/// Base, silver (100) and gold (300) qualifying per calendar year (30
+/// grace and 30 warning days), `routes` to a webhook provider.
+fn tier_settings(ledger_db: &PgDatabase, dir: &std::path::Path, routes: &[&str]) -> Settings {
+    let path = dir.join("loyalty-cdc.toml");
+    let mut config = format!(
+        r#"[ledger]
+url = "{url}"
+
+[program]
+tiers = [{{ name = "base", threshold = 0 }}, {{ name = "silver", threshold = 100 }}, {{ name = "gold", threshold = 300 }}]
+
+[program.tier_period]
+months = 12
+grace_days = 30
+warning_days = 30
+{crm}"#,
+        url = ledger_db.url(),
+        crm = crate::support::webhook_provider("crm", "http://127.0.0.1:9/hook")
+    );
+    for trigger in routes {
+        config.push_str(&format!(
+            "\n[[triggers.routes]]\ntrigger = \"{trigger}\"\nprovider = \"crm\"\n"
+        ));
+    }
+    std::fs::write(&path, config).unwrap();
+    Settings::load(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// An order of `points` (rate 1) at `stage`.
 fn order(reference: &str, points: i64, stage: OrderStage) -> OrderEvent {
     OrderEvent {
@@ -407,29 +435,11 @@ async fn tiers_qualify_per_calendar_year_and_go_down_one_at_a_time_after_the_gra
     loyalty_cdc::ledger::migrate(&mut client).await.unwrap();
     let db = Db::new(client);
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("loyalty-cdc.toml");
-    let mut config = format!(
-        r#"[ledger]
-url = "{url}"
-
-[program]
-tiers = [{{ name = "base", threshold = 0 }}, {{ name = "silver", threshold = 100 }}, {{ name = "gold", threshold = 300 }}]
-
-[program.tier_period]
-months = 12
-grace_days = 30
-warning_days = 30
-{crm}"#,
-        url = ledger_db.url(),
-        crm = crate::support::webhook_provider("crm", "http://127.0.0.1:9/hook")
+    let settings = tier_settings(
+        &ledger_db,
+        dir.path(),
+        &["tier_upgrade", "tier_downgrade", "tier_downgrade_warning"],
     );
-    for trigger in ["tier_upgrade", "tier_downgrade", "tier_downgrade_warning"] {
-        config.push_str(&format!(
-            "\n[[triggers.routes]]\ntrigger = \"{trigger}\"\nprovider = \"crm\"\n"
-        ));
-    }
-    std::fs::write(&path, config).unwrap();
-    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
     let triggers: Arc<Triggers> = Triggers::from_settings(&settings);
     let program = &settings.program;
 
@@ -724,27 +734,11 @@ async fn a_scheduler_back_from_an_outage_sends_nothing_about_long_past_periods()
     loyalty_cdc::ledger::migrate(&mut client).await.unwrap();
     let db = Db::new(client);
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("loyalty-cdc.toml");
-    let mut config = format!(
-        r#"[ledger]
-url = "{url}"
-
-[program]
-tiers = [{{ name = "base", threshold = 0 }}, {{ name = "silver", threshold = 100 }}, {{ name = "gold", threshold = 300 }}]
-
-[program.tier_period]
-months = 12
-{crm}"#,
-        url = ledger_db.url(),
-        crm = crate::support::webhook_provider("crm", "http://127.0.0.1:9/hook")
+    let settings = tier_settings(
+        &ledger_db,
+        dir.path(),
+        &["tier_downgrade", "tier_downgrade_warning"],
     );
-    for trigger in ["tier_downgrade", "tier_downgrade_warning"] {
-        config.push_str(&format!(
-            "\n[[triggers.routes]]\ntrigger = \"{trigger}\"\nprovider = \"crm\"\n"
-        ));
-    }
-    std::fs::write(&path, config).unwrap();
-    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
     let triggers: Arc<Triggers> = Triggers::from_settings(&settings);
     let member = new_member(&db, at(2025, 3, 1)).await;
     let gold = order("g1", 350, OrderStage::Completed);
