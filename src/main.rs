@@ -109,6 +109,19 @@ enum QuarantineCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Books quarantined rows again, with the mapping and program of the
+    /// configuration as it is now, at their original business time: after
+    /// the mapping (or the ledger) is fixed. Rows of one source
+    /// transaction are replayed together; a row that fails again stays
+    /// open and nothing of it is booked.
+    Replay {
+        /// Quarantined row ids, as `quarantine list` shows them.
+        #[arg(required = true)]
+        ids: Vec<i64>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -213,6 +226,9 @@ fn main() -> ExitCode {
             Command::Dlq(DlqCommand::Replay { ids }) => dlq_replay(&cli.config, &ids).await,
             Command::Quarantine(QuarantineCommand::List { limit, json }) => {
                 quarantine_list(&cli.config, limit, json).await
+            }
+            Command::Quarantine(QuarantineCommand::Replay { ids, json }) => {
+                quarantine_replay(&cli.config, &ids, json).await
             }
         }
     })
@@ -726,8 +742,64 @@ async fn quarantine_list(path: &Path, limit: i64, json: bool) -> ExitCode {
             // asked, never logged.
             println!("        row: {data}");
         }
+        if !row.replayable {
+            println!("        (no replayable copy: quarantined before replay existed, or erased)");
+        }
     }
     ExitCode::SUCCESS
+}
+
+async fn quarantine_replay(path: &Path, ids: &[i64], json: bool) -> ExitCode {
+    use loyalty_cdc::ledger::quarantine::Replayed;
+    let Some(settings) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    let reports = match loyalty_cdc::pipeline::replay_quarantined(
+        &settings,
+        ledger::apply::WriterLock::default(),
+        ids,
+    )
+    .await
+    {
+        Ok(reports) => reports,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let all_booked = reports
+        .iter()
+        .all(|r| matches!(r.replayed, Replayed::Booked { .. }));
+    if json {
+        let printed = print_json(&reports);
+        return if all_booked {
+            printed
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    for report in &reports {
+        let ids: Vec<String> = report.ids.iter().map(i64::to_string).collect();
+        let ids = ids.join(", ");
+        match &report.replayed {
+            Replayed::Booked { events } => {
+                println!("replayed {ids}: {events} event(s) booked")
+            }
+            Replayed::StillFails { reasons } => {
+                eprintln!("{ids} fails again, nothing booked, left open:");
+                for reason in reasons {
+                    eprintln!("  {reason}");
+                }
+                eprintln!("  fix: correct the mapping or the ledger as the reason says, then replay again");
+            }
+            Replayed::Refused { reason } => eprintln!("{ids} not replayed: {reason}"),
+        }
+    }
+    if all_booked {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// `90`, `90s`, `2m`, `1h`.

@@ -199,3 +199,96 @@ pub async fn run(
     }
     first_error.map_or(Ok(()), Err)
 }
+
+/// What `quarantine replay` did with one source transaction's rows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplayReport {
+    pub ids: Vec<i64>,
+    #[serde(flatten)]
+    pub replayed: crate::ledger::quarantine::Replayed,
+}
+
+/// Replays quarantined rows (`quarantine replay`, the API's replay):
+/// rows of one source transaction together, each group in its own ledger
+/// transaction through the source's consumer, with the mapping and
+/// program of `settings`. `writer` is the running service's writer lock
+/// (the CLI, a process of its own, has none to share: a deadlock with the
+/// service is then resolved by PostgreSQL, and either side retries).
+pub async fn replay_quarantined(
+    settings: &Settings,
+    writer: WriterLock,
+    ids: &[i64],
+) -> Result<Vec<ReplayReport>, PipelineError> {
+    use crate::ledger::quarantine::{self, Replayed};
+    let identity = Identity::new(&settings.identity).map_err(PipelineError::Config)?;
+    let client = crate::ledger::connect(&settings.ledger)
+        .await
+        .map_err(|e| PipelineError::Ledger(format!("{e}; fix: {}", e.fix())))?;
+    let db = crate::ledger::db::Db::new(client);
+    let groups = quarantine::groups(&db, ids)
+        .await
+        .map_err(|e| PipelineError::Ledger(crate::ledger::db::describe(&e)))?;
+    let program = Arc::new(settings.program.clone());
+    let triggers = crate::triggers::Triggers::from_settings(settings);
+    let mut consumers: Vec<(String, LedgerConsumer)> = Vec::new();
+    let mut reports = Vec::new();
+    for (source_name, ids) in groups {
+        let Some(source_name) = source_name else {
+            reports.push(ReplayReport {
+                replayed: Replayed::Refused {
+                    reason: format!(
+                        "no open quarantined row {} (unknown, or replayed before)",
+                        ids[0]
+                    ),
+                },
+                ids,
+            });
+            continue;
+        };
+        let Some((index, source)) = settings
+            .sources
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.name == source_name)
+        else {
+            reports.push(ReplayReport {
+                replayed: Replayed::Refused { reason: format!(
+                    "source `{source_name}` is not in the configuration; add it back to replay its rows"
+                ) },
+                ids,
+            });
+            continue;
+        };
+        if !consumers.iter().any(|(name, _)| *name == source_name) {
+            let mapping = source
+                .compiled_mapping
+                .clone()
+                .ok_or_else(|| no_mapping(index, source))?;
+            let consumer = LedgerConsumer::new(
+                &settings.ledger.url,
+                settings.ledger.password.as_ref(),
+                &source.name,
+                source.kind,
+                Normalizer::new(mapping),
+                identity.clone(),
+                Arc::clone(&program),
+            )
+            .await
+            .map_err(|e| PipelineError::Ledger(format!("{e}; fix: {}", e.fix())))?
+            .with_writer_lock(writer.clone())
+            .with_triggers(Arc::clone(&triggers));
+            consumers.push((source_name.clone(), consumer));
+        }
+        let consumer = &mut consumers
+            .iter_mut()
+            .find(|(name, _)| *name == source_name)
+            .expect("made above")
+            .1;
+        let replayed = consumer
+            .replay(&ids)
+            .await
+            .map_err(|e| PipelineError::Ledger(e.to_string()))?;
+        reports.push(ReplayReport { ids, replayed });
+    }
+    Ok(reports)
+}

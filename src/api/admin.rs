@@ -84,3 +84,50 @@ pub(super) async fn quarantined(
         .await;
     listed("quarantine", rows)
 }
+
+/// The body of `POST /v1/quarantine/replay`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReplayBody {
+    ids: Vec<i64>,
+}
+
+/// `POST /v1/quarantine/replay` with `{"ids": [...]}`: books the rows
+/// again as `quarantine replay` does (rows of one source transaction
+/// together); 200 when every group was booked, 422 when some failed again
+/// or were refused (they stay open), with a report per group either way.
+pub(super) async fn replay_quarantined(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Json(body): Json<ReplayBody>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    if body.ids.is_empty() {
+        return problem(StatusCode::BAD_REQUEST, "`ids` names no row");
+    }
+    match crate::pipeline::replay_quarantined(&state.settings, state.writer.clone(), &body.ids)
+        .await
+    {
+        Ok(reports) => {
+            for report in &reports {
+                // Reasons name columns, statuses and references, never values.
+                tracing::info!(rows = ?report.ids, outcome = ?report.replayed, "API: quarantine replay");
+            }
+            let all_booked = reports.iter().all(|r| {
+                matches!(
+                    r.replayed,
+                    crate::ledger::quarantine::Replayed::Booked { .. }
+                )
+            });
+            let status = if all_booked {
+                StatusCode::OK
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            (status, Json(json!({ "replays": reports }))).into_response()
+        }
+        Err(error) => ledger_failed("quarantine replay", &error.to_string()),
+    }
+}

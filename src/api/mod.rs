@@ -33,7 +33,7 @@ mod health;
 mod members;
 mod metrics;
 
-use admin::{dead_letters, quarantined, replay_dead_letter};
+use admin::{dead_letters, quarantined, replay_dead_letter, replay_quarantined};
 use health::ready;
 use members::{consent, erase_member, redeem, wallet};
 pub use metrics::install_recorder;
@@ -104,10 +104,11 @@ const CONSENT: &str = "/v1/members/{identifier}/consent";
 const DEAD_LETTERS: &str = "/v1/dead-letters";
 const REPLAY: &str = "/v1/dead-letters/{id}/replay";
 const QUARANTINE: &str = "/v1/quarantine";
+const QUARANTINE_REPLAY: &str = "/v1/quarantine/replay";
 
 /// Every operation served, as `docs/openapi.json` documents them (a test
 /// holds the two equal; [`router`] serves exactly these).
-pub const OPERATIONS: [(&str, &str); 10] = [
+pub const OPERATIONS: [(&str, &str); 11] = [
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -118,6 +119,7 @@ pub const OPERATIONS: [(&str, &str); 10] = [
     ("get", DEAD_LETTERS),
     ("post", REPLAY),
     ("get", QUARANTINE),
+    ("post", QUARANTINE_REPLAY),
 ];
 
 /// The routes.
@@ -132,6 +134,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route(DEAD_LETTERS, get(dead_letters))
         .route(REPLAY, post(replay_dead_letter))
         .route(QUARANTINE, get(quarantined))
+        .route(QUARANTINE_REPLAY, post(replay_quarantined))
         .with_state(state)
 }
 

@@ -12,11 +12,13 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use super::db::Db;
+use super::quarantine::Replayed;
 use super::{members, orders, positions};
 use crate::config::{DatabaseUrl, ProgramSettings, Secret};
 use crate::connect;
 use crate::identity::Identity;
-use crate::normalize::{MemberEvent, Normalizer, Outcome, ReferenceRow, References};
+use crate::normalize::replay::{Replay, StoredChanges};
+use crate::normalize::{MemberEvent, Normalizer, Origin, Outcome, ReferenceRow, References};
 use crate::source::{ConsumerError, Op, Position, SourceKind, SourceTxn, TxnConsumer};
 use crate::triggers::{self, BatchFacts, Triggers};
 
@@ -91,6 +93,9 @@ pub struct LedgerConsumer {
     triggers: Arc<Triggers>,
     /// What the batch did that may fire triggers, recorded at commit.
     facts: std::sync::Mutex<BatchFacts>,
+    /// Replaying quarantined rows: what fails again is collected here
+    /// (and the replay rolled back) instead of quarantined a second time.
+    replay_failures: Option<std::sync::Mutex<Vec<String>>>,
 }
 
 /// Events and reference rows a batch holds before it commits, whatever
@@ -155,6 +160,7 @@ impl LedgerConsumer {
             counts: Arc::default(),
             triggers: Arc::default(),
             facts: std::sync::Mutex::default(),
+            replay_failures: None,
         })
     }
 
@@ -446,7 +452,7 @@ impl LedgerConsumer {
         let (event, origin) = match outcome {
             Outcome::Quarantine(q) => {
                 return self
-                    .quarantine(&q.origin, q.op, &q.reason, Some(&q.row))
+                    .quarantine(&q.origin, q.op, &q.reason, Some(&q.row), &q.replay)
                     .await
             }
             Outcome::Event(event, origin) => (event, origin),
@@ -498,19 +504,22 @@ impl LedgerConsumer {
             }
             MemberEvent::Redemption(redemption) => {
                 match self.member_of(&redemption.identifiers, at).await? {
-                    None => Some(format!(
+                    None => Some((
+                        format!(
                         "redemption `{}` names no usable identifier, so no member can pay for it",
                         redemption.redemption_ref
+                    ),
+                        MemberEvent::Redemption(redemption),
                     )),
                     Some(member) => {
                         match orders::apply_redemption(&self.client, &self.source, &redemption, member, at)
                         .await
                         .map_err(db)?
                     {
-                        orders::Booked::Insufficient(available) => Some(format!(
+                        orders::Booked::Insufficient(available) => Some((format!(
                             "redemption `{}` of {} points exceeds the {available} available; the balance never goes below zero",
                             redemption.redemption_ref, redemption.points
-                        )),
+                        ), MemberEvent::Redemption(redemption))),
                         orders::Booked::Points => {
                             let mut facts = self.facts();
                             facts.touched(member, origin.live, at);
@@ -529,16 +538,28 @@ impl LedgerConsumer {
                     .await
                     .map_err(db)?
                 {
-                    orders::Booked::UnknownOrder => Some(format!(
+                    orders::Booked::UnknownOrder => Some((format!(
                         "refund `{}` of order `{}`, which the ledger has not seen (created before this source was first snapshotted?)",
                         refund.refund_ref, refund.order_ref
-                    )),
+                    ), MemberEvent::Refund(refund))),
                     _ => None,
                 }
             }
         };
         match problem {
-            Some(reason) => self.quarantine(&origin, Op::Insert, &reason, None).await,
+            // The event is kept (and shown as the row) so a replay books it
+            // once the ledger can: the order arrived, the balance grew.
+            Some((reason, event)) => {
+                let row = serde_json::to_value(&event).ok();
+                self.quarantine(
+                    &origin,
+                    Op::Insert,
+                    &reason,
+                    row.as_ref(),
+                    &Replay::Event(event),
+                )
+                .await
+            }
             None => {
                 self.counts.events.fetch_add(1, Ordering::Relaxed);
                 count_of_kind(&self.counts).fetch_add(1, Ordering::Relaxed);
@@ -567,11 +588,28 @@ impl LedgerConsumer {
     /// cannot book (no row: the reason says what is missing).
     async fn quarantine(
         &self,
-        origin: &crate::normalize::Origin,
+        origin: &Origin,
         op: Op,
         reason: &str,
         row: Option<&serde_json::Value>,
+        replay: &Replay,
     ) -> Result<(), ConsumerError> {
+        if let Some(failures) = &self.replay_failures {
+            failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(reason.to_string());
+            return Ok(());
+        }
+        // A copy that cannot be encoded (never seen: every column type
+        // serializes) leaves the row listed, only not replayable.
+        let replay = match replay.encode() {
+            Ok(bytes) => Some(bytes),
+            Err(error) => {
+                tracing::error!(source = %origin.source, table = %origin.table, error = %error, "quarantined row kept without a replayable copy");
+                None
+            }
+        };
         let operation = match op {
             Op::Insert => "insert",
             Op::Update => "update",
@@ -580,8 +618,9 @@ impl LedgerConsumer {
         };
         self.client
             .execute(
-                "INSERT INTO quarantine (source, position, table_name, operation, reason, row_data)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO quarantine (source, position, table_name, operation, reason, row_data,
+                                         replay, occurred_at, live)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 &[
                     &&*origin.source,
                     &origin.position,
@@ -589,6 +628,9 @@ impl LedgerConsumer {
                     &operation,
                     &reason,
                     &row,
+                    &replay,
+                    &origin.occurred_at,
+                    &origin.live,
                 ],
             )
             .await
@@ -801,4 +843,179 @@ async fn write_references(
             .map_err(db)?;
     }
     Ok(())
+}
+
+impl LedgerConsumer {
+    /// Books quarantined rows of this source again: `ids` are rows of one
+    /// source transaction (an order header and its parked lines are
+    /// replayed together), booked in one ledger transaction exactly as the
+    /// stream would have booked them — with the mapping of the day, at
+    /// their original business time, firing triggers only if they came
+    /// from the stream — and marked replayed in that same transaction, so
+    /// a row is booked at most once however often replay is asked. The
+    /// source's stored position is not touched. If anything fails again,
+    /// nothing is booked and the rows stay open.
+    pub async fn replay(&mut self, ids: &[i64]) -> Result<Replayed, ConsumerError> {
+        self.held = Some(self.writer.hold().await);
+        self.client.batch_execute("BEGIN").await.map_err(db)?;
+        self.open = true;
+        self.replay_failures = Some(std::sync::Mutex::default());
+        let result = self.replay_in_transaction(ids).await;
+        self.replay_failures = None;
+        match result {
+            Ok(Replayed::Booked { events }) => {
+                match self.client.batch_execute("COMMIT").await.map_err(db) {
+                    Ok(()) => {
+                        self.open = false;
+                        self.held = None;
+                        Ok(Replayed::Booked { events })
+                    }
+                    Err(error) => {
+                        self.abandon_batch().await;
+                        Err(error)
+                    }
+                }
+            }
+            other => {
+                self.abandon_batch().await;
+                other
+            }
+        }
+    }
+
+    async fn replay_in_transaction(&mut self, ids: &[i64]) -> Result<Replayed, ConsumerError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT quarantine_id, source, position, table_name, replay, occurred_at, live
+                   FROM quarantine
+                  WHERE quarantine_id = ANY($1) AND replayed_at IS NULL
+                  ORDER BY quarantine_id
+                    FOR UPDATE",
+                &[&ids],
+            )
+            .await
+            .map_err(db)?;
+        let found: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let missing: Vec<String> = ids
+            .iter()
+            .filter(|id| !found.contains(id))
+            .map(i64::to_string)
+            .collect();
+        if !missing.is_empty() {
+            return Ok(Replayed::Refused {
+                reason: format!(
+                    "no open quarantined row {} (unknown, or replayed before)",
+                    missing.join(", ")
+                ),
+            });
+        }
+        let Some(first) = rows.first() else {
+            return Ok(Replayed::Refused {
+                reason: "no rows named".into(),
+            });
+        };
+        let position_text: String = first.get(2);
+        let occurred_at: Option<DateTime<Utc>> = first.get(5);
+        let live: Option<bool> = first.get(6);
+        let mut changes = StoredChanges::default();
+        let mut events = Vec::new();
+        for row in &rows {
+            let id: i64 = row.get(0);
+            let source: String = row.get(1);
+            let position: String = row.get(2);
+            if source != *self.source || position != position_text {
+                return Ok(Replayed::Refused { reason: format!(
+                    "row {id} is of another source transaction ({source} at {position}); replay it on its own"
+                ) });
+            }
+            let Some(bytes) = row.get::<_, Option<Vec<u8>>>(4) else {
+                return Ok(Replayed::Refused { reason: format!(
+                    "row {id} has no stored copy to replay: it was quarantined before this version kept one, or its values were erased; fix it at the source (an update of the row streams it again)"
+                ) });
+            };
+            match Replay::decode(&bytes) {
+                Ok(Replay::Changes(stored)) => changes.extend(stored),
+                Ok(Replay::Event(event)) => events.push((row.get::<_, String>(3), event)),
+                Err(reason) => {
+                    return Ok(Replayed::Refused {
+                        reason: format!("row {id}: {reason}"),
+                    })
+                }
+            }
+        }
+        let (Some(occurred_at), Some(live)) = (occurred_at, live) else {
+            return Ok(Replayed::Refused {
+                reason: "the rows have no business time stored (quarantined before this version)"
+                    .into(),
+            });
+        };
+        let position: Position = position_text.parse().map_err(|e: String| {
+            ConsumerError::definite(format!("stored position `{position_text}`: {e}"))
+        })?;
+        if !changes.is_empty() {
+            let mut txn = SourceTxn {
+                source: Arc::clone(&self.source),
+                kind: if live {
+                    crate::source::TxnKind::Stream { xid: 0 }
+                } else {
+                    crate::source::TxnKind::Snapshot
+                },
+                position,
+                commit_ts: occurred_at,
+                changes: crate::source::Changes::from_vec(changes.into_changes()),
+            };
+            self.book(&mut txn).await?;
+        }
+        for (table, event) in events {
+            let origin = Origin {
+                source: Arc::clone(&self.source),
+                table,
+                position: position_text.clone(),
+                occurred_at,
+                live,
+            };
+            self.pending.push(Outcome::Event(event, origin));
+        }
+        let booked = self
+            .pending
+            .iter()
+            .filter(|o| matches!(o, Outcome::Event(..)))
+            .count();
+        write_references(
+            &self.client,
+            &self.source,
+            std::mem::take(&mut self.pending_references),
+        )
+        .await?;
+        self.book_pending().await?;
+        let failures = std::mem::take(
+            &mut *self
+                .replay_failures
+                .as_ref()
+                .expect("replaying")
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        if !failures.is_empty() {
+            return Ok(Replayed::StillFails { reasons: failures });
+        }
+        let facts = std::mem::take(&mut *self.facts());
+        triggers::record(&self.client, &self.triggers, facts)
+            .await
+            .map_err(db)?;
+        let outcome = match booked {
+            0 => "replayed: the mapping now books nothing for it".to_string(),
+            n => format!("replayed: {n} event(s) booked"),
+        };
+        self.client
+            .execute(
+                "UPDATE quarantine SET replayed_at = now(), replay_outcome = $2
+                  WHERE quarantine_id = ANY($1)",
+                &[&ids, &outcome],
+            )
+            .await
+            .map_err(db)?;
+        Ok(Replayed::Booked { events: booked })
+    }
 }

@@ -645,7 +645,8 @@ const ERASE_SCAN_ROWS: i64 = 1000;
 /// transaction: identifiers, profile (consents, time zone, push token,
 /// LINE id), merge records' identifier values, and any value equal to one
 /// of its identifiers in stored source rows (reference data such as Odoo
-/// partners, quarantined rows) are removed; the member is marked erased.
+/// partners, quarantined rows, whose replayable copies are dropped) are
+/// removed; the member is marked erased.
 /// Ledger entries, orders and balances stay, under the bare member id.
 pub async fn erase_personal_data(
     db: &Db,
@@ -753,7 +754,14 @@ async fn scrub_source_rows(
                      OR regexp_replace(upper(row_data::text), '[^A-Z0-9]', '', 'g') LIKE ANY($4))
               ORDER BY ctid LIMIT {ERASE_SCAN_ROWS}"
         );
-        let update = format!("UPDATE {table} SET row_data = $2 WHERE ctid = $1::text::tid");
+        // A quarantined row's typed copy goes too: replaying it would book
+        // the erased values again (the row stays listed, not replayable).
+        let also = if table == "quarantine" {
+            ", replay = NULL"
+        } else {
+            ""
+        };
+        let update = format!("UPDATE {table} SET row_data = $2{also} WHERE ctid = $1::text::tid");
         let mut after: Option<String> = None;
         loop {
             // Pages through candidates by physical row id: bounded memory

@@ -17,6 +17,7 @@
 
 pub mod expr;
 pub mod mapping;
+pub mod replay;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,7 +36,7 @@ use mapping::{AmountValue, Lines, Mapping, StatusMeaning};
 pub const MAX_LINES_PER_DOCUMENT: usize = 1_000;
 
 /// Identifiers as the source holds them; `identity` normalizes them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RawIdentifiers {
     /// The source's own customer id.
     pub customer: Option<String>,
@@ -45,7 +46,7 @@ pub struct RawIdentifiers {
 }
 
 /// Where an order stands, as its status says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum OrderStage {
     Placed,
     Completed,
@@ -65,19 +66,23 @@ impl OrderStage {
 }
 
 /// One counted line of an order or refund.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Line {
     pub sku: Option<String>,
+    #[serde(with = "crate::source::change::decimal_text")]
     pub quantity: Decimal,
+    #[serde(with = "crate::source::change::decimal_text")]
     pub amount: Decimal,
 }
 
 /// An order as it now stands.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OrderEvent {
     pub order_ref: String,
     pub stage: OrderStage,
+    #[serde(with = "crate::source::change::decimal_text")]
     pub earn_basis: Decimal,
+    #[serde(with = "crate::source::change::decimal_text")]
     pub grand_total: Decimal,
     pub currency: Option<String>,
     pub channel: Option<String>,
@@ -86,11 +91,12 @@ pub struct OrderEvent {
 }
 
 /// A refund booked against an order.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RefundEvent {
     pub refund_ref: String,
     pub order_ref: String,
     /// Refunded amount, positive.
+    #[serde(with = "crate::source::change::decimal_text")]
     pub amount: Decimal,
     /// `amount` is a part of the order's grand total (else of its earn
     /// basis).
@@ -100,7 +106,7 @@ pub struct RefundEvent {
 
 /// Profile and consent as a source states them; `None`: not stated (what
 /// the ledger knows stays).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Profile {
     pub email_opt_in: Option<bool>,
     pub sms_opt_in: Option<bool>,
@@ -115,7 +121,7 @@ pub struct Profile {
 
 /// A customer account or contact, new or changed: enrollment, profile,
 /// consent.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CustomerEvent {
     pub customer_ref: String,
     pub identifiers: RawIdentifiers,
@@ -123,7 +129,7 @@ pub struct CustomerEvent {
 }
 
 /// Points spent, recorded at the source.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RedemptionEvent {
     pub redemption_ref: String,
     pub points: i64,
@@ -131,7 +137,7 @@ pub struct RedemptionEvent {
 }
 
 /// What happened, in loyalty terms.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum MemberEvent {
     Order(OrderEvent),
     Refund(RefundEvent),
@@ -175,6 +181,8 @@ pub struct Quarantined {
     pub reason: String,
     /// The row as JSON. May hold PII: stored, never logged.
     pub row: serde_json::Value,
+    /// What `quarantine replay` books once the cause is fixed.
+    pub replay: replay::Replay,
 }
 
 /// The result of normalizing one source transaction, in order.
@@ -608,17 +616,28 @@ impl Normalizer {
 
         let mut outcomes = Vec::new();
         for (change, reason) in broken {
-            let doc = Document {
-                change: &change,
-                key: None,
-                lines: &[],
-            };
-            outcomes.push(Outcome::Quarantine(Quarantined {
-                origin: origin(&change.table.name),
-                op: change.op,
-                reason,
-                row: doc.json(),
-            }));
+            // A parked header keeps its lines from the same transaction (when
+            // its key column is still there): replayed alone it would have
+            // none.
+            let doc = mapping
+                .orders
+                .iter()
+                .map(|o| (&o.table, &o.key, o.lines.as_ref()))
+                .chain(
+                    mapping
+                        .refunds
+                        .iter()
+                        .map(|r| (&r.table, &r.key, r.lines.as_ref())),
+                )
+                .filter(|(table, _, _)| table_matches(table, &change))
+                .map(|(_, key, line_mapping)| Document::new(&change, key, line_mapping, &lines))
+                .find(|doc| !doc.lines.is_empty())
+                .unwrap_or(Document {
+                    change: &change,
+                    key: None,
+                    lines: &[],
+                });
+            outcomes.push(quarantined(&doc, &origin(&change.table.name), reason));
         }
         for change in &documents {
             if matches!(change.op, Op::Delete | Op::Truncate) {
@@ -1025,6 +1044,9 @@ fn quarantined(doc: &Document<'_>, origin: &Origin, reason: String) -> Outcome {
         op: doc.change.op,
         reason,
         row: doc.json(),
+        replay: replay::Replay::Changes(replay::StoredChanges::of(
+            std::iter::once(doc.change).chain(doc.lines),
+        )),
     })
 }
 

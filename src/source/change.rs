@@ -48,7 +48,7 @@ pub enum Value {
 // Decimals and JSON documents are (de)serialized as their text, so that
 // formats without self-description (the spill file's postcard) can read
 // them back: their own serde impls ask for "any" type on the way in.
-mod decimal_text {
+pub(crate) mod decimal_text {
     use rust_decimal::Decimal;
     use serde::{Deserialize, Deserializer, Serializer};
 

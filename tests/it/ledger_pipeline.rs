@@ -496,6 +496,178 @@ server_id = {server_id}
         0
     );
 
+    // Replay. The redemption of 500 still exceeds what she has: nothing is
+    // booked and the row stays open.
+    let quarantine_id = |reason_start: &'static str| {
+        let ledger = &ledger;
+        async move {
+            ledger
+                .client
+                .query_one(
+                    "SELECT quarantine_id FROM quarantine WHERE starts_with(reason, $1)",
+                    &[&reason_start],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    let redemption = quarantine_id("redemption `2`").await;
+    let config = std::fs::read_to_string(&path).unwrap();
+    let still = crate::support::run_cli(
+        &config,
+        &["quarantine", "replay", &redemption.to_string()],
+        &[],
+    )
+    .await;
+    assert_eq!(still.code, 1, "{}", still.output());
+    assert_eq!(
+        still.stderr,
+        format!(
+            "{redemption} fails again, nothing booked, left open:\n  \
+             redemption `2` of 500 points exceeds the 98 available; the balance never goes below zero\n  \
+             fix: correct the mapping or the ledger as the reason says, then replay again\n"
+        )
+    );
+    assert_eq!(
+        ledger
+            .scalar("SELECT count(*) FROM quarantine WHERE replayed_at IS NULL")
+            .await,
+        5
+    );
+
+    // A till sale in a state the Odoo mapping does not know either.
+    pos.batch_execute(
+        "BEGIN;
+         INSERT INTO pos_order (id, name, amount_tax, amount_total, amount_paid, amount_return,
+                                company_id, partner_id, config_id, is_refund, state)
+           VALUES (9, 'Shop/0009', 1.9, 11.9, 11.9, 0, 1, 5, 1, false, 'weird');
+         INSERT INTO pos_order_line (id, name, product_id, qty, price_subtotal, price_subtotal_incl, order_id)
+           VALUES (91, 'L1', 1, 1, 10, 11.9, 9);
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    wait_for("the till sale to be quarantined", || async {
+        ledger.scalar("SELECT count(*) FROM quarantine").await == 6
+    })
+    .await;
+
+    // The operator lists both unknown states in the mappings and replays
+    // the two orders in one command (two sources: two ledger
+    // transactions). Each earns once, with its lines, at the time the
+    // source committed it.
+    let weird_shop = quarantine_id("unknown status `weird_state`").await;
+    let weird_pos = quarantine_id("unknown status `weird`").await;
+    let mut fixed_config = config.clone();
+    for (file, from, to) in [
+        (
+            "magento2.toml",
+            "completed = [\"complete\"]",
+            "completed = [\"complete\", \"weird_state\"]",
+        ),
+        (
+            "odoo-pos.toml",
+            "completed = [\"paid\",",
+            "completed = [\"weird\", \"paid\",",
+        ),
+    ] {
+        let fixed = std::env::temp_dir().join(format!("lcdc_fixed_{}_{file}", ledger_db.name));
+        let text = std::fs::read_to_string(connectors().join(file)).unwrap();
+        assert!(text.contains(from), "{file}");
+        std::fs::write(&fixed, text.replace(from, to)).unwrap();
+        fixed_config = fixed_config.replace(
+            &connectors().join(file).display().to_string(),
+            &fixed.display().to_string(),
+        );
+    }
+    let booked = crate::support::run_cli(
+        &fixed_config,
+        &[
+            "quarantine",
+            "replay",
+            &weird_pos.to_string(),
+            &weird_shop.to_string(),
+            "--json",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(booked.code, 0, "{}", booked.output());
+    let booked: serde_json::Value = serde_json::from_str(&booked.stdout).unwrap();
+    assert_eq!(
+        booked,
+        serde_json::json!([
+            {"ids": [weird_shop], "outcome": "booked", "events": 1},
+            {"ids": [weird_pos], "outcome": "booked", "events": 1},
+        ])
+    );
+    assert_eq!(
+        ledger.member_by_email("guest@shop.de").await,
+        Some((10, 0, 10, Some("base".into()))),
+        "order 2 (10, now complete) earned its guest 10"
+    );
+    assert_eq!(
+        ledger.member_by_email("anna.schmidt@example.de").await,
+        Some((108, 0, 138, Some("silver".into()))),
+        "the till sale (10 of goods) earned Anna 10"
+    );
+    assert_eq!(
+        ledger
+            .scalar("SELECT lines::bigint FROM orders WHERE source = 'pos' AND order_ref = '9'")
+            .await,
+        1
+    );
+    assert_eq!(
+        ledger
+            .scalar(&format!(
+                "SELECT count(*) FROM ledger_entries e, quarantine q
+                  WHERE q.quarantine_id = {weird_pos} AND e.source = 'pos' AND e.order_ref = '9'
+                    AND e.occurred_at = q.occurred_at AND q.occurred_at < q.replayed_at"
+            ))
+            .await,
+        1,
+        "booked at the source's commit time, not the replay's"
+    );
+
+    // A large order later, the redemption goes through on replay: 500 of
+    // the 608 she then has.
+    magento_order(
+        &mut shop,
+        7,
+        Some(7),
+        "anna.schmidt@example.de",
+        "complete",
+        Some("500"),
+        "0",
+        &[("TENT", None, "500")],
+    )
+    .await;
+    wait_for("the large order", || async {
+        ledger.member_by_email("anna.schmidt@example.de").await
+            == Some((608, 0, 638, Some("silver".into())))
+    })
+    .await;
+    let redeemed = crate::support::run_cli(
+        &config,
+        &["quarantine", "replay", &redemption.to_string()],
+        &[],
+    )
+    .await;
+    assert_eq!(redeemed.code, 0, "{}", redeemed.output());
+    assert_eq!(
+        ledger.member_by_email("anna.schmidt@example.de").await,
+        Some((108, 0, 638, Some("silver".into()))),
+        "500 redeemed"
+    );
+    assert_eq!(
+        ledger
+            .scalar("SELECT count(*) FROM quarantine WHERE replayed_at IS NULL")
+            .await,
+        3,
+        "the identifier-less redemption, the NULL amount and the order without lines stay"
+    );
+
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(30), handle)
         .await
@@ -522,7 +694,7 @@ server_id = {server_id}
         connectors = connectors().display(),
         server_id = 3_510_000_000u64 + u64::from(std::process::id() % 100_000),
     );
-    let (_path, settings) = write_config(&ledger_db, &sources);
+    let (path, settings) = write_config(&ledger_db, &sources);
     let (shutdown, handle) = start(settings).await;
     let ledger = Ledger::new(&ledger_db).await;
 
@@ -546,10 +718,15 @@ server_id = {server_id}
     shop.query_drop("ALTER TABLE sales_order DROP COLUMN customer_email")
         .await
         .unwrap();
+    // Checkout writes the order and its item in one transaction.
     shop.query_drop(
-        "INSERT INTO sales_order (entity_id, state, status, store_id, customer_id, base_subtotal,
+        "START TRANSACTION;
+         INSERT INTO sales_order (entity_id, state, status, store_id, customer_id, base_subtotal,
              base_discount_amount, base_grand_total, base_currency_code, increment_id)
-         VALUES (2, 'complete', 'complete', 1, 7, 50, 0, 50, 'EUR', '2')",
+         VALUES (2, 'complete', 'complete', 1, 7, 50, 0, 50, 'EUR', '2');
+         INSERT INTO sales_order_item (item_id, order_id, product_type, sku, qty_ordered, base_row_total, row_total)
+         VALUES (200, 2, 'simple', 'MUG', 1, 50, 50);
+         COMMIT",
     )
     .await
     .unwrap();
@@ -578,6 +755,73 @@ server_id = {server_id}
         ledger.member_by_email("anna.schmidt@example.de").await,
         Some((0, 63, 0, Some("base".into()))),
         "the refund took 27 of the pending 90; the parked order booked nothing"
+    );
+
+    // The operator fixes the mapping (the email is no longer read) and
+    // replays the parked order: booked as the stream would have booked it,
+    // with its item from the same transaction, while the service runs.
+    let fixed_mapping =
+        std::env::temp_dir().join(format!("lcdc_magento_fixed_{}.toml", ledger_db.name));
+    let mapping_text = std::fs::read_to_string(connectors().join("magento2.toml")).unwrap();
+    assert!(mapping_text.contains("email = \"row.customer_email\"\n"));
+    std::fs::write(
+        &fixed_mapping,
+        mapping_text.replace("email = \"row.customer_email\"\n", ""),
+    )
+    .unwrap();
+    let fixed_config = std::fs::read_to_string(&path).unwrap().replace(
+        &connectors().join("magento2.toml").display().to_string(),
+        &fixed_mapping.display().to_string(),
+    );
+    let parked = ledger.scalar("SELECT quarantine_id FROM quarantine").await;
+    let listed =
+        crate::support::run_cli(&fixed_config, &["quarantine", "list", "--json"], &[]).await;
+    let listed: serde_json::Value = serde_json::from_str(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["replayable"], true);
+    let replayed = crate::support::run_cli(
+        &fixed_config,
+        &["quarantine", "replay", &parked.to_string()],
+        &[],
+    )
+    .await;
+    assert_eq!(replayed.code, 0, "{}", replayed.output());
+    assert_eq!(
+        replayed.stdout,
+        format!("replayed {parked}: 1 event(s) booked\n")
+    );
+    assert_eq!(
+        ledger.member_by_email("anna.schmidt@example.de").await,
+        Some((50, 63, 50, Some("base".into()))),
+        "order 2 (complete, 50) earned 50 available"
+    );
+    assert_eq!(
+        ledger
+            .scalar("SELECT lines::bigint FROM orders WHERE source = 'shop' AND order_ref = '2'")
+            .await,
+        1,
+        "the item written with the order came with it"
+    );
+    assert_eq!(
+        ledger
+            .scalar("SELECT count(*) FROM quarantine WHERE replayed_at IS NULL")
+            .await,
+        0
+    );
+    // Asked twice, booked once.
+    let again = crate::support::run_cli(
+        &fixed_config,
+        &["quarantine", "replay", &parked.to_string()],
+        &[],
+    )
+    .await;
+    assert_eq!(again.code, 1, "{}", again.output());
+    assert_eq!(
+        again.stderr,
+        format!("{parked} not replayed: no open quarantined row {parked} (unknown, or replayed before)\n")
+    );
+    assert_eq!(
+        ledger.member_by_email("anna.schmidt@example.de").await,
+        Some((50, 63, 50, Some("base".into())))
     );
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(30), handle)

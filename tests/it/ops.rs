@@ -437,6 +437,109 @@ mapping = "{connectors}/odoo-pos.toml"
     assert_eq!(get("/v1/dead-letters").await.unwrap().status(), 401);
     assert_eq!(get("/v1/quarantine").await.unwrap().status(), 401);
 
+    // A redemption at the till beyond her balance is quarantined; replayed
+    // through the API it fails again (nothing booked), and once a sale has
+    // brought the points, it is booked, once.
+    let available = || async {
+        ledger
+            .query_one(
+                "SELECT available FROM balances b JOIN member_identifiers i USING (member_id)
+                  WHERE i.kind = 'email' AND i.value = 'anna.schmidt@example.de'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let before = available().await;
+    pos.execute(
+        "INSERT INTO loyalty_card (id, partner_id, code, points) VALUES (1, 5, 'LC-0042', 0)",
+        &[],
+    )
+    .await
+    .unwrap();
+    pos.execute(
+        "INSERT INTO loyalty_history (id, card_id, description, used, order_model, order_id)
+           VALUES (1, 1, 'Reward: voucher', $1, 'pos.order', 1)",
+        &[&((before + 10) as f64)],
+    )
+    .await
+    .unwrap();
+    wait_for("the redemption to be quarantined", || async {
+        ledger
+            .query_one("SELECT count(*) FROM quarantine", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+            == 1
+    })
+    .await;
+    let (_, listed) = answer(
+        http.get(format!("{base}/v1/quarantine"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let id = listed["quarantine"][0]["id"].as_i64().unwrap();
+    assert_eq!(listed["quarantine"][0]["replayable"], true);
+    let replay_quarantined = |token: Option<&'static str>| {
+        let request = http
+            .post(format!("{base}/v1/quarantine/replay"))
+            .header("content-type", "application/json")
+            .body(format!("{{\"ids\": [{id}]}}"));
+        match token {
+            Some(token) => request.bearer_auth(token).send(),
+            None => request.send(),
+        }
+    };
+    assert_eq!(replay_quarantined(None).await.unwrap().status(), 401);
+    let (status, body) = answer(replay_quarantined(Some(TOKEN)).await.unwrap()).await;
+    assert_eq!(
+        (status, body),
+        (
+            422,
+            serde_json::json!({ "replays": [{
+                "ids": [id],
+                "outcome": "still_fails",
+                "reasons": [format!(
+                    "redemption `1` of {} points exceeds the {before} available; the balance never goes below zero",
+                    before + 10
+                )]
+            }] })
+        )
+    );
+    assert_eq!(available().await, before, "nothing booked");
+    pos.batch_execute(
+        "BEGIN;
+         INSERT INTO pos_order (id, name, amount_tax, amount_total, amount_paid, amount_return, company_id,
+                                partner_id, config_id, is_refund, state)
+           VALUES (3, 'Shop/0003', 3.8, 23.8, 23.8, 0, 1, 5, 1, false, 'paid');
+         INSERT INTO pos_order_line (id, name, product_id, qty, price_subtotal, price_subtotal_incl, order_id)
+           VALUES (31, 'L1', 1, 1, 20, 23.8, 3);
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    wait_for("the third sale", || async {
+        available().await == before + 20
+    })
+    .await;
+    let (status, body) = answer(replay_quarantined(Some(TOKEN)).await.unwrap()).await;
+    assert_eq!(
+        (status, body),
+        (
+            200,
+            serde_json::json!({ "replays": [{ "ids": [id], "outcome": "booked", "events": 1 }] })
+        )
+    );
+    assert_eq!(available().await, 10, "the redemption took its points");
+    let (status, body) = answer(replay_quarantined(Some(TOKEN)).await.unwrap()).await;
+    assert_eq!(status, 422, "replayed before: {body}");
+    assert_eq!(body["replays"][0]["outcome"], "refused");
+    assert_eq!(available().await, 10, "booked once");
+
     // The source's database goes away: not ready, and says why; back:
     // ready again, with the reconnect counted.
     relay.cut();
@@ -546,14 +649,14 @@ mapping = "{connectors}/odoo-pos.toml"
     service.await.unwrap().expect("pipeline ends cleanly");
 }
 
-/// Rows of every text and JSON column of the ledger database that hold
-/// `text` (case-insensitively) or, among their digits, `digits`.
+/// Rows of every text, JSON and binary column of the ledger database that
+/// hold `text` (case-insensitively) or, among their digits, `digits`.
 async fn traces(ledger: &tokio_postgres::Client, text: &str, digits: &str) -> Vec<String> {
     let columns = ledger
         .query(
             "SELECT table_name, column_name FROM information_schema.columns
               WHERE table_schema = 'public'
-                AND data_type IN ('text', 'character varying', 'jsonb', 'json')
+                AND data_type IN ('text', 'character varying', 'jsonb', 'json', 'bytea')
               ORDER BY 1, 2",
             &[],
         )
@@ -563,11 +666,27 @@ async fn traces(ledger: &tokio_postgres::Client, text: &str, digits: &str) -> Ve
     let mut found = Vec::new();
     for column in columns {
         let (table, name): (String, String) = (column.get(0), column.get(1));
+        // Binary columns (quarantine's typed copies) are read as their
+        // printable text: strings are stored there as UTF-8.
+        let value = match ledger
+            .query_one(
+                "SELECT data_type FROM information_schema.columns
+                  WHERE table_schema = 'public' AND table_name = $1 AND column_name = $2",
+                &[&table, &name],
+            )
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+            .as_str()
+        {
+            "bytea" => format!("encode({name}, 'escape')"),
+            _ => format!("{name}::text"),
+        };
         let count: i64 = ledger
             .query_one(
                 &format!(
-                    "SELECT count(*) FROM {table} WHERE {name}::text ILIKE $1
-                        OR regexp_replace({name}::text, '[^0-9]', '', 'g') LIKE $2"
+                    "SELECT count(*) FROM {table} WHERE {value} ILIKE $1
+                        OR regexp_replace({value}, '[^0-9]', '', 'g') LIKE $2"
                 ),
                 &[&format!("%{text}%"), &format!("%{digits}%")],
             )
@@ -665,19 +784,31 @@ provider = "hooks"
            VALUES (1, 'Shop/0001', 19, 119, 119, 0, 1, 5, 1, false, 'paid');
          INSERT INTO pos_order_line (id, name, product_id, qty, price_subtotal, price_subtotal_incl, order_id)
            VALUES (11, 'L1', 1, 2, 100, 119, 1);
-         COMMIT;",
+         COMMIT;
+         INSERT INTO loyalty_card (id, partner_id, code, points) VALUES (1, 5, 'CARD-4711', 0);
+         INSERT INTO loyalty_history (id, card_id, description, used, order_model, order_id)
+           VALUES (1, 1, 'Reward: everything', 5000, 'pos.order', 1);",
     )
     .await
     .unwrap();
     let ledger = ledger_db.client().await;
-    wait_for("the sale to be booked", || async {
-        ledger
-            .query_one("SELECT count(*) FROM outbox WHERE trigger = 'welcome'", &[])
-            .await
-            .map(|r| r.get::<_, i64>(0))
-            .unwrap_or(0)
-            == 1
-    })
+    wait_for(
+        "the sale to be booked, the redemption quarantined",
+        || async {
+            let count = |sql: &'static str| {
+                let ledger = &ledger;
+                async move {
+                    ledger
+                        .query_one(sql, &[])
+                        .await
+                        .map(|r| r.get::<_, i64>(0))
+                        .unwrap_or(0)
+                }
+            };
+            count("SELECT count(*) FROM outbox WHERE trigger = 'welcome'").await == 1
+                && count("SELECT count(*) FROM quarantine").await == 1
+        },
+    )
     .await;
     shutdown.cancel();
     service.await.unwrap().expect("pipeline ends cleanly");
@@ -695,7 +826,9 @@ provider = "hooks"
             && before.contains(&"reference_rows.row_data".to_string()),
         "the scan finds her before: {before:?}"
     );
-    assert!(!traces(&ledger, "CARD-4711", "301234567").await.is_empty());
+    assert!(traces(&ledger, "CARD-4711", "301234567")
+        .await
+        .contains(&"quarantine.replay".to_string()));
 
     let erase = crate::support::run_cli(
         &config,
@@ -711,7 +844,10 @@ provider = "hooks"
         report["identifiers"], 4,
         "email, phone, card and the POS customer id"
     );
-    assert_eq!(report["source_rows"], 1, "the partner row");
+    assert_eq!(
+        report["source_rows"], 3,
+        "the partner row, her loyalty card's row and the quarantined redemption (her card)"
+    );
     assert_eq!(report["messages_cancelled"], 1, "the unsent welcome");
 
     // The providers were asked: Klaviyo's profile deletion by email, the
@@ -760,6 +896,17 @@ provider = "hooks"
     assert_eq!(
         traces(&ledger, "CARD4711", "301234567").await,
         Vec::<String>::new()
+    );
+    // Her quarantined redemption stays listed, but replaying it would
+    // bring her card back: refused.
+    let replay = crate::support::run_cli(&config, &["quarantine", "replay", "1"], &[]).await;
+    assert_eq!(replay.code, 1, "{}", replay.output());
+    assert!(
+        replay
+            .stderr
+            .starts_with("1 not replayed: row 1 has no stored copy to replay"),
+        "{}",
+        replay.stderr
     );
     let kept = ledger
         .query_one(
