@@ -12,6 +12,10 @@
 //!    Each run times our service from start until every order is booked
 //!    (polled every 10 ms), and `pg_recvlogical` (pgoutput, to /dev/null)
 //!    until `--endpos`. Row changes per second, medians, ratio.
+//!    Each run also times the service with personalization on (features
+//!    kept in the ledger transaction, five segments judged at each
+//!    commit) against it off, on the same orders: the ratio must stay
+//!    above 0.85 (issue 8).
 //! 2. Latency: one service streams while a writer commits 1,000 orders/s
 //!    for 10 s; per order, the time from its COMMIT returning at the source
 //!    to the order being visible in the ledger (polled every 2 ms, so
@@ -31,6 +35,32 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 const RUNS: usize = 3;
+
+/// The throughput baseline: a points-only program.
+const PERSONALIZATION_OFF: &str = "[personalization]\nenabled = false\n";
+
+/// The issue's five segments, judged at every commit.
+const PERSONALIZATION_ON: &str = r#"
+[[segments]]
+name = "price_sensitive"
+when = "features.discount_share >= 0.3 && features.purchases >= 3"
+
+[[segments]]
+name = "enthusiast"
+when = "features.top_category_share >= 0.6 && features.purchases >= 3"
+
+[[segments]]
+name = "at_risk"
+when = "features.lifecycle == 'at_risk'"
+
+[[segments]]
+name = "high_value"
+when = "features.monetary >= 1000.0"
+
+[[segments]]
+name = "new"
+when = "features.lifecycle == 'new'"
+"#;
 const PG: &str = "postgres://postgres@127.0.0.1:5432";
 
 async fn connect(database: &str) -> tokio_postgres::Client {
@@ -73,6 +103,11 @@ impl Bench {
     }
 
     async fn settings(&self, run: &str) -> Settings {
+        self.settings_with(run, "").await
+    }
+
+    /// `extra`: configuration appended (personalization, segments).
+    async fn settings_with(&self, run: &str, extra: &str) -> Settings {
         let ledger = self.ledger(run);
         self.admin
             .batch_execute(&format!("CREATE DATABASE {ledger}"))
@@ -84,7 +119,7 @@ impl Bench {
         std::fs::write(
             &path,
             format!(
-                "[ledger]\nurl = \"{PG}/{ledger}\"\n\n[[sources]]\nname = \"pos\"\nkind = \"postgres\"\nurl = \"{PG}/{pos}\"\n\
+                "[ledger]\nurl = \"{PG}/{ledger}\"\n\n{extra}\n[[sources]]\nname = \"pos\"\nkind = \"postgres\"\nurl = \"{PG}/{pos}\"\n\
                  slot = \"{slot}\"\npublication = \"{prefix}_pub\"\nmapping = \"{mapping}\"\n",
                 pos = self.pos(),
                 slot = self.slot(run),
@@ -156,8 +191,8 @@ fn order_sql(id: i64) -> String {
          INSERT INTO pos_order (id, name, amount_tax, amount_total, amount_paid, amount_return, company_id, partner_id,
                                 config_id, is_refund, state)
            VALUES ({id}, 'T/{id}', 3.00, 33.00, 33.00, 0, 1, {partner}, 1, false, 'paid');
-         INSERT INTO pos_order_line (id, name, product_id, qty, price_subtotal, price_subtotal_incl, order_id) VALUES
-           ({l0}, 'L1', 1, 1, 10, 11, {id}), ({l1}, 'L2', 1, 1, 10, 11, {id}), ({l2}, 'L3', 1, 1, 10, 11, {id});
+         INSERT INTO pos_order_line (id, name, product_id, qty, price_subtotal, price_subtotal_incl, discount, order_id) VALUES
+           ({l0}, 'L1', 1, 1, 10, 11, 10, {id}), ({l1}, 'L2', 1, 1, 10, 11, 0, {id}), ({l2}, 'L3', 1, 1, 10, 11, 0, {id});
          COMMIT;",
         l0 = line,
         l1 = line + 1,
@@ -229,13 +264,15 @@ async fn main() {
     .await
     .unwrap();
 
-    // 1. Throughput.
+    // 1. Throughput: personalization off (`t`) and on (`p`).
     let mut ledgers = Vec::new();
     for run in 0..RUNS {
-        let name = format!("t{run}");
-        let settings = bench.settings(&name).await;
-        prime(settings, &bench.ledger(&name)).await;
-        ledgers.push(name);
+        for (variant, extra) in [("t", PERSONALIZATION_OFF), ("p", PERSONALIZATION_ON)] {
+            let name = format!("{variant}{run}");
+            let settings = bench.settings_with(&name, extra).await;
+            prime(settings, &bench.ledger(&name)).await;
+        }
+        ledgers.push(format!("t{run}"));
     }
     let publication = format!("{}_pub", bench.prefix);
     for run in 0..RUNS {
@@ -260,8 +297,22 @@ async fn main() {
         writing.elapsed().as_secs_f64()
     );
     let changes = (orders * 4) as f64;
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let (mut ours, mut theirs, mut personalized) = (Vec::new(), Vec::new(), Vec::new());
     for (run, name) in ledgers.iter().enumerate() {
+        let with = format!("p{run}");
+        let settings = bench.settings_existing(&with);
+        let ledger = connect(&bench.ledger(&with)).await;
+        let seconds = run_until(settings, &ledger, orders).await;
+        personalized.push(changes / seconds);
+        let segmented: i64 = ledger
+            .query_one("SELECT count(DISTINCT member_id) FROM member_segments", &[])
+            .await
+            .unwrap()
+            .get(0);
+        println!(
+            r#"{{"bench":"pipeline","part":"throughput","tool":"loyalty-cdc+personalization","run":{run},"orders":{orders},"row_changes":{changes},"seconds":{seconds:.3},"row_changes_per_second":{:.0},"members_in_segments":{segmented}}}"#,
+            changes / seconds
+        );
         let settings = bench.settings_existing(name);
         let ledger = connect(&bench.ledger(name)).await;
         let seconds = run_until(settings, &ledger, orders).await;
@@ -282,10 +333,14 @@ async fn main() {
             changes / seconds
         );
     }
-    let (ours, theirs) = (median(ours), median(theirs));
+    let (ours, theirs, personalized) = (median(ours), median(theirs), median(personalized));
     println!(
         r#"{{"bench":"pipeline","part":"throughput","summary":true,"median_row_changes_per_second":{{"loyalty-cdc":{ours:.0},"pg_recvlogical":{theirs:.0}}},"ratio":{:.3}}}"#,
         ours / theirs
+    );
+    println!(
+        r#"{{"bench":"pipeline","part":"personalization","summary":true,"median_row_changes_per_second":{{"off":{ours:.0},"on":{personalized:.0}}},"ratio":{:.3}}}"#,
+        personalized / ours
     );
 
     // 2. Latency at a steady 1,000 orders/s.
@@ -451,7 +506,12 @@ async fn main() {
             bench.prefix
         ))
         .await;
-    for name in ledgers.iter().chain(std::iter::once(&name)) {
+    let personalized: Vec<String> = (0..RUNS).map(|run| format!("p{run}")).collect();
+    for name in ledgers
+        .iter()
+        .chain(&personalized)
+        .chain(std::iter::once(&name))
+    {
         let _ = bench
             .admin
             .batch_execute(&format!(

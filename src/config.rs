@@ -92,6 +92,12 @@ pub struct Settings {
     /// The offer catalog, as `[[offers]]`: what a trigger offers whom.
     #[serde(default)]
     pub offers: Vec<OfferSettings>,
+    /// Scores and lifecycle stages from purchase behaviour.
+    #[serde(default)]
+    pub personalization: crate::personalize::PersonalizationSettings,
+    /// Segments over the features, as `[[segments]]`.
+    #[serde(default)]
+    pub segments: Vec<crate::personalize::SegmentSettings>,
     /// The HTTP listener: metrics, health and the admin API.
     #[serde(default)]
     pub api: ApiSettings,
@@ -402,6 +408,11 @@ pub struct OfferSettings {
     /// Tiers of members it is for (empty: every tier).
     #[serde(default)]
     pub tiers: Vec<String>,
+    /// Segments of members it is for (empty: everyone). A member who
+    /// opted out of profiling is in no segment: only offers without
+    /// segments are for them.
+    #[serde(default)]
+    pub segments: Vec<String>,
     /// Points of the next purchase are multiplied by this (decimal ≥ 1,
     /// default 1).
     #[serde(default = "default_multiplier")]
@@ -1171,6 +1182,14 @@ impl Settings {
                     );
                 }
             }
+            for segment in &offer.segments {
+                if !self.segments.iter().any(|s| &s.name == segment) {
+                    problem(
+                        key("segments"),
+                        format!("no segment is named `{segment}`; declare it as [[segments]] name = \"{segment}\""),
+                    );
+                }
+            }
             if let (Some(from), Some(until)) = (offer.available_from, offer.available_until) {
                 if from > until {
                     problem(
@@ -1182,6 +1201,37 @@ impl Settings {
         }
         for (key, message) in self.delivery.problems() {
             problem(key, message);
+        }
+        for (key, message) in self.personalization.problems() {
+            problem(key, message);
+        }
+        if !self.personalization.enabled && !self.segments.is_empty() {
+            problem(
+                "personalization.enabled".into(),
+                format!("personalization is off, but {} segment(s) are declared; turn it on or remove the [[segments]]", self.segments.len()),
+            );
+        }
+        let mut segment_names = HashSet::new();
+        for (index, segment) in self.segments.iter_mut().enumerate() {
+            let key = |field: &str| format!("segments[{index}].{field}");
+            if !is_simple_name(&segment.name, 64) {
+                problem(key("name"), format!("`{}` is not a usable segment name; use 1 to 64 characters of a-z, 0-9 and _", segment.name));
+            } else if !segment_names.insert(segment.name.clone()) {
+                problem(
+                    key("name"),
+                    format!(
+                        "segment `{}` is declared twice; give each its own name",
+                        segment.name
+                    ),
+                );
+            }
+            match crate::normalize::expr::Expr::compile(&segment.when) {
+                Ok(expr) => segment.compiled = Some(std::sync::Arc::new(expr)),
+                Err(message) => problem(
+                    key("when"),
+                    format!("{message}; write a CEL condition over `features`, e.g. features.purchases >= 3"),
+                ),
+            }
         }
 
         if let Some(secret) = &mut self.api.token {

@@ -12,6 +12,8 @@
 //! - [`identity`]: identifiers normalized, placeholders blocked, linking rules.
 //! - [`ledger`]: the ledger database: members, orders, points, positions.
 //! - [`triggers`]: event triggers detected in the ledger transaction.
+//! - [`personalize`]: features, scores (RFM, probability alive, lifecycle)
+//!   and segments.
 //! - [`delivery`]: the outbox worker: policy, provider templates, signing,
 //!   retries, dead letters.
 //! - [`pipeline`]: `loyalty-cdc run`: every source into the ledger, and
@@ -31,6 +33,7 @@ pub mod erasure;
 pub mod identity;
 pub mod ledger;
 pub mod normalize;
+pub mod personalize;
 pub mod pipeline;
 pub mod preflight;
 pub mod source;

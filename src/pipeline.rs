@@ -74,6 +74,9 @@ pub async fn run(
     crate::ledger::migrate(&mut client)
         .await
         .map_err(|e| PipelineError::Ledger(e.to_string()))?;
+    crate::ledger::features::switch(&client, settings.personalization.enabled)
+        .await
+        .map_err(|e| PipelineError::Ledger(crate::ledger::db::describe(&e)))?;
     let counted =
         crate::ledger::tiers::count_current_period(&client, &settings.program, chrono::Utc::now())
             .await
@@ -110,6 +113,11 @@ pub async fn run(
         .map_err(|e| PipelineError::Ledger(format!("{e}; fix: {}", e.fix())))?
         .with_writer_lock(writer.clone())
         .with_triggers(Arc::clone(&triggers));
+        let consumer = if settings.personalization.enabled {
+            consumer
+        } else {
+            consumer.without_features()
+        };
         let counts = Arc::clone(&consumer.counts);
         let name = source.name.clone();
         let shutdown = shutdown.clone();
@@ -277,6 +285,11 @@ pub async fn replay_quarantined(
             .map_err(|e| PipelineError::Ledger(format!("{e}; fix: {}", e.fix())))?
             .with_writer_lock(writer.clone())
             .with_triggers(Arc::clone(&triggers));
+            let consumer = if settings.personalization.enabled {
+                consumer
+            } else {
+                consumer.without_features()
+            };
             consumers.push((source_name.clone(), consumer));
         }
         let consumer = &mut consumers

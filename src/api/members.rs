@@ -293,6 +293,9 @@ pub(super) struct ConsentRequest {
     email: Option<bool>,
     sms: Option<bool>,
     push: Option<bool>,
+    /// Profiling allowed: `false` objects to it (no scores, no segments,
+    /// only offers for everyone).
+    profiling: Option<bool>,
 }
 
 /// `POST /v1/members/{identifier}/consent`: records email, SMS and push
@@ -309,7 +312,7 @@ pub(super) async fn consent(
     let Some(Json(request)) = body else {
         return problem(
             StatusCode::BAD_REQUEST,
-            "the body must be JSON with any of \"email\", \"sms\", \"push\": true or false",
+            "the body must be JSON with any of \"email\", \"sms\", \"push\", \"profiling\": true or false",
         );
     };
     let member = match resolve(&state, &identifier).await {
@@ -321,6 +324,7 @@ pub(super) async fn consent(
         email_opt_in: request.email,
         sms_opt_in: request.sms,
         push_opt_in: request.push,
+        profiling_opt_out: request.profiling.map(|allowed| !allowed),
         ..Default::default()
     };
     let result = state
@@ -334,7 +338,12 @@ pub(super) async fn consent(
     match result {
         Ok(Some(contact)) => Json(json!({
             "member_id": contact.member_id.to_string(),
-            "consent": { "email": contact.email_opt_in, "sms": contact.sms_opt_in, "push": contact.push_opt_in },
+            "consent": {
+                "email": contact.email_opt_in,
+                "sms": contact.sms_opt_in,
+                "push": contact.push_opt_in,
+                "profiling": contact.profiling_opt_out.map(|opted_out| !opted_out),
+            },
         }))
         .into_response(),
         Ok(None) => problem(StatusCode::NOT_FOUND, "no member has this identifier"),

@@ -96,6 +96,9 @@ pub struct LedgerConsumer {
     /// Replaying quarantined rows: what fails again is collected here
     /// (and the replay rolled back) instead of quarantined a second time.
     replay_failures: Option<std::sync::Mutex<Vec<String>>>,
+    /// How each ledger transaction starts: with personalization off, its
+    /// bookings keep no features (the `orders` triggers read the setting).
+    begin: &'static str,
 }
 
 /// Events and reference rows a batch holds before it commits, whatever
@@ -161,6 +164,7 @@ impl LedgerConsumer {
             triggers: Arc::default(),
             facts: std::sync::Mutex::default(),
             replay_failures: None,
+            begin: "BEGIN",
         })
     }
 
@@ -178,6 +182,12 @@ impl LedgerConsumer {
     /// Shares `lock` with the other sources' consumers (see [`WriterLock`]).
     pub fn with_writer_lock(mut self, lock: WriterLock) -> Self {
         self.writer = lock;
+        self
+    }
+
+    /// Keeps no features (`[personalization] enabled = false`).
+    pub fn without_features(mut self) -> Self {
+        self.begin = "BEGIN; SET LOCAL loyalty.features = 'off'";
         self
     }
 
@@ -386,6 +396,13 @@ impl LedgerConsumer {
                 if let Outcome::Event(MemberEvent::Order(order), origin) = &outcome {
                     let mut facts = self.facts();
                     facts.touched(member, origin.live, origin.occurred_at);
+                    if matches!(
+                        order.stage,
+                        crate::normalize::OrderStage::Placed
+                            | crate::normalize::OrderStage::Completed
+                    ) {
+                        facts.purchased(member, origin.occurred_at, &order.lines);
+                    }
                     let points = match order.stage {
                         crate::normalize::OrderStage::Placed
                         | crate::normalize::OrderStage::Completed => {
@@ -484,6 +501,7 @@ impl LedgerConsumer {
                     let mut facts = self.facts();
                     facts.touched(member, origin.live, at);
                     if let orders::Booked::Earned(points) = booked {
+                        facts.purchased(member, at, &order.lines);
                         if origin.live && self.triggers.wants_points_earned() {
                             facts.earned(&self.source, member, &order.order_ref, points, at);
                         }
@@ -693,7 +711,7 @@ impl LedgerConsumer {
     ) -> Result<Option<Position>, ConsumerError> {
         if !self.open {
             self.held = Some(Arc::clone(&self.writer.0).lock_owned().await);
-            self.client.batch_execute("BEGIN").await.map_err(db)?;
+            self.client.batch_execute(self.begin).await.map_err(db)?;
             self.open = true;
         }
         self.book(txn).await?;
@@ -857,7 +875,7 @@ impl LedgerConsumer {
     /// nothing is booked and the rows stay open.
     pub async fn replay(&mut self, ids: &[i64]) -> Result<Replayed, ConsumerError> {
         self.held = Some(self.writer.hold().await);
-        self.client.batch_execute("BEGIN").await.map_err(db)?;
+        self.client.batch_execute(self.begin).await.map_err(db)?;
         self.open = true;
         self.replay_failures = Some(std::sync::Mutex::default());
         let result = self.replay_in_transaction(ids).await;

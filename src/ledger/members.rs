@@ -323,8 +323,9 @@ async fn merge(
     client
         .execute(
             "INSERT INTO member_profiles (member_id, email_opt_in, sms_opt_in, push_opt_in, timezone, locale,
-                                          push_token, line_user_id, updated_at)
-             SELECT $2, email_opt_in, sms_opt_in, push_opt_in, timezone, locale, push_token, line_user_id, $3
+                                          push_token, line_user_id, profiling_opt_out, updated_at)
+             SELECT $2, email_opt_in, sms_opt_in, push_opt_in, timezone, locale, push_token, line_user_id,
+                    profiling_opt_out, $3
                FROM member_profiles WHERE member_id = $1
              ON CONFLICT (member_id) DO UPDATE SET
                email_opt_in = coalesce(member_profiles.email_opt_in, EXCLUDED.email_opt_in),
@@ -334,6 +335,10 @@ async fn merge(
                locale = coalesce(member_profiles.locale, EXCLUDED.locale),
                push_token = coalesce(member_profiles.push_token, EXCLUDED.push_token),
                line_user_id = coalesce(member_profiles.line_user_id, EXCLUDED.line_user_id),
+               -- Either one's opt-out of profiling holds for both.
+               profiling_opt_out = CASE
+                   WHEN member_profiles.profiling_opt_out OR EXCLUDED.profiling_opt_out THEN true
+                   ELSE coalesce(member_profiles.profiling_opt_out, EXCLUDED.profiling_opt_out) END,
                updated_at = EXCLUDED.updated_at",
             &[&from, &into, &at],
         )
@@ -376,6 +381,7 @@ async fn merge(
     client
         .execute("DELETE FROM member_offers WHERE member_id = $1", &[&from])
         .await?;
+    super::features::merge(client, from, into).await?;
     client
         .execute(
             "UPDATE members SET merged_into = $2, merged_at = $3 WHERE member_id = $1",
@@ -470,7 +476,16 @@ pub async fn view(client: &Db, member: i64) -> Result<Option<MemberView>, tokio_
             lifetime: row.get(3),
         },
         tier: row.get(0),
-        segments: Vec::new(),
+        segments: {
+            let mut held: Vec<String> = super::features::segments(client, &[member])
+                .await?
+                .remove(&member)
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            held.sort();
+            held
+        },
         orders: row.get(4),
         last_entries,
     }))
@@ -487,8 +502,8 @@ pub async fn update_profile(
     client
         .execute(
             "INSERT INTO member_profiles (member_id, email_opt_in, sms_opt_in, push_opt_in, timezone, locale,
-                                          push_token, line_user_id, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                                          push_token, line_user_id, profiling_opt_out, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $9)
              ON CONFLICT (member_id) DO UPDATE SET
                email_opt_in = coalesce(EXCLUDED.email_opt_in, member_profiles.email_opt_in),
                sms_opt_in = coalesce(EXCLUDED.sms_opt_in, member_profiles.sms_opt_in),
@@ -497,6 +512,7 @@ pub async fn update_profile(
                locale = coalesce(EXCLUDED.locale, member_profiles.locale),
                push_token = coalesce(EXCLUDED.push_token, member_profiles.push_token),
                line_user_id = coalesce(EXCLUDED.line_user_id, member_profiles.line_user_id),
+               profiling_opt_out = coalesce(EXCLUDED.profiling_opt_out, member_profiles.profiling_opt_out),
                updated_at = EXCLUDED.updated_at",
             &[
                 &member,
@@ -508,9 +524,14 @@ pub async fn update_profile(
                 &profile.push_token,
                 &profile.line_user_id,
                 &at,
+                &profile.profiling_opt_out,
             ],
         )
         .await?;
+    // No profiling: the segments it was in are forgotten at once.
+    if profile.profiling_opt_out == Some(true) {
+        super::features::forget_segments(client, member).await?;
+    }
     Ok(())
 }
 
@@ -534,6 +555,8 @@ pub struct Contact {
     pub locale: Option<String>,
     pub push_token: Option<String>,
     pub line_user_id: Option<String>,
+    /// Objected to profiling (`None`: not stated).
+    pub profiling_opt_out: Option<bool>,
 }
 
 /// The contacts of `members`, keyed by the id asked for; each follows
@@ -561,7 +584,7 @@ pub async fn contacts(
                       ORDER BY i.first_seen_at, i.value LIMIT 1),
                     coalesce(b.available, 0), coalesce(b.pending, 0), coalesce(b.lifetime, 0),
                     p.email_opt_in, p.sms_opt_in, p.push_opt_in, p.timezone, p.locale,
-                    p.push_token, p.line_user_id
+                    p.push_token, p.line_user_id, p.profiling_opt_out
                FROM chain c
                JOIN members m ON m.member_id = c.member_id
                LEFT JOIN balances b ON b.member_id = m.member_id
@@ -591,6 +614,7 @@ pub async fn contacts(
                     locale: r.get(13),
                     push_token: r.get(14),
                     line_user_id: r.get(15),
+                    profiling_opt_out: r.get(16),
                 },
             )
         })

@@ -9,12 +9,15 @@
 //!   `member_identifiers`, `member_merges`, `shared_identifiers`).
 //! - `orders.rs`: orders, refunds, entries, balances, tier upgrades.
 //! - `quarantine.rs`: source rows that could not be mapped, for operators.
+//! - `features.rs`: what members' purchases add up to, per member and
+//!   product, and the segments they are in.
 //! - `tiers.rs`: tier qualification periods and their review (downgrades).
 //!
 //! Only this module writes ledger tables; other modules pass it types.
 
 pub mod apply;
 pub mod db;
+pub mod features;
 pub mod members;
 pub mod offers;
 pub mod orders;

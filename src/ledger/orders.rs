@@ -263,8 +263,8 @@ pub async fn apply_order(
     let first_sight = client
         .execute(
             "INSERT INTO orders (source, order_ref, member_id, stage, earn_basis, grand_total, currency,
-                                 channel, points, lines, placed_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11)
+                                 channel, points, lines, placed_at, updated_at, line_spend, discounted_spend)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, $13)
              ON CONFLICT (source, order_ref) DO NOTHING",
             &[
                 &source,
@@ -278,6 +278,8 @@ pub async fn apply_order(
                 &points,
                 &(order.lines.len() as i32),
                 &at,
+                &order.line_spend(),
+                &order.discounted_spend(),
             ],
         )
         .await?
@@ -649,18 +651,21 @@ pub async fn apply_new_orders(
     let channels: Vec<Option<&str>> = orders.iter().map(|o| o.order.channel.as_deref()).collect();
     let lines: Vec<i32> = orders.iter().map(|o| o.order.lines.len() as i32).collect();
     let ats: Vec<DateTime<Utc>> = orders.iter().map(|o| o.at).collect();
+    let line_spend: Vec<Decimal> = orders.iter().map(|o| o.order.line_spend()).collect();
+    let discounted: Vec<Decimal> = orders.iter().map(|o| o.order.discounted_spend()).collect();
     let inserted: std::collections::HashSet<String> = client
         .query(
             "INSERT INTO orders (source, order_ref, member_id, stage, earn_basis, grand_total, currency, channel,
-                                 points, lines, placed_at, updated_at)
-             SELECT $1, r, m, s, b, t, c, ch, p, l, a, a
+                                 points, lines, placed_at, updated_at, line_spend, discounted_spend)
+             SELECT $1, r, m, s, b, t, c, ch, p, l, a, a, ls, ds
                FROM unnest($2::text[], $3::bigint[], $4::text[], $5::numeric[], $6::numeric[], $7::text[],
-                           $8::text[], $9::bigint[], $10::int[], $11::timestamptz[])
-                    AS x(r, m, s, b, t, c, ch, p, l, a)
+                           $8::text[], $9::bigint[], $10::int[], $11::timestamptz[], $12::numeric[], $13::numeric[])
+                    AS x(r, m, s, b, t, c, ch, p, l, a, ls, ds)
              ON CONFLICT (source, order_ref) DO NOTHING
              RETURNING order_ref",
             &[
                 &source, &refs, &members, &stages, &bases, &totals, &currencies, &channels, &points, &lines, &ats,
+                &line_spend, &discounted,
             ],
         )
         .await?

@@ -249,11 +249,20 @@ pub fn json_map(
     Cel::Map(Map { map: Arc::new(map) })
 }
 
+/// A map of named values (features), for CEL.
+pub fn named_map(entries: Vec<(&str, Cel)>) -> Cel {
+    let map: HashMap<Key, Cel> = entries
+        .into_iter()
+        .map(|(name, value)| (Key::String(Arc::new(name.to_string())), value))
+        .collect();
+    Cel::Map(Map { map: Arc::new(map) })
+}
+
 pub fn list(items: Vec<Cel>) -> Cel {
     Cel::List(Arc::new(items))
 }
 
-fn json_value(value: &serde_json::Value) -> Cel {
+pub fn json_value(value: &serde_json::Value) -> Cel {
     match value {
         serde_json::Value::Null => Cel::Null,
         serde_json::Value::Bool(b) => Cel::Bool(*b),

@@ -79,6 +79,10 @@ pub struct CustomerFile {
     /// CEL, text: LINE user id for LINE messages.
     #[serde(default)]
     pub line_user_id: Option<String>,
+    /// CEL, bool: the customer objected to profiling (true: no scores, no
+    /// segments, only offers for everyone).
+    #[serde(default)]
+    pub profiling_opt_out: Option<String>,
     #[serde(default)]
     pub joins: Vec<JoinFile>,
 }
@@ -170,6 +174,14 @@ pub struct LinesFile {
     /// Quarantine a new document that arrives without any counted line.
     #[serde(default)]
     pub required: bool,
+    /// CEL over `row`: the line was sold at a discount (price
+    /// sensitivity: the share of spend on discounted lines).
+    #[serde(default)]
+    pub discounted: Option<String>,
+    /// CEL over `row`: the line's brand or category (brand and category
+    /// enthusiasm); none: the product itself.
+    #[serde(default)]
+    pub category: Option<String>,
 }
 
 /// `[[orders]]`.
@@ -371,6 +383,8 @@ pub struct Lines {
     pub quantity: String,
     pub amount: Amount,
     pub required: bool,
+    pub discounted: Option<Expr>,
+    pub category: Option<Expr>,
 }
 
 /// A reference table, compiled.
@@ -462,6 +476,7 @@ pub struct CustomerMapping {
     pub locale: Option<Expr>,
     pub push_token: Option<Expr>,
     pub line_user_id: Option<Expr>,
+    pub profiling_opt_out: Option<Expr>,
     pub joins: Vec<Join>,
 }
 
@@ -635,7 +650,12 @@ impl Mapping {
                     format!("{key}.amount"),
                 ));
             }
-            for (name, expr) in [("when", lines.when.as_ref()), ("sku", Some(&lines.sku))] {
+            for (name, expr) in [
+                ("when", lines.when.as_ref()),
+                ("sku", Some(&lines.sku)),
+                ("discounted", lines.discounted.as_ref()),
+                ("category", lines.category.as_ref()),
+            ] {
                 for column in expr.map(|e| e.columns_of("row")).unwrap_or_default() {
                     needs.push((lines.table.clone(), column, format!("{key}.{name}")));
                 }
@@ -681,6 +701,7 @@ impl Mapping {
                 ("locale", customer.locale.as_ref()),
                 ("push_token", customer.push_token.as_ref()),
                 ("line_user_id", customer.line_user_id.as_ref()),
+                ("profiling_opt_out", customer.profiling_opt_out.as_ref()),
             ]);
             let key = format!("customers[{i}]");
             document(
@@ -837,6 +858,14 @@ fn compile(path: &Path, file: MappingFile, problem: &mut dyn FnMut(String, Strin
             .and_then(|t| expr(format!("{key}.lines.when"), t, problem));
         let sku = expr(format!("{key}.lines.sku"), &file.sku, problem)?;
         let amount = amount(format!("{key}.lines.amount"), &file.amount, problem);
+        let discounted = file
+            .discounted
+            .as_deref()
+            .and_then(|t| expr(format!("{key}.lines.discounted"), t, problem));
+        let category = file
+            .category
+            .as_deref()
+            .and_then(|t| expr(format!("{key}.lines.category"), t, problem));
         Some(Lines {
             table: file.table,
             parent: file.parent,
@@ -845,6 +874,8 @@ fn compile(path: &Path, file: MappingFile, problem: &mut dyn FnMut(String, Strin
             quantity: file.quantity,
             amount,
             required: file.required,
+            discounted,
+            category,
         })
     };
     let optional = |key: String, text: Option<String>, problem: &mut dyn FnMut(String, String)| {
@@ -1008,6 +1039,11 @@ fn compile(path: &Path, file: MappingFile, problem: &mut dyn FnMut(String, Strin
             line_user_id: optional(
                 format!("{key}.line_user_id"),
                 customer.line_user_id,
+                problem,
+            ),
+            profiling_opt_out: optional(
+                format!("{key}.profiling_opt_out"),
+                customer.profiling_opt_out,
                 problem,
             ),
             joins: joins(key.clone(), customer.joins, problem),

@@ -73,6 +73,12 @@ pub struct Line {
     pub quantity: Decimal,
     #[serde(with = "crate::source::change::decimal_text")]
     pub amount: Decimal,
+    /// Sold at a discount (the mapping's `discounted`; false without one).
+    #[serde(default)]
+    pub discounted: bool,
+    /// Brand or category (the mapping's `category`).
+    #[serde(default)]
+    pub category: Option<String>,
 }
 
 /// An order as it now stands.
@@ -88,6 +94,22 @@ pub struct OrderEvent {
     pub channel: Option<String>,
     pub identifiers: RawIdentifiers,
     pub lines: Vec<Line>,
+}
+
+impl OrderEvent {
+    /// What its counted lines came to.
+    pub fn line_spend(&self) -> Decimal {
+        self.lines.iter().map(|l| l.amount).sum()
+    }
+
+    /// What of that was sold at a discount.
+    pub fn discounted_spend(&self) -> Decimal {
+        self.lines
+            .iter()
+            .filter(|l| l.discounted)
+            .map(|l| l.amount)
+            .sum()
+    }
 }
 
 /// A refund booked against an order.
@@ -117,6 +139,8 @@ pub struct Profile {
     pub push_token: Option<String>,
     /// LINE user id for LINE messages.
     pub line_user_id: Option<String>,
+    /// Objected to profiling (CCPA ADMT, GDPR Art. 21/22).
+    pub profiling_opt_out: Option<bool>,
 }
 
 /// A customer account or contact, new or changed: enrollment, profile,
@@ -756,6 +780,7 @@ impl Normalizer {
                     .line_user_id
                     .as_ref()
                     .and_then(|e| e.text_value(&scope).ok().flatten()),
+                profiling_opt_out: flag(&customer.profiling_opt_out)?,
             })
         })();
         let profile = match profile {
@@ -1124,7 +1149,20 @@ impl<'a> Document<'a> {
                     ))
                 }
             };
+            // Like identifiers, what only personalizes (a discount flag, a
+            // category) never quarantines a line: unreadable is absent.
+            let discounted = mapping
+                .discounted
+                .as_ref()
+                .and_then(|e| e.bool_value(&scope).ok().flatten())
+                .unwrap_or(false);
+            let category = mapping
+                .category
+                .as_ref()
+                .and_then(|e| e.text_value(&scope).ok().flatten());
             counted.push(Line {
+                discounted,
+                category,
                 sku: mapping.sku.text_value(&scope).map_err(|e| e.to_string())?,
                 quantity,
                 amount: mapping.amount.sum(|t| {

@@ -15,7 +15,7 @@ use super::MemberEvent;
 use crate::source::{Change, Op, Row, Table};
 
 /// The first byte of every stored copy: the layout of what follows.
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
 
 /// What a quarantined row came from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

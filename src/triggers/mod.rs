@@ -52,6 +52,8 @@ pub struct Triggers {
     expiry: Option<ExpirySettings>,
     offers: Vec<OfferSettings>,
     program: crate::config::ProgramSettings,
+    personalization: crate::personalize::PersonalizationSettings,
+    segments: crate::personalize::Segments,
 }
 
 impl Triggers {
@@ -78,6 +80,8 @@ impl Triggers {
             expiry: settings.program.expiry.clone(),
             offers: settings.offers.clone(),
             program: settings.program.clone(),
+            personalization: settings.personalization.clone(),
+            segments: crate::personalize::Segments::new(&settings.segments),
         })
     }
 
@@ -85,16 +89,38 @@ impl Triggers {
         self.routes.contains_key(&kind)
     }
 
-    /// The offer a trigger carries for a member of `tier` at `at`: the
-    /// eligible one of highest priority, the first listed among equals.
+    /// The offer a trigger carries for a member (next best action): of the
+    /// catalog entries for this trigger, the member's tier and segments
+    /// (`segments` is `None` for a member who objected to profiling: only
+    /// entries without segments are for them), valid at `at`, the one of
+    /// highest priority; among equals a segment's entry before a general
+    /// one, then the one worth most to this member (its bonus plus the
+    /// extra points of the multiplier on their average order), then the
+    /// first listed. Returns it with the explanation the outbox row
+    /// records.
     pub fn choose_offer(
         &self,
         kind: TriggerKind,
         tier: Option<&str>,
+        profile: Option<&Profiled>,
         at: DateTime<Utc>,
-    ) -> Option<&OfferSettings> {
+    ) -> Option<(&OfferSettings, serde_json::Value)> {
         let day = at.date_naive();
-        self.offers
+        let segments = profile.and_then(|p| p.segments.as_deref());
+        let features = profile.and_then(|p| p.features.as_ref());
+        let aov = features.map_or(0.0, |f| f.aov);
+        let rate = self
+            .program
+            .points_per_currency_unit
+            .to_string()
+            .parse::<f64>()
+            .unwrap_or(0.0);
+        let worth = |o: &OfferSettings| {
+            let multiplier = o.multiplier.to_string().parse::<f64>().unwrap_or(1.0);
+            o.bonus_points as f64 + (multiplier - 1.0) * aov * rate
+        };
+        let (index, offer, segment) = self
+            .offers
             .iter()
             .enumerate()
             .filter(|(_, o)| o.triggers.is_empty() || o.triggers.contains(&kind))
@@ -103,25 +129,74 @@ impl Triggers {
             })
             .filter(|(_, o)| o.available_from.is_none_or(|from| day >= from))
             .filter(|(_, o)| o.available_until.is_none_or(|until| day <= until))
-            .max_by_key(|(i, o)| (o.priority, std::cmp::Reverse(*i)))
-            .map(|(_, o)| o)
+            .filter_map(|(i, o)| {
+                if o.segments.is_empty() {
+                    return Some((i, o, None));
+                }
+                let held = segments?;
+                o.segments
+                    .iter()
+                    .find(|s| held.contains(s))
+                    .map(|s| (i, o, Some(s.as_str())))
+            })
+            .max_by(|(ia, a, sa), (ib, b, sb)| {
+                (a.priority, sa.is_some())
+                    .cmp(&(b.priority, sb.is_some()))
+                    .then(worth(a).total_cmp(&worth(b)))
+                    .then(ib.cmp(ia))
+            })?;
+        let mut rule = format!(
+            "offers[{index}] `{}`: priority {}",
+            offer.code, offer.priority
+        );
+        if let Some(segment) = segment {
+            rule.push_str(&format!(", segment `{segment}`"));
+        }
+        if profile.is_some_and(|p| p.segments.is_none()) {
+            rule.push_str(", not personalised (the member objected to profiling)");
+        }
+        let mut why = crate::personalize::explanation(rule, segment, features);
+        why["worth_points"] = json!((worth(offer) * 100.0).round() / 100.0);
+        Some((offer, why))
     }
 
     /// Attaches the chosen offer to each trigger and grants it: the
     /// member's next purchase within its validity earns with it.
+    /// `counts`: the members' counts if the caller has them.
     async fn offer(
         &self,
         db: &Db,
         fired: &mut [Fired],
         tiers: &HashMap<i64, Option<String>>,
+        counts: Option<&HashMap<i64, crate::ledger::features::MemberCounts>>,
     ) -> Result<(), tokio_postgres::Error> {
-        if self.offers.is_empty() {
+        if self.offers.is_empty() || fired.is_empty() {
             return Ok(());
         }
+        // The members' features and segments, as of each trigger: only
+        // when segments are declared (offers can then depend on them).
+        let loaded;
+        let counts = match counts {
+            _ if self.segments.is_empty() => {
+                loaded = HashMap::new();
+                &loaded
+            }
+            Some(counts) => counts,
+            None => {
+                let members: Vec<i64> = fired.iter().map(|f| f.member).collect();
+                loaded = crate::ledger::features::counts(db, &members).await?;
+                &loaded
+            }
+        };
         let mut grants = Vec::new();
         for trigger in fired.iter_mut() {
             let tier = tiers.get(&trigger.member).and_then(|t| t.as_deref());
-            let Some(offer) = self.choose_offer(trigger.kind, tier, trigger.occurred_at) else {
+            let profile = counts
+                .get(&trigger.member)
+                .map(|c| self.profile(c, trigger.occurred_at));
+            let Some((offer, why)) =
+                self.choose_offer(trigger.kind, tier, profile.as_ref(), trigger.occurred_at)
+            else {
                 continue;
             };
             let valid_until = trigger.occurred_at + chrono::Duration::days(offer.valid_days);
@@ -132,6 +207,7 @@ impl Triggers {
                 "multiplier": offer.multiplier.to_string(),
                 "bonus_points": offer.bonus_points,
                 "valid_until": valid_until,
+                "why": why,
             }));
             grants.push(Grant {
                 member: trigger.member,
@@ -145,6 +221,94 @@ impl Triggers {
         }
         offers::grant(db, &self.program, &grants).await
     }
+
+    /// What personalization knows of a member as of `at`: nothing for a
+    /// member who objected to profiling.
+    fn profile(
+        &self,
+        counts: &crate::ledger::features::MemberCounts,
+        at: DateTime<Utc>,
+    ) -> Profiled {
+        if counts.profiling_opt_out {
+            return Profiled::default();
+        }
+        let features = crate::personalize::Features::of(&counts.counts, &self.personalization, at);
+        let (segments, problems) = self.segments.of(&features);
+        for problem in problems {
+            tracing::warn!(problem = %problem, "a segment rule could not be evaluated");
+        }
+        Profiled {
+            features: Some(features),
+            segments: Some(segments),
+        }
+    }
+
+    /// Judges the segments of the members the batch touched (`counts`), as
+    /// of their last change, records who entered and left, and returns
+    /// the `segment_entered` triggers of entries caused by live changes.
+    async fn judge_segments(
+        &self,
+        db: &Db,
+        members: &HashMap<i64, Touch>,
+        counts: &HashMap<i64, crate::ledger::features::MemberCounts>,
+    ) -> Result<Vec<Fired>, tokio_postgres::Error> {
+        if self.segments.is_empty() || members.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut entries = Vec::new();
+        let mut departures = Vec::new();
+        for (member, counts) in counts {
+            let touch = members[member];
+            let profile = self.profile(counts, touch.last);
+            let now: HashSet<String> = profile
+                .segments
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            let before = &counts.segments;
+            for segment in before.difference(&now) {
+                departures.push((*member, segment.clone()));
+            }
+            for segment in now.difference(before) {
+                entries.push(crate::ledger::features::Entry {
+                    member: *member,
+                    segment: segment.clone(),
+                    at: touch.last,
+                    features: profile
+                        .features
+                        .as_ref()
+                        .map_or(serde_json::Value::Null, |f| f.to_json()),
+                });
+            }
+        }
+        let entered = crate::ledger::features::move_segments(db, entries, &departures).await?;
+        Ok(entered
+            .into_iter()
+            .filter(|e| members[&e.member].live && self.routed(TriggerKind::SegmentEntered))
+            .map(|e| Fired {
+                kind: TriggerKind::SegmentEntered,
+                member: e.member,
+                occasion: format!(
+                    "segment:{}:member:{}:{}",
+                    e.segment,
+                    e.member,
+                    e.at.timestamp()
+                ),
+                occurred_at: e.at,
+                data: json!({ "segment": e.segment, "features": e.features }),
+                offer: None,
+            })
+            .collect())
+    }
+}
+
+/// What personalization knows of a member: nothing (`None`s) for a member
+/// who objected to profiling.
+#[derive(Debug, Clone, Default)]
+pub struct Profiled {
+    pub features: Option<crate::personalize::Features>,
+    pub segments: Option<Vec<String>>,
 }
 
 /// What a batch did that may fire triggers, gathered while it books.
@@ -154,6 +318,8 @@ pub struct BatchFacts {
     /// touched it, and the business time of the last one.
     members: HashMap<i64, Touch>,
     events: Vec<EventFact>,
+    /// Lines of orders booked for the first time (features).
+    purchases: Vec<crate::ledger::features::Purchase>,
 }
 
 #[derive(Debug)]
@@ -222,8 +388,18 @@ impl BatchFacts {
         });
     }
 
+    /// An order with a member booked for the first time: its lines count
+    /// for the member's features.
+    pub fn purchased(&mut self, member: i64, at: DateTime<Utc>, lines: &[crate::normalize::Line]) {
+        self.purchases.push(crate::ledger::features::Purchase {
+            member,
+            at,
+            lines: lines.to_vec(),
+        });
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.members.is_empty() && self.events.is_empty()
+        self.members.is_empty() && self.events.is_empty() && self.purchases.is_empty()
     }
 }
 
@@ -257,18 +433,52 @@ pub async fn record(
         return Ok(Vec::new());
     }
     let member_ids: Vec<i64> = facts.members.keys().copied().collect();
-    // Members merged into another during the batch are left out: the
-    // survivor was touched too (identity resolves to survivors).
-    let rows = db
-        .query(
-            "SELECT m.member_id, m.tier, coalesce(b.lifetime, 0),
-                    (SELECT count(*) FROM orders o
-                      WHERE o.member_id = m.member_id AND o.stage <> 'cancelled')
-               FROM members m LEFT JOIN balances b ON b.member_id = m.member_id
-              WHERE m.member_id = ANY($1) AND m.merged_into IS NULL",
-            &[&member_ids],
-        )
-        .await?;
+    // The batch's products first: the members' features read them.
+    if triggers.personalization.enabled {
+        crate::ledger::features::record_purchases(db, &facts.purchases).await?;
+    }
+    let judging = !triggers.segments.is_empty();
+    // Three reads sent together (one round trip). Members merged into
+    // another during the batch are left out: the survivor was touched too
+    // (identity resolves to survivors).
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&member_ids];
+    let standings = async {
+        if triggers.personalization.enabled {
+            // The orders not cancelled, as the features keep them.
+            db.query(
+                "SELECT m.member_id, m.tier, coalesce(b.lifetime, 0), coalesce(f.kept_orders, 0)::bigint
+                   FROM members m LEFT JOIN balances b ON b.member_id = m.member_id
+                   LEFT JOIN member_features f ON f.member_id = m.member_id
+                  WHERE m.member_id = ANY($1) AND m.merged_into IS NULL",
+                &params,
+            )
+            .await
+        } else {
+            db.query(
+                "SELECT m.member_id, m.tier, coalesce(b.lifetime, 0),
+                        (SELECT count(*) FROM orders o
+                          WHERE o.member_id = m.member_id AND o.stage <> 'cancelled')
+                   FROM members m LEFT JOIN balances b ON b.member_id = m.member_id
+                  WHERE m.member_id = ANY($1) AND m.merged_into IS NULL",
+                &params,
+            )
+            .await
+        }
+    };
+    let (rows, marks, counts) = futures_util::try_join!(
+        standings,
+        db.query(
+            "SELECT member_id, mark FROM trigger_marks WHERE member_id = ANY($1)",
+            &params,
+        ),
+        async {
+            if judging {
+                crate::ledger::features::counts(db, &member_ids).await
+            } else {
+                Ok(HashMap::new())
+            }
+        },
+    )?;
     let standings: HashMap<i64, Standing> = rows
         .iter()
         .map(|r| {
@@ -283,13 +493,7 @@ pub async fn record(
         })
         .collect();
     let mut marks_held: HashMap<i64, HashSet<String>> = HashMap::new();
-    for row in db
-        .query(
-            "SELECT member_id, mark FROM trigger_marks WHERE member_id = ANY($1)",
-            &[&member_ids],
-        )
-        .await?
-    {
+    for row in marks {
         marks_held.entry(row.get(0)).or_default().insert(row.get(1));
     }
 
@@ -412,6 +616,7 @@ pub async fn record(
         )
         .await?;
     }
+    fired.extend(triggers.judge_segments(db, &facts.members, &counts).await?);
     fired.extend(facts.events.drain(..).map(|e| Fired {
         kind: e.kind,
         member: e.member,
@@ -424,7 +629,9 @@ pub async fn record(
         .iter()
         .map(|(member, standing)| (*member, standing.tier.clone()))
         .collect();
-    triggers.offer(db, &mut fired, &tiers).await?;
+    triggers
+        .offer(db, &mut fired, &tiers, Some(&counts))
+        .await?;
 
     outbox::enqueue(db, &messages(triggers, &fired)).await?;
     schedule::maintain(db, triggers, &facts.members).await?;

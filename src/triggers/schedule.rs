@@ -445,7 +445,7 @@ impl Scheduler {
                 .iter()
                 .map(|r| (r.get(0), r.get(1)))
                 .collect();
-            self.triggers.offer(db, &mut fired, &tiers).await?;
+            self.triggers.offer(db, &mut fired, &tiers, None).await?;
         }
         outbox::enqueue(db, &messages(&self.triggers, &fired)).await?;
         remove(db, &members, &kinds).await?;

@@ -433,3 +433,63 @@ warning_days = 0
         problem.message
     );
 }
+
+#[test]
+fn segments_and_personalization_that_cannot_work_are_named() {
+    let (_, problems) = problems(
+        r#"[ledger]
+url = "postgres://postgres@127.0.0.1/loyalty"
+
+[personalization]
+at_risk_below = 0.1
+lapsed_below = 0.3
+rfm = { recency_days = [30.0, 20.0, 180.0, 365.0] }
+model = { r = 0.0 }
+
+[[segments]]
+name = "Price Sensitive"
+when = "features.discount_share >="
+
+[[segments]]
+name = "vip"
+when = "features.monetary >= 1000.0"
+
+[[segments]]
+name = "vip"
+when = "true"
+
+[[offers]]
+code = "WINBACK"
+title = "Come back"
+bonus_points = 100
+segments = ["at_risk"]
+"#,
+    );
+    let found: Vec<(&str, &str)> = problems
+        .iter()
+        .map(|p| (p.key.as_str(), p.message.as_str()))
+        .collect();
+    let keys: Vec<&str> = found.iter().map(|(key, _)| *key).collect();
+    assert_eq!(
+        keys,
+        [
+            "offers[0].segments",
+            "personalization.at_risk_below",
+            "personalization.rfm.recency_days",
+            "personalization.model.r",
+            "segments[0].name",
+            "segments[0].when",
+            "segments[2].name",
+        ],
+        "{problems:#?}"
+    );
+    assert!(found[0]
+        .1
+        .contains("no segment is named `at_risk`; declare it as [[segments]]"));
+    assert!(
+        found[5].1.contains("not a valid CEL expression"),
+        "{}",
+        found[5].1
+    );
+    assert!(found[6].1.contains("declared twice"));
+}

@@ -13,6 +13,7 @@ mod migrate;
 mod mysql_binlog;
 mod mysql_source;
 mod ops;
+mod personalize;
 mod pg_source;
 mod scheduler;
 mod schemas;

@@ -5,15 +5,18 @@ use loyalty_cdc::ledger;
 
 use crate::support::{run_cli, PgDatabase};
 
-const LEDGER_TABLES: [&str; 20] = [
+const LEDGER_TABLES: [&str; 23] = [
     "balances",
     "dead_letters",
     "delivery_attempts",
     "ledger_entries",
+    "member_features",
     "member_identifiers",
     "member_merges",
     "member_offers",
+    "member_products",
     "member_profiles",
+    "member_segments",
     "members",
     "order_refunds",
     "orders",
@@ -57,6 +60,7 @@ async fn migrate_creates_the_ledger_tables_and_a_second_run_applies_nothing() {
          applied ledger migration V4__triggers_delivery\n\
          applied ledger migration V5__tier_periods\n\
          applied ledger migration V6__quarantine_replay\n\
+         applied ledger migration V7__member_features\n\
          ledger schema is current\n"
     );
     assert_eq!(tables(&db).await, LEDGER_TABLES);
@@ -82,7 +86,7 @@ async fn concurrent_migrations_apply_each_version_once() {
     let applied: Vec<i32> = a.iter().chain(b.iter()).map(|m| m.version).collect();
     assert_eq!(
         applied,
-        [1, 2, 3, 4, 5, 6],
+        [1, 2, 3, 4, 5, 6, 7],
         "one of the two applied every version, the other nothing"
     );
     let status = ledger::schema_status(&db.client().await).await.unwrap();

@@ -401,7 +401,7 @@ mapping = "{connectors}/odoo-pos.toml"
     assert_eq!(status, 200);
     assert_eq!(
         body["consent"],
-        serde_json::json!({ "email": false, "sms": true, "push": null })
+        serde_json::json!({ "email": false, "sms": true, "push": null, "profiling": null })
     );
     let (status, body) = answer(
         http.get(format!("{base}/v1/dead-letters"))

@@ -1,0 +1,379 @@
+//! `member_features`, `member_products`, `member_segments`: what a member's
+//! purchases add up to, per member and per product, and the segments the
+//! member is in. `member_features` is kept by statement triggers on
+//! `orders` (migration V7); the rest is written here, in the ledger
+//! transaction, by `triggers::record` at commit.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+
+use super::db::Db;
+use crate::normalize::Line;
+use crate::personalize::Counts;
+
+/// Purchase times kept per member and product (the rhythm of the last 9
+/// intervals).
+pub const RECENT_PURCHASES: usize = 10;
+
+/// The counted lines of an order a member placed, booked for the first
+/// time.
+#[derive(Debug, Clone)]
+pub struct Purchase {
+    pub member: i64,
+    pub at: DateTime<Utc>,
+    pub lines: Vec<Line>,
+}
+
+/// One product's part of a batch's purchases.
+#[derive(Debug, Default)]
+struct ProductDelta {
+    category: Option<String>,
+    purchases: i32,
+    spend: Decimal,
+    discounted_spend: Decimal,
+    first_at: Option<DateTime<Utc>>,
+    last_at: Option<DateTime<Utc>>,
+    times: Vec<DateTime<Utc>>,
+}
+
+/// Adds the batch's purchases per member and product (an order buying a
+/// product on several lines is one purchase of it): one statement per
+/// batch. (The member's line spend is kept with the orders.)
+pub async fn record_purchases(
+    db: &Db,
+    purchases: &[Purchase],
+) -> Result<(), tokio_postgres::Error> {
+    let mut products: HashMap<(i64, &str), ProductDelta> = HashMap::new();
+    for purchase in purchases {
+        let mut in_this_order: HashSet<&str> = HashSet::new();
+        for line in &purchase.lines {
+            let Some(sku) = line.sku.as_deref() else {
+                continue;
+            };
+            let delta = products.entry((purchase.member, sku)).or_default();
+            if in_this_order.insert(sku) {
+                delta.purchases += 1;
+                delta.times.push(purchase.at);
+                delta.first_at = Some(delta.first_at.map_or(purchase.at, |t| t.min(purchase.at)));
+                delta.last_at = Some(delta.last_at.map_or(purchase.at, |t| t.max(purchase.at)));
+            }
+            delta.spend += line.amount;
+            if line.discounted {
+                delta.discounted_spend += line.amount;
+            }
+            if line.category.is_some() {
+                delta.category.clone_from(&line.category);
+            }
+        }
+    }
+    if products.is_empty() {
+        return Ok(());
+    }
+    let mut members = Vec::with_capacity(products.len());
+    let mut skus = Vec::with_capacity(products.len());
+    let mut categories = Vec::with_capacity(products.len());
+    let mut counts = Vec::with_capacity(products.len());
+    let mut spend = Vec::with_capacity(products.len());
+    let mut discounted = Vec::with_capacity(products.len());
+    let mut firsts = Vec::with_capacity(products.len());
+    let mut lasts = Vec::with_capacity(products.len());
+    // The batch's purchase times of each row, as an array literal: one
+    // row may have several (unnest cannot carry arrays of arrays).
+    let mut times = Vec::with_capacity(products.len());
+    for ((member, sku), mut delta) in products {
+        let (Some(first), Some(last)) = (delta.first_at, delta.last_at) else {
+            continue;
+        };
+        delta.times.sort();
+        members.push(member);
+        skus.push(sku);
+        categories.push(delta.category);
+        counts.push(delta.purchases);
+        spend.push(delta.spend);
+        discounted.push(delta.discounted_spend);
+        firsts.push(first);
+        lasts.push(last);
+        times.push(format!(
+            "{{{}}}",
+            delta
+                .times
+                .iter()
+                .map(|t| format!("\"{}\"", t.to_rfc3339()))
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
+    // The times are kept in the order booked; the last RECENT_PURCHASES.
+    db.execute(
+        "INSERT INTO member_products AS p (member_id, product, category, purchases, spend, discounted_spend,
+                                           first_at, last_at, recent)
+         SELECT u.m, u.pr, u.c, u.n, u.s, u.d, u.f, u.l, u.t::timestamptz[]
+           FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::numeric[], $6::numeric[],
+                       $7::timestamptz[], $8::timestamptz[], $9::text[]) AS u(m, pr, c, n, s, d, f, l, t)
+         ON CONFLICT (member_id, product) DO UPDATE SET
+           category = coalesce(EXCLUDED.category, p.category),
+           purchases = p.purchases + EXCLUDED.purchases,
+           spend = p.spend + EXCLUDED.spend,
+           discounted_spend = p.discounted_spend + EXCLUDED.discounted_spend,
+           first_at = least(p.first_at, EXCLUDED.first_at),
+           last_at = greatest(p.last_at, EXCLUDED.last_at),
+           recent = (p.recent || EXCLUDED.recent)[cardinality(p.recent) + cardinality(EXCLUDED.recent) - $10 + 1:]",
+        &[
+            &members,
+            &skus,
+            &categories,
+            &counts,
+            &spend,
+            &discounted,
+            &firsts,
+            &lasts,
+            &times,
+            &(RECENT_PURCHASES as i32),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A member's counts, whether it opted out of profiling, and the segments
+/// it is in now.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MemberCounts {
+    pub counts: Counts,
+    pub profiling_opt_out: bool,
+    pub segments: HashSet<String>,
+}
+
+/// The counts of `members` (survivors only; members without any are
+/// there with zeros). Three statements sent together (one round trip):
+/// the counts, each member's top category, its segments.
+pub async fn counts(
+    db: &Db,
+    members: &[i64],
+) -> Result<HashMap<i64, MemberCounts>, tokio_postgres::Error> {
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&members];
+    let (rows, tops, held) = futures_util::try_join!(
+        db.query(
+            "SELECT m.member_id, m.tier, coalesce(f.purchases, 0)::bigint, coalesce(f.monetary, 0),
+                    f.first_purchase_at, f.last_purchase_at,
+                    coalesce(f.pos_purchases, 0)::bigint, coalesce(f.web_purchases, 0)::bigint,
+                    coalesce(f.app_purchases, 0)::bigint,
+                    coalesce(f.line_spend, 0), coalesce(f.discounted_spend, 0),
+                    coalesce(p.profiling_opt_out, false)
+               FROM members m
+               LEFT JOIN member_features f ON f.member_id = m.member_id
+               LEFT JOIN member_profiles p ON p.member_id = m.member_id
+              WHERE m.member_id = ANY($1) AND m.merged_into IS NULL",
+            &params,
+        ),
+        // The category (or product) with most spend: one pass over the
+        // members' products, not one lookup per member.
+        db.query(
+            "SELECT DISTINCT ON (member_id) member_id, coalesce(category, product), sum(spend)
+               FROM member_products WHERE member_id = ANY($1)
+              GROUP BY member_id, coalesce(category, product)
+              ORDER BY member_id, 3 DESC, 2",
+            &params,
+        ),
+        segments(db, members),
+    )?;
+    let mut tops: HashMap<i64, (String, Decimal)> = tops
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let mut held = held;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let member: i64 = r.get(0);
+            (
+                member,
+                MemberCounts {
+                    counts: Counts {
+                        tier: r.get(1),
+                        purchases: r.get(2),
+                        monetary: r.get(3),
+                        first_purchase_at: r.get(4),
+                        last_purchase_at: r.get(5),
+                        pos_purchases: r.get(6),
+                        web_purchases: r.get(7),
+                        app_purchases: r.get(8),
+                        line_spend: r.get(9),
+                        discounted_spend: r.get(10),
+                        top_category: tops.remove(&member),
+                    },
+                    profiling_opt_out: r.get(11),
+                    segments: held.remove(&member).unwrap_or_default(),
+                },
+            )
+        })
+        .collect())
+}
+
+/// The segments `members` are in now.
+pub async fn segments(
+    db: &Db,
+    members: &[i64],
+) -> Result<HashMap<i64, HashSet<String>>, tokio_postgres::Error> {
+    let mut held: HashMap<i64, HashSet<String>> = HashMap::new();
+    for row in db
+        .query(
+            "SELECT member_id, segment FROM member_segments WHERE member_id = ANY($1)",
+            &[&members],
+        )
+        .await?
+    {
+        held.entry(row.get(0)).or_default().insert(row.get(1));
+    }
+    Ok(held)
+}
+
+/// A member entering a segment, with the features that put it there.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub member: i64,
+    pub segment: String,
+    pub at: DateTime<Utc>,
+    pub features: serde_json::Value,
+}
+
+/// Records entries and departures. Returns the entries recorded (an entry
+/// another writer recorded first is not repeated).
+pub async fn move_segments(
+    db: &Db,
+    entries: Vec<Entry>,
+    departures: &[(i64, String)],
+) -> Result<Vec<Entry>, tokio_postgres::Error> {
+    if !departures.is_empty() {
+        let members: Vec<i64> = departures.iter().map(|d| d.0).collect();
+        let segments: Vec<&str> = departures.iter().map(|d| d.1.as_str()).collect();
+        db.execute(
+            "DELETE FROM member_segments
+              WHERE (member_id, segment) IN (SELECT * FROM unnest($1::bigint[], $2::text[]))",
+            &[&members, &segments],
+        )
+        .await?;
+    }
+    if entries.is_empty() {
+        return Ok(entries);
+    }
+    let members: Vec<i64> = entries.iter().map(|e| e.member).collect();
+    let segments: Vec<&str> = entries.iter().map(|e| e.segment.as_str()).collect();
+    let ats: Vec<DateTime<Utc>> = entries.iter().map(|e| e.at).collect();
+    let features: Vec<&serde_json::Value> = entries.iter().map(|e| &e.features).collect();
+    let inserted: HashSet<(i64, String)> = db
+        .query(
+            "INSERT INTO member_segments (member_id, segment, entered_at, features)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::jsonb[])
+             ON CONFLICT DO NOTHING
+             RETURNING member_id, segment",
+            &[&members, &segments, &ats, &features],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    Ok(entries
+        .into_iter()
+        .filter(|e| inserted.contains(&(e.member, e.segment.clone())))
+        .collect())
+}
+
+/// A merge: the merged member's products are the survivor's (its orders
+/// moved with their features already); its segments are judged again as
+/// the survivor's.
+pub async fn merge(db: &Db, from: i64, into: i64) -> Result<(), tokio_postgres::Error> {
+    db.execute(
+        "INSERT INTO member_products AS p (member_id, product, category, purchases, spend, discounted_spend,
+                                           first_at, last_at, recent)
+         SELECT $2, product, category, purchases, spend, discounted_spend, first_at, last_at, recent
+           FROM member_products WHERE member_id = $1
+         ON CONFLICT (member_id, product) DO UPDATE SET
+           category = coalesce(p.category, EXCLUDED.category),
+           purchases = p.purchases + EXCLUDED.purchases,
+           spend = p.spend + EXCLUDED.spend,
+           discounted_spend = p.discounted_spend + EXCLUDED.discounted_spend,
+           first_at = least(p.first_at, EXCLUDED.first_at),
+           last_at = greatest(p.last_at, EXCLUDED.last_at),
+           recent = (SELECT array_agg(t ORDER BY t) FROM (
+                         SELECT t FROM unnest(p.recent || EXCLUDED.recent) t ORDER BY t DESC LIMIT $3) r)",
+        &[&from, &into, &(RECENT_PURCHASES as i64)],
+    )
+    .await?;
+    db.execute("DELETE FROM member_products WHERE member_id = $1", &[&from])
+        .await?;
+    // Its orders moved with their features (the `orders` triggers): what is
+    // left is an empty row.
+    db.execute("DELETE FROM member_features WHERE member_id = $1", &[&from])
+        .await?;
+    db.execute("DELETE FROM member_segments WHERE member_id = $1", &[&from])
+        .await?;
+    Ok(())
+}
+
+/// The member is in no segment any more (it objected to profiling).
+pub async fn forget_segments(db: &Db, member: i64) -> Result<(), tokio_postgres::Error> {
+    db.execute(
+        "DELETE FROM member_segments WHERE member_id = $1",
+        &[&member],
+    )
+    .await?;
+    Ok(())
+}
+
+/// At start: with personalization off, what the ledger knew of members'
+/// behaviour is forgotten (it would go stale); on, an empty
+/// `member_features` beside orders with members (personalization was off)
+/// is counted again from the orders. The products start again from the
+/// purchases booked from now on: lines are not stored.
+pub async fn switch(
+    client: &tokio_postgres::Client,
+    enabled: bool,
+) -> Result<(), tokio_postgres::Error> {
+    if !enabled {
+        client
+            .batch_execute(
+                "DELETE FROM member_segments; DELETE FROM member_products; DELETE FROM member_features;",
+            )
+            .await?;
+        return Ok(());
+    }
+    let recount: bool = client
+        .query_one(
+            "SELECT NOT EXISTS (SELECT 1 FROM member_features)
+                AND EXISTS (SELECT 1 FROM orders WHERE member_id IS NOT NULL)",
+            &[],
+        )
+        .await?
+        .get(0);
+    if recount {
+        let counted = client
+            .execute(
+                "INSERT INTO member_features (member_id, purchases, monetary, first_purchase_at, last_purchase_at,
+                                              pos_purchases, web_purchases, app_purchases, line_spend,
+                                              discounted_spend, kept_orders)
+                 SELECT member_id,
+                        count(*) FILTER (WHERE purchase),
+                        coalesce(sum(earn_basis - refunded) FILTER (WHERE purchase), 0),
+                        min(placed_at) FILTER (WHERE purchase), max(placed_at) FILTER (WHERE purchase),
+                        count(*) FILTER (WHERE purchase AND channel_class(channel) = 'pos'),
+                        count(*) FILTER (WHERE purchase AND channel_class(channel) = 'web'),
+                        count(*) FILTER (WHERE purchase AND channel_class(channel) = 'app'),
+                        coalesce(sum(line_spend) FILTER (WHERE purchase), 0),
+                        coalesce(sum(discounted_spend) FILTER (WHERE purchase), 0),
+                        count(*)
+                   FROM (SELECT *, stage IN ('placed', 'completed') AS purchase FROM orders) o
+                  WHERE member_id IS NOT NULL AND stage <> 'cancelled'
+                  GROUP BY member_id",
+                &[],
+            )
+            .await?;
+        tracing::info!(
+            members = counted,
+            "personalization on: members' purchases counted again from the orders"
+        );
+    }
+    Ok(())
+}

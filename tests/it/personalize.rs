@@ -1,0 +1,407 @@
+//! Personalization on the real Odoo POS schema: features kept in the ledger
+//! transaction, segments entered and left, the next best offer with its
+//! explanation, and a member who objected to profiling.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use loyalty_cdc::api::{self, ApiState};
+use loyalty_cdc::config::Settings;
+use loyalty_cdc::pipeline;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::reader::wait_for;
+use crate::support::PgDatabase;
+
+/// One sale at the till: `(line amount, discount percent)` per line, tax
+/// left out so the earn basis is the lines' sum.
+fn sale(id: i64, partner: i64, lines: &[(i64, i64)]) -> String {
+    let total: i64 = lines.iter().map(|l| l.0).sum();
+    let mut sql = format!(
+        "BEGIN;
+         INSERT INTO pos_order (id, name, amount_tax, amount_total, amount_paid, amount_return, company_id,
+                                partner_id, config_id, is_refund, state)
+           VALUES ({id}, 'Shop/{id:04}', 0, {total}, {total}, 0, 1, {partner}, 1, false, 'paid');"
+    );
+    for (n, (amount, discount)) in lines.iter().enumerate() {
+        sql.push_str(&format!(
+            "INSERT INTO pos_order_line (id, name, product_id, qty, price_subtotal, price_subtotal_incl, discount, order_id)
+               VALUES ({}, 'L{n}', 1, 1, {amount}, {amount}, {discount}, {id});",
+            id * 100 + n as i64
+        ));
+    }
+    sql.push_str("COMMIT;");
+    sql
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn features_segments_and_the_next_best_offer_follow_real_purchases() {
+    crate::support::init_logging();
+    let ledger_db = PgDatabase::create("ledger").await;
+    let pos_db = PgDatabase::create("pos").await;
+    let pos = crate::ledger_pipeline::odoo_pos(&pos_db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"[ledger]
+url = "{ledger}"
+
+[program]
+points_per_currency_unit = 1
+tiers = [{{ name = "base", threshold = 0 }}, {{ name = "gold", threshold = 5000 }}]
+
+[identity]
+default_region = "DE"
+
+[delivery]
+enabled = false
+
+[api]
+listen = "127.0.0.1:0"
+
+[[sources]]
+name = "pos"
+kind = "postgres"
+url = "{pos}"
+slot = "{slot}"
+publication = "{slot}"
+mapping = "{connectors}/odoo-pos.toml"
+{hooks}
+[[triggers.routes]]
+trigger = "segment_entered"
+provider = "hooks"
+
+[[triggers.routes]]
+trigger = "milestone"
+provider = "hooks"
+
+[triggers.milestones]
+purchases = [3]
+
+[[segments]]
+name = "price_sensitive"
+when = "features.discount_share >= 0.5 && features.purchases >= 3"
+
+[[segments]]
+name = "high_value"
+when = "features.monetary >= 1000.0"
+
+[[offers]]
+code = "DOUBLE-ON-DEALS"
+title = "Double points on your next purchase"
+segments = ["price_sensitive"]
+multiplier = 2
+priority = 5
+
+[[offers]]
+code = "THANKS-50"
+title = "50 bonus points"
+bonus_points = 50
+priority = 5
+"#,
+        ledger = ledger_db.url(),
+        pos = pos_db.url(),
+        slot = pos_db.name,
+        connectors = concat!(env!("CARGO_MANIFEST_DIR"), "/connectors/sources"),
+        hooks = crate::support::webhook_provider("hooks", "http://127.0.0.1:9"),
+    );
+    let path = dir.path().join("loyalty-cdc.toml");
+    std::fs::write(&path, &config).unwrap();
+    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let api_settings = Arc::new(Settings::load(&path).unwrap());
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let service = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            pipeline::run(&settings, shutdown.clone(), move |sources| {
+                let progress = sources[0].progress.clone();
+                let state = ApiState::new(api_settings, sources).unwrap();
+                tokio::spawn(api::serve(listener, Arc::new(state), shutdown));
+                let _ = started_tx.send(progress);
+            })
+            .await
+        })
+    };
+    let progress = started_rx.await.expect("pipeline starts");
+    wait_for("the source to stream", || {
+        let progress = progress.clone();
+        async move {
+            matches!(
+                progress.snapshot().state,
+                loyalty_cdc::source::progress::ReaderState::Streaming
+            )
+        }
+    })
+    .await;
+    let ledger = ledger_db.client().await;
+    let scalar = |sql: String| {
+        let ledger = &ledger;
+        async move {
+            ledger
+                .query_one(&sql, &[])
+                .await
+                .map(|r| r.get::<_, i64>(0))
+                .unwrap_or(-1)
+        }
+    };
+
+    // Two customers; Bob objects to profiling through the API before he
+    // buys.
+    pos.batch_execute(
+        "INSERT INTO res_partner (id, name, type, email) VALUES (5, 'Anna Schmidt', 'contact', 'anna@example.de');
+         INSERT INTO res_partner (id, name, type, email) VALUES (6, 'Bob Meyer', 'contact', 'bob@example.de');",
+    )
+    .await
+    .unwrap();
+    wait_for("both enrolled", || async {
+        scalar("SELECT count(*) FROM members".into()).await == 2
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let consent = http
+        .post(format!("{base}/v1/members/bob@example.de/consent"))
+        .header("content-type", "application/json")
+        .body(r#"{"profiling": false}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(consent.status(), 200);
+    let consent: serde_json::Value = serde_json::from_str(&consent.text().await.unwrap()).unwrap();
+    assert_eq!(consent["consent"]["profiling"], false);
+
+    // Each buys three times the same way: 100 at 10 % off, 50 at full
+    // price, then 30 at 5 % off with 20 at full price. 130 of 200 was
+    // discounted: a share of 0.65.
+    for (partner, first) in [(5, 1), (6, 11)] {
+        for (n, lines) in [vec![(100, 10)], vec![(50, 0)], vec![(30, 5), (20, 0)]]
+            .iter()
+            .enumerate()
+        {
+            pos.batch_execute(&sale(first + n as i64, partner, lines))
+                .await
+                .unwrap();
+        }
+    }
+    wait_for("six sales booked", || async {
+        scalar("SELECT count(*) FROM orders".into()).await == 6
+    })
+    .await;
+    let member = |email: &'static str| {
+        let ledger = &ledger;
+        async move {
+            ledger
+                .query_one(
+                    "SELECT member_id FROM member_identifiers WHERE kind = 'email' AND value = $1",
+                    &[&email],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    let (anna, bob) = (
+        member("anna@example.de").await,
+        member("bob@example.de").await,
+    );
+    wait_for("the milestones", || async {
+        scalar("SELECT count(*) FROM outbox WHERE trigger = 'milestone'".into()).await == 2
+    })
+    .await;
+
+    // The counts, kept in the ledger transaction: exact.
+    let features = |member: i64| {
+        let ledger = &ledger;
+        async move {
+            let row = ledger
+                .query_one(
+                    "SELECT purchases, monetary::text, line_spend::text, discounted_spend::text, pos_purchases,
+                            last_purchase_at = (SELECT max(placed_at) FROM orders
+                                              WHERE member_id = $1 AND stage <> 'cancelled')
+                       FROM member_features WHERE member_id = $1",
+                    &[&member],
+                )
+                .await
+                .unwrap();
+            (
+                row.get::<_, i32>(0),
+                row.get::<_, String>(1),
+                row.get::<_, String>(2),
+                row.get::<_, String>(3),
+                row.get::<_, i32>(4),
+                row.get::<_, bool>(5),
+            )
+        }
+    };
+    let expected = (
+        3,
+        "200".to_string(),
+        "200".to_string(),
+        "130".to_string(),
+        3,
+        true,
+    );
+    assert_eq!(features(anna).await, expected);
+    assert_eq!(
+        features(bob).await,
+        expected,
+        "counts are bookkeeping: kept for Bob too"
+    );
+    let product = ledger
+        .query_one(
+            "SELECT product, purchases, spend::text, discounted_spend::text, cardinality(recent)
+               FROM member_products WHERE member_id = $1",
+            &[&anna],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            product.get::<_, String>(0),
+            product.get::<_, i32>(1),
+            product.get::<_, String>(2),
+            product.get::<_, String>(3),
+            product.get::<_, i32>(4)
+        ),
+        (
+            "product:1".to_string(),
+            3,
+            "200".to_string(),
+            "130".to_string(),
+            3
+        ),
+        "one product bought in three orders (the third on two lines: one purchase)"
+    );
+
+    // Anna entered the price-sensitive segment, with the features that
+    // put her there; Bob is in none.
+    let segments = ledger
+        .query(
+            "SELECT member_id, segment, features FROM member_segments ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(segments.len(), 1);
+    assert_eq!(segments[0].get::<_, i64>(0), anna);
+    assert_eq!(segments[0].get::<_, String>(1), "price_sensitive");
+    let why: serde_json::Value = segments[0].get(2);
+    assert_eq!(why["discount_share"], 0.65);
+    assert_eq!(why["purchases"], 3);
+    assert_eq!(why["aov"], 66.6667);
+    assert_eq!(why["pos_share"], 1.0);
+    assert_eq!(why["lifecycle"], "new");
+    assert_eq!(
+        (
+            &why["recency_score"],
+            &why["frequency_score"],
+            &why["monetary_score"]
+        ),
+        (
+            &serde_json::json!(5),
+            &serde_json::json!(2),
+            &serde_json::json!(2)
+        )
+    );
+
+    // Her triggers carry the segment's offer, and say why; Bob's the
+    // offer for everyone, not personalised.
+    let outbox = ledger
+        .query(
+            "SELECT member_id, trigger, payload FROM outbox ORDER BY member_id, trigger",
+            &[],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<(i64, String, serde_json::Value)> = outbox
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let kinds: Vec<(i64, &str)> = rows.iter().map(|r| (r.0, r.1.as_str())).collect();
+    assert_eq!(
+        kinds,
+        [
+            (anna, "milestone"),
+            (anna, "segment_entered"),
+            (bob, "milestone")
+        ]
+    );
+    for (who, trigger, payload) in &rows {
+        let offer = &payload["offer"];
+        if *who == anna {
+            assert_eq!(offer["code"], "DOUBLE-ON-DEALS", "{trigger}");
+            assert_eq!(
+                offer["why"]["rule"],
+                "offers[0] `DOUBLE-ON-DEALS`: priority 5, segment `price_sensitive`"
+            );
+            assert_eq!(offer["why"]["segment"], "price_sensitive");
+            assert_eq!(offer["why"]["features"]["discount_share"], 0.65);
+            // Worth to her: (2 − 1) × her average order of 66.67 points.
+            assert_eq!(offer["why"]["worth_points"], 66.67);
+        } else {
+            assert_eq!(offer["code"], "THANKS-50");
+            assert_eq!(
+                offer["why"]["rule"],
+                "offers[1] `THANKS-50`: priority 5, not personalised (the member objected to profiling)"
+            );
+            assert_eq!(offer["why"]["features"], serde_json::Value::Null);
+        }
+    }
+    assert_eq!(
+        rows[1].2["trigger"]["data"]["segment"], "price_sensitive",
+        "the segment_entered trigger names the segment"
+    );
+
+    // Her last sale is cancelled: three purchases become two (her last one
+    // is the second again), and she leaves the segment (fewer than three).
+    pos.batch_execute("UPDATE pos_order SET state = 'cancel' WHERE id = 3")
+        .await
+        .unwrap();
+    wait_for("the cancellation", || async {
+        scalar(format!(
+            "SELECT purchases::bigint FROM member_features WHERE member_id = {anna}"
+        ))
+        .await
+            == 2
+    })
+    .await;
+    assert_eq!(
+        features(anna).await,
+        (
+            2,
+            "150".to_string(),
+            "150".to_string(),
+            "100".to_string(),
+            2,
+            true
+        ),
+        "the cancelled sale's spend and discounted lines are taken back"
+    );
+    assert_eq!(
+        scalar("SELECT count(*) FROM member_segments".into()).await,
+        0,
+        "she left the segment"
+    );
+    let wallet: serde_json::Value = serde_json::from_str(
+        &http
+            .get(format!("{base}/v1/members/anna@example.de"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(wallet["segments"], serde_json::json!([]));
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), service)
+        .await
+        .expect("the service stops")
+        .unwrap()
+        .expect("pipeline ends cleanly");
+}
