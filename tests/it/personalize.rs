@@ -405,3 +405,153 @@ priority = 5
         .unwrap()
         .expect("pipeline ends cleanly");
 }
+
+/// Starts the pipeline on `config` and waits until it streams; `stop`
+/// ends it.
+async fn start(
+    config: &str,
+    dir: &std::path::Path,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), pipeline::PipelineError>>,
+) {
+    let path = dir.join("loyalty-cdc.toml");
+    std::fs::write(&path, config).unwrap();
+    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let shutdown = CancellationToken::new();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let service = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            pipeline::run(&settings, shutdown, move |sources| {
+                let _ = started_tx.send(sources[0].progress.clone());
+            })
+            .await
+        })
+    };
+    let progress = started_rx.await.expect("pipeline starts");
+    wait_for("the source to stream", || {
+        let progress = progress.clone();
+        async move {
+            matches!(
+                progress.snapshot().state,
+                loyalty_cdc::source::progress::ReaderState::Streaming
+            )
+        }
+    })
+    .await;
+    (shutdown, service)
+}
+
+async fn stop(
+    (shutdown, service): (
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), pipeline::PipelineError>>,
+    ),
+) {
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), service)
+        .await
+        .expect("the service stops")
+        .unwrap()
+        .expect("pipeline ends cleanly");
+}
+
+#[tokio::test]
+async fn with_personalization_off_nothing_is_kept_and_turned_on_the_orders_are_counted_again() {
+    crate::support::init_logging();
+    let ledger_db = PgDatabase::create("ledger").await;
+    let pos_db = PgDatabase::create("pos").await;
+    let pos = crate::ledger_pipeline::odoo_pos(&pos_db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |enabled: bool| {
+        format!(
+            r#"[ledger]
+url = "{ledger}"
+
+[identity]
+default_region = "DE"
+
+[delivery]
+enabled = false
+
+[personalization]
+enabled = {enabled}
+
+[[sources]]
+name = "pos"
+kind = "postgres"
+url = "{pos}"
+slot = "{slot}"
+publication = "{slot}"
+mapping = "{connectors}/odoo-pos.toml"
+{hooks}
+[[triggers.routes]]
+trigger = "milestone"
+provider = "hooks"
+
+[triggers.milestones]
+purchases = [2]
+"#,
+            ledger = ledger_db.url(),
+            pos = pos_db.url(),
+            slot = pos_db.name,
+            connectors = concat!(env!("CARGO_MANIFEST_DIR"), "/connectors/sources"),
+            hooks = crate::support::webhook_provider("hooks", "http://127.0.0.1:9"),
+        )
+    };
+    let ledger = ledger_db.client().await;
+    let count = |sql: &'static str| {
+        let ledger = &ledger;
+        async move {
+            ledger
+                .query_one(sql, &[])
+                .await
+                .map(|r| r.get::<_, i64>(0))
+                .unwrap_or(-1)
+        }
+    };
+    // Off: the second purchase still reaches its milestone (counted from
+    // the orders), and nothing of her behaviour is kept.
+    let service = start(&config(false), dir.path()).await;
+    pos.batch_execute(
+        "INSERT INTO res_partner (id, name, type, email) VALUES (5, 'Anna Schmidt', 'contact', 'anna@example.de');",
+    )
+    .await
+    .unwrap();
+    for n in 1..=2 {
+        pos.batch_execute(&sale(n, 5, &[(40, 10), (20, 0)]))
+            .await
+            .unwrap();
+    }
+    wait_for("the milestone", || async {
+        count("SELECT count(*) FROM outbox WHERE trigger = 'milestone'").await == 1
+    })
+    .await;
+    stop(service).await;
+    assert_eq!(count("SELECT count(*) FROM member_features").await, 0);
+    assert_eq!(count("SELECT count(*) FROM member_products").await, 0);
+
+    // On: counted again from the orders at start, exactly.
+    let service = start(&config(true), dir.path()).await;
+    stop(service).await;
+    let row = ledger
+        .query_one(
+            "SELECT purchases, monetary::text, line_spend::text, discounted_spend::text, kept_orders
+               FROM member_features",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, i32>(0),
+            row.get::<_, String>(1),
+            row.get::<_, String>(2),
+            row.get::<_, String>(3),
+            row.get::<_, i32>(4)
+        ),
+        (2, "120".to_string(), "120".to_string(), "80".to_string(), 2),
+        "each order keeps its line spend, so the recount has it too"
+    );
+}
