@@ -377,3 +377,129 @@ pub async fn switch(
     }
     Ok(())
 }
+
+/// A member's purchases of one product: what its replenishment rhythm is
+/// learnt from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rhythm {
+    pub member: i64,
+    pub product: String,
+    pub category: Option<String>,
+    pub purchases: i64,
+    pub last_at: DateTime<Utc>,
+    /// The last purchase times, oldest first.
+    pub recent: Vec<DateTime<Utc>>,
+    pub profiling_opt_out: bool,
+}
+
+impl Rhythm {
+    /// The usual time between two purchases: the median of the intervals
+    /// between the recent purchases, once there are `min_purchases`.
+    /// Intervals under a day (a second basket the same day) are no cycle.
+    pub fn usual_interval(&self, min_purchases: i64) -> Option<chrono::Duration> {
+        if self.purchases < min_purchases {
+            return None;
+        }
+        let mut times = self.recent.clone();
+        times.sort();
+        let mut gaps: Vec<i64> = times
+            .windows(2)
+            .map(|w| (w[1] - w[0]).num_seconds())
+            .filter(|gap| *gap >= 86_400)
+            .collect();
+        if gaps.is_empty() {
+            return None;
+        }
+        gaps.sort_unstable();
+        let middle = gaps.len() / 2;
+        let median = if gaps.len() % 2 == 1 {
+            gaps[middle]
+        } else {
+            (gaps[middle - 1] + gaps[middle]) / 2
+        };
+        Some(chrono::Duration::seconds(median))
+    }
+}
+
+/// The rhythms of `(members[i], products[i])`.
+pub async fn rhythms(
+    db: &Db,
+    members: &[i64],
+    products: &[&str],
+) -> Result<Vec<Rhythm>, tokio_postgres::Error> {
+    Ok(db
+        .query(
+            "SELECT p.member_id, p.product, p.category, p.purchases::bigint, p.last_at, p.recent,
+                    coalesce(mp.profiling_opt_out, false)
+               FROM unnest($1::bigint[], $2::text[]) AS k(member_id, product)
+               JOIN member_products p ON p.member_id = k.member_id AND p.product = k.product
+               LEFT JOIN member_profiles mp ON mp.member_id = p.member_id",
+            &[&members, &products],
+        )
+        .await?
+        .iter()
+        .map(|r| Rhythm {
+            member: r.get(0),
+            product: r.get(1),
+            category: r.get(2),
+            purchases: r.get(3),
+            last_at: r.get(4),
+            recent: r.get(5),
+            profiling_opt_out: r.get(6),
+        })
+        .collect())
+}
+
+/// Of `members`, those who objected to profiling.
+pub async fn opted_out(db: &Db, members: &[i64]) -> Result<HashSet<i64>, tokio_postgres::Error> {
+    if members.is_empty() {
+        return Ok(HashSet::new());
+    }
+    Ok(db
+        .query(
+            "SELECT member_id FROM member_profiles WHERE member_id = ANY($1) AND profiling_opt_out",
+            &[&members],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn rhythm(days: &[i64]) -> Rhythm {
+        let day =
+            |d: i64| Utc.with_ymd_and_hms(2026, 1, 1, 9, 0, 0).unwrap() + chrono::Duration::days(d);
+        Rhythm {
+            member: 1,
+            product: "COF".into(),
+            category: None,
+            purchases: days.len() as i64,
+            last_at: day(*days.last().unwrap()),
+            recent: days.iter().map(|d| day(*d)).collect(),
+            profiling_opt_out: false,
+        }
+    }
+
+    #[test]
+    fn the_usual_interval_is_the_median_and_needs_enough_purchases() {
+        let days = |d: i64| Some(chrono::Duration::days(d));
+        assert_eq!(rhythm(&[0, 30, 60]).usual_interval(3), days(30));
+        assert_eq!(
+            rhythm(&[0, 30]).usual_interval(3),
+            None,
+            "two purchases are no rhythm"
+        );
+        // One long gap (a holiday) does not move it: 28, 30, 90, 31 → 30.5.
+        assert_eq!(
+            rhythm(&[0, 28, 58, 148, 179]).usual_interval(3),
+            Some(chrono::Duration::hours(30 * 24 + 12))
+        );
+        // A second basket the same day is no cycle.
+        assert_eq!(rhythm(&[0, 0, 30, 60]).usual_interval(3), days(30));
+    }
+}

@@ -49,6 +49,40 @@ pub struct PersonalizationSettings {
     /// RFM score breakpoints.
     #[serde(default)]
     pub rfm: RfmSettings,
+    /// When `replenishment_due` comes.
+    #[serde(default)]
+    pub replenishment: ReplenishmentSettings,
+}
+
+/// `[personalization.replenishment]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplenishmentSettings {
+    /// Purchases of a product before its rhythm counts (default 3: two
+    /// intervals).
+    #[serde(default = "default_min_purchases")]
+    pub min_purchases: i64,
+    /// Days before the next purchase is expected that the reminder comes
+    /// (default 2: buys every 30 days → reminded on day 28).
+    #[serde(default = "default_days_before")]
+    pub days_before: i64,
+}
+
+impl Default for ReplenishmentSettings {
+    fn default() -> Self {
+        Self {
+            min_purchases: default_min_purchases(),
+            days_before: default_days_before(),
+        }
+    }
+}
+
+fn default_min_purchases() -> i64 {
+    3
+}
+
+fn default_days_before() -> i64 {
+    2
 }
 
 impl Default for PersonalizationSettings {
@@ -60,6 +94,7 @@ impl Default for PersonalizationSettings {
             at_risk_below: default_at_risk_below(),
             lapsed_below: default_lapsed_below(),
             rfm: RfmSettings::default(),
+            replenishment: ReplenishmentSettings::default(),
         }
     }
 }
@@ -154,6 +189,18 @@ impl PersonalizationSettings {
                     format!("{points:?} must be four ascending numbers, 0 or more"),
                 ));
             }
+        }
+        if self.replenishment.min_purchases < 2 {
+            problems.push((
+                "personalization.replenishment.min_purchases".into(),
+                "use 2 or more: a rhythm needs at least one interval (default 3)".into(),
+            ));
+        }
+        if self.replenishment.days_before < 0 {
+            problems.push((
+                "personalization.replenishment.days_before".into(),
+                "use 0 or more days (default 2)".into(),
+            ));
         }
         problems.extend(
             self.model

@@ -617,6 +617,7 @@ pub async fn record(
         .await?;
     }
     fired.extend(triggers.judge_segments(db, &facts.members, &counts).await?);
+    schedule::plan_replenishment(db, triggers, &facts.purchases).await?;
     fired.extend(facts.events.drain(..).map(|e| Fired {
         kind: e.kind,
         member: e.member,

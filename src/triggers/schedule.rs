@@ -7,8 +7,10 @@
 //! period's review and warning, so a member who never comes back is
 //! reviewed every period until the entry tier.
 //!
-//! Each member has at most one row per kind in `scheduled_triggers`, with
-//! the time it comes due. The ledger transaction keeps the rows of the
+//! Each member has at most one row per kind in `scheduled_triggers` (per
+//! kind and product for `replenishment_due`, which comes a few days before
+//! the member's next purchase of a product is expected), with the time it
+//! comes due. The ledger transaction keeps the rows of the
 //! members it touches current ([`maintain`]); the [`Scheduler`] reads only
 //! due rows (an index on `due_at`, never a scan of members), fires each in
 //! one transaction that also writes the outbox rows and deletes it, so an
@@ -196,7 +198,7 @@ pub async fn maintain(
         db.execute(
             "INSERT INTO scheduled_triggers (member_id, kind, due_at, occasion, data)
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::jsonb[])
-             ON CONFLICT (member_id, kind) DO UPDATE
+             ON CONFLICT (member_id, kind, subject) DO UPDATE
                 SET due_at = EXCLUDED.due_at, occasion = EXCLUDED.occasion, data = EXCLUDED.data",
             &[&up_members, &up_kinds, &up_dues, &up_occasions, &up_data],
         )
@@ -260,7 +262,7 @@ async fn insert_tier_rows(db: &Db, rows: &[TierRow]) -> Result<(), tokio_postgre
     db.execute(
         "INSERT INTO scheduled_triggers (member_id, kind, due_at, occasion, data)
          SELECT * FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::jsonb[])
-         ON CONFLICT (member_id, kind) DO NOTHING",
+         ON CONFLICT (member_id, kind, subject) DO NOTHING",
         &[&members, &kinds, &dues, &occasions, &data],
     )
     .await?;
@@ -277,21 +279,126 @@ pub async fn forget_members(db: &Db, members: &[i64]) -> Result<(), tokio_postgr
     Ok(())
 }
 
-/// Deletes the rows of `(members[i], kinds[i])`.
+/// Deletes the member-wide rows of `(members[i], kinds[i])`.
 async fn remove<K: AsRef<str> + Sync + tokio_postgres::types::ToSql>(
     db: &Db,
     members: &[i64],
     kinds: &[K],
 ) -> Result<(), tokio_postgres::Error> {
+    let subjects = vec![""; members.len()];
+    remove_about(db, members, kinds, &subjects).await
+}
+
+/// Deletes the rows of `(members[i], kinds[i], subjects[i])`.
+async fn remove_about<K, S>(
+    db: &Db,
+    members: &[i64],
+    kinds: &[K],
+    subjects: &[S],
+) -> Result<(), tokio_postgres::Error>
+where
+    K: AsRef<str> + Sync + tokio_postgres::types::ToSql,
+    S: AsRef<str> + Sync + tokio_postgres::types::ToSql,
+{
     if !members.is_empty() {
         db.execute(
             "DELETE FROM scheduled_triggers
-              WHERE (member_id, kind) IN (SELECT * FROM unnest($1::bigint[], $2::text[]))",
-            &[&members, &kinds],
+              WHERE (member_id, kind, subject) IN
+                    (SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]))",
+            &[&members, &kinds, &subjects],
         )
         .await?;
     }
     Ok(())
+}
+
+/// Keeps the replenishment reminders of the products the batch's members
+/// bought current, in the ledger transaction: per member and product with
+/// at least `min_purchases` purchases, the usual interval is the median of
+/// the intervals between its last purchases (`member_products.recent`;
+/// the median is robust to the odd early or late one; intervals under a
+/// day — a second basket the same day — are not cycles), the next purchase
+/// is expected that long after the last, and `replenishment_due` comes
+/// `days_before` earlier. A new purchase replaces the row: buying early
+/// moves the reminder to the next cycle. Members who objected to profiling
+/// get none (a prediction).
+pub async fn plan_replenishment(
+    db: &Db,
+    triggers: &Triggers,
+    purchases: &[crate::ledger::features::Purchase],
+) -> Result<(), tokio_postgres::Error> {
+    if purchases.is_empty()
+        || !triggers.personalization.enabled
+        || !triggers.routed(TriggerKind::ReplenishmentDue)
+    {
+        return Ok(());
+    }
+    let rule = &triggers.personalization.replenishment;
+    let mut bought: HashMap<(i64, &str), DateTime<Utc>> = HashMap::new();
+    for purchase in purchases {
+        for sku in purchase.lines.iter().filter_map(|l| l.sku.as_deref()) {
+            let at = bought.entry((purchase.member, sku)).or_insert(purchase.at);
+            *at = (*at).max(purchase.at);
+        }
+    }
+    let members: Vec<i64> = bought.keys().map(|k| k.0).collect();
+    let products: Vec<&str> = bought.keys().map(|k| k.1).collect();
+    let rows = crate::ledger::features::rhythms(db, &members, &products).await?;
+    let (mut up_members, mut up_products, mut up_dues, mut up_occasions, mut up_data) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut gone_members, mut gone_products) = (Vec::new(), Vec::new());
+    for rhythm in rows {
+        let Some(&bought_at) = bought.get(&(rhythm.member, rhythm.product.as_str())) else {
+            continue;
+        };
+        let usual = rhythm.usual_interval(rule.min_purchases);
+        let plan = usual
+            .filter(|_| !rhythm.profiling_opt_out)
+            .and_then(|usual| {
+                let last = rhythm.last_at;
+                let expected = last + usual;
+                let due = expected - Duration::days(rule.days_before);
+                (due > bought_at).then_some((last, expected, due, usual))
+            });
+        match plan {
+            Some((last, expected, due, usual)) => {
+                up_members.push(rhythm.member);
+                up_dues.push(due);
+                up_occasions.push(format!(
+                    "replenishment:member:{}:{}:{}",
+                    rhythm.member,
+                    rhythm.product,
+                    last.timestamp()
+                ));
+                up_data.push(json!({
+                    "product": rhythm.product,
+                    "category": rhythm.category,
+                    "purchases": rhythm.purchases,
+                    "usual_interval_days": (usual.num_seconds() as f64 / 86_400.0 * 10.0).round() / 10.0,
+                    "last_purchase": last,
+                    "expected_at": expected,
+                }));
+                up_products.push(rhythm.product);
+            }
+            None => {
+                gone_members.push(rhythm.member);
+                gone_products.push(rhythm.product);
+            }
+        }
+    }
+    if !up_members.is_empty() {
+        let kinds = vec!["replenishment"; up_members.len()];
+        db.execute(
+            "INSERT INTO scheduled_triggers (member_id, kind, subject, due_at, occasion, data)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::jsonb[])
+             ON CONFLICT (member_id, kind, subject) DO UPDATE
+                SET due_at = EXCLUDED.due_at, occasion = EXCLUDED.occasion, data = EXCLUDED.data",
+            &[&up_members, &kinds, &up_products, &up_dues, &up_occasions, &up_data],
+        )
+        .await?;
+    }
+    let kinds = vec!["replenishment"; gone_members.len()];
+    remove_about(db, &gone_members, &kinds, &gone_products).await
 }
 
 /// Fires due scheduled triggers.
@@ -383,7 +490,7 @@ impl Scheduler {
         let now = self.clock.now();
         let rows = db
             .query(
-                "SELECT member_id, kind, due_at, occasion, data FROM scheduled_triggers
+                "SELECT member_id, kind, due_at, occasion, data, subject FROM scheduled_triggers
                   WHERE due_at <= $1
                   ORDER BY due_at
                   LIMIT $2
@@ -392,7 +499,17 @@ impl Scheduler {
             )
             .await?;
         let mut fired = Vec::new();
-        let (mut members, mut kinds) = (Vec::new(), Vec::new());
+        let (mut members, mut kinds, mut subjects) = (Vec::new(), Vec::new(), Vec::new());
+        // A member who has objected to profiling since the reminder was
+        // planned gets none.
+        let opted_out = {
+            let replenishing: Vec<i64> = rows
+                .iter()
+                .filter(|r| r.get::<_, String>(1) == "replenishment")
+                .map(|r| r.get(0))
+                .collect();
+            crate::ledger::features::opted_out(db, &replenishing).await?
+        };
         let mut follow_ups = Vec::new();
         for row in &rows {
             let member: i64 = row.get(0);
@@ -407,6 +524,18 @@ impl Scheduler {
                         .await?
                     {
                         fired.push(fire);
+                    }
+                }
+                "replenishment" => {
+                    if !opted_out.contains(&member) {
+                        fired.push(Fired {
+                            kind: TriggerKind::ReplenishmentDue,
+                            member,
+                            occasion,
+                            occurred_at: due,
+                            data,
+                            offer: None,
+                        });
                     }
                 }
                 "lapse_risk" | "points_expiring" => fired.push(Fired {
@@ -433,6 +562,7 @@ impl Scheduler {
             }
             members.push(member);
             kinds.push(kind);
+            subjects.push(row.get::<_, String>(5));
         }
         if !fired.is_empty() {
             let ids: Vec<i64> = fired.iter().map(|f| f.member).collect();
@@ -448,7 +578,7 @@ impl Scheduler {
             self.triggers.offer(db, &mut fired, &tiers, None).await?;
         }
         outbox::enqueue(db, &messages(&self.triggers, &fired)).await?;
-        remove(db, &members, &kinds).await?;
+        remove_about(db, &members, &kinds, &subjects).await?;
         insert_tier_rows(db, &follow_ups).await?;
         pass.fired += fired.len();
         Ok(rows.len())
@@ -490,7 +620,7 @@ impl Scheduler {
                       WHERE m.tier = ANY($1) AND m.merged_into IS NULL
                         AND NOT EXISTS (SELECT 1 FROM scheduled_triggers s
                                          WHERE s.member_id = m.member_id AND s.kind = $2::text)
-                     ON CONFLICT (member_id, kind) DO NOTHING",
+                     ON CONFLICT (member_id, kind, subject) DO NOTHING",
                     &[&upper, &row.kind, &row.due, &prefix, &suffix, &row.data],
                 )
                 .await?;

@@ -774,3 +774,162 @@ async fn a_scheduler_back_from_an_outage_sends_nothing_about_long_past_periods()
     assert_eq!(sent[0].2["previous_tier"], "gold");
     assert_eq!(sent[0].2["tier"], "silver");
 }
+
+/// One purchase of `sku` (10 points) booked through the ledger's own
+/// functions at `when`, with the batch's triggers recorded.
+async fn buy(
+    db: &Db,
+    triggers: &Triggers,
+    member: i64,
+    reference: &str,
+    sku: &str,
+    when: DateTime<Utc>,
+) {
+    let program = loyalty_cdc::config::ProgramSettings::default();
+    let mut event = order(reference, 10, OrderStage::Completed);
+    event.lines = vec![loyalty_cdc::normalize::Line {
+        sku: Some(sku.into()),
+        quantity: 1.into(),
+        amount: 10.into(),
+        discounted: false,
+        category: None,
+    }];
+    db.batch_execute("BEGIN").await.unwrap();
+    orders::apply_order(db, &program, "shop", &event, Some(member), when)
+        .await
+        .unwrap();
+    let mut facts = BatchFacts::default();
+    facts.touched(member, true, when);
+    facts.purchased(member, when, &event.lines);
+    triggers::record(db, triggers, facts).await.unwrap();
+    db.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_member_who_buys_every_30_days_is_reminded_once_on_day_28_and_not_after_buying_early() {
+    crate::support::init_logging();
+    let ledger_db = PgDatabase::create("sched").await;
+    let mut client = ledger_db.client().await;
+    loyalty_cdc::ledger::migrate(&mut client).await.unwrap();
+    let db = Db::new(client);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loyalty-cdc.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[ledger]
+url = "{url}"
+{crm}
+[[triggers.routes]]
+trigger = "replenishment_due"
+provider = "crm"
+
+[[offers]]
+code = "REFILL-50"
+title = "50 bonus points on your refill"
+triggers = ["replenishment_due"]
+bonus_points = 50
+valid_days = 7
+"#,
+            url = ledger_db.url(),
+            crm = crate::support::webhook_provider("crm", "http://127.0.0.1:9/hook")
+        ),
+    )
+    .unwrap();
+    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let triggers: Arc<Triggers> = Triggers::from_settings(&settings);
+    let day = |d: i64| t0() + Duration::days(d);
+
+    // A buys coffee on days 0, 30 and 60: next expected on day 90, reminded
+    // on day 88. B buys the same way but comes back early, on day 80. C
+    // bought twice only (no rhythm yet), and D objected to profiling.
+    let (a, b, c, d) = (
+        new_member(&db, t0()).await,
+        new_member(&db, t0()).await,
+        new_member(&db, t0()).await,
+        new_member(&db, t0()).await,
+    );
+    db.client()
+        .execute(
+            "INSERT INTO member_profiles (member_id, profiling_opt_out, updated_at) VALUES ($1, true, $2)",
+            &[&d, &t0()],
+        )
+        .await
+        .unwrap();
+    for (member, days) in [
+        (a, vec![0, 30, 60]),
+        (b, vec![0, 30, 60, 80]),
+        (c, vec![0, 30]),
+        (d, vec![0, 30, 60]),
+    ] {
+        for n in &days {
+            buy(
+                &db,
+                &triggers,
+                member,
+                &format!("{member}-{n}"),
+                "COFFEE-1KG",
+                day(*n),
+            )
+            .await;
+        }
+    }
+    let due: Vec<(i64, String, DateTime<Utc>)> = db
+        .client()
+        .query(
+            "SELECT member_id, subject, due_at FROM scheduled_triggers WHERE kind = 'replenishment' ORDER BY member_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        due,
+        [
+            (a, "COFFEE-1KG".to_string(), day(88)),
+            // B's usual interval: the median of 30, 30 and 20 is 30; from
+            // day 80, due on day 108.
+            (b, "COFFEE-1KG".to_string(), day(108)),
+        ],
+        "C has no rhythm yet; D is not predicted"
+    );
+
+    let clock = Arc::new(ManualClock::new(day(87)));
+    let scheduler = Scheduler::new(&settings, Arc::clone(&triggers), clock.clone());
+    assert_eq!(
+        scheduler.run_once().await.unwrap().fired,
+        0,
+        "nothing on day 87"
+    );
+    clock.set(day(88));
+    assert_eq!(scheduler.run_once().await.unwrap().fired, 1);
+    clock.set(day(100));
+    assert_eq!(
+        scheduler.run_once().await.unwrap().fired,
+        0,
+        "once per occasion; B bought early: nothing for B's day 88"
+    );
+    let sent = db
+        .client()
+        .query(
+            "SELECT member_id, payload FROM outbox WHERE trigger = 'replenishment_due'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].get::<_, i64>(0), a);
+    let payload: serde_json::Value = sent[0].get(1);
+    assert_eq!(payload["trigger"]["data"]["product"], "COFFEE-1KG");
+    assert_eq!(payload["trigger"]["data"]["usual_interval_days"], 30.0);
+    assert_eq!(payload["trigger"]["data"]["purchases"], 3);
+    assert_eq!(
+        payload["offer"]["code"], "REFILL-50",
+        "with the bonus points offer"
+    );
+    // B is reminded of the next cycle instead.
+    clock.set(day(108));
+    assert_eq!(scheduler.run_once().await.unwrap().fired, 1);
+}
