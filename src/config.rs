@@ -455,6 +455,21 @@ pub struct LapseSettings {
     /// without one (default 90).
     #[serde(default = "default_after_days")]
     pub after_days: i64,
+    /// `rhythm` (default: the intervals above) or `probability`: when the
+    /// member's probability alive (see `[personalization]`) falls below
+    /// `at_risk_below` — members who objected to profiling then get the
+    /// `after_days` rule.
+    #[serde(default)]
+    pub by: LapseRule,
+}
+
+/// How `lapse_risk` is judged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LapseRule {
+    #[default]
+    Rhythm,
+    Probability,
 }
 
 impl Default for LapseSettings {
@@ -462,6 +477,7 @@ impl Default for LapseSettings {
         Self {
             after_intervals: default_after_intervals(),
             after_days: default_after_days(),
+            by: LapseRule::default(),
         }
     }
 }
@@ -1099,6 +1115,12 @@ impl Settings {
                 "triggers.lapse".into(),
                 "after_intervals must be above 0 and after_days 1 or more (defaults 3 and 90)"
                     .into(),
+            );
+        }
+        if self.triggers.lapse.by == LapseRule::Probability && !self.personalization.enabled {
+            problem(
+                "triggers.lapse.by".into(),
+                "\"probability\" needs [personalization] enabled (the features it is computed from)".into(),
             );
         }
         if self.triggers.scheduler_interval_seconds == 0 {

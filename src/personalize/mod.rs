@@ -382,6 +382,44 @@ impl Features {
         }
     }
 
+    /// The first time after `after` that the lifecycle stage of a member
+    /// with these counts changes without a purchase: the end of `new`, and
+    /// the days probability alive falls below `at_risk_below` and
+    /// `lapsed_below`. None for a member who never bought (new until then)
+    /// or already lapsed.
+    pub fn next_change(
+        counts: &Counts,
+        settings: &PersonalizationSettings,
+        after: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        let (Some(first), Some(last)) = (counts.first_purchase_at, counts.last_purchase_at) else {
+            return None;
+        };
+        if counts.purchases < 1 {
+            return None;
+        }
+        let repeat = (counts.purchases - 1) as f64;
+        let last_at = ((last - first).num_seconds() as f64 / 86_400.0).max(0.0);
+        let at_age =
+            |days: f64| first + chrono::Duration::seconds((days * 86_400.0).round() as i64);
+        [
+            first + chrono::Duration::days(settings.new_days),
+            at_age(
+                settings
+                    .model
+                    .age_at(settings.at_risk_below, repeat, last_at),
+            ),
+            at_age(
+                settings
+                    .model
+                    .age_at(settings.lapsed_below, repeat, last_at),
+            ),
+        ]
+        .into_iter()
+        .filter(|t| *t > after)
+        .min()
+    }
+
     /// As segment rules see them (built directly: a rule is judged for
     /// every member a batch touches).
     pub fn to_cel(&self) -> cel::Value {

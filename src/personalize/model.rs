@@ -93,6 +93,18 @@ impl ModelParameters {
     }
 }
 
+impl ModelParameters {
+    /// Days after the first purchase at which P(alive) falls to `p`, for
+    /// a member with `repeat` repeat purchases, the last `last_at` days
+    /// after the first (the formula solved for `T`). At least `last_at`:
+    /// a member already below `p` at the last purchase is there at once.
+    pub fn age_at(&self, p: f64, repeat: f64, last_at: f64) -> f64 {
+        let odds = 1.0 / p.clamp(1e-9, 1.0 - 1e-9) - 1.0;
+        let ratio = ((odds * (self.b + repeat) / self.a).ln() / (self.r + repeat)).exp();
+        ((self.alpha + last_at) * ratio - self.alpha).max(last_at)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +117,24 @@ mod tests {
         let by_hand = 1.0 / (1.0 + 0.793 / 7.426 * (290.898_f64 / 180.898).powf(5.243));
         assert!((p - by_hand).abs() < 1e-12, "{p} vs {by_hand}");
         assert!((p - 0.437).abs() < 0.001, "{p}");
+    }
+
+    #[test]
+    fn the_age_at_a_probability_inverts_the_formula() {
+        let model = ModelParameters::default();
+        for (repeat, last_at) in [(0.0, 0.0), (2.0, 60.0), (5.0, 150.0), (30.0, 900.0)] {
+            for p in [0.5, 0.2] {
+                let age = model.age_at(p, repeat, last_at);
+                assert!(
+                    (model.p_alive(repeat, last_at, age) - p).abs() < 1e-9,
+                    "x {repeat}, t_x {last_at}, p {p}: age {age}"
+                );
+            }
+        }
+        // Every 30 days for 150 days: at risk (0.5) 96 days after the last
+        // purchase — a little over three of the member's intervals.
+        let age = model.age_at(0.5, 5.0, 150.0);
+        assert!((age - 150.0 - 96.3).abs() < 0.1, "{age}");
     }
 
     #[test]

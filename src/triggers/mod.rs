@@ -257,9 +257,23 @@ impl Triggers {
         }
         let mut entries = Vec::new();
         let mut departures = Vec::new();
+        let mut reviews = Vec::new();
         for (member, counts) in counts {
-            let touch = members[member];
+            let Some(&touch) = members.get(member) else {
+                continue;
+            };
             let profile = self.profile(counts, touch.last);
+            // Judged again when the stage changes with no purchase.
+            reviews.push((
+                *member,
+                profile.features.as_ref().and_then(|_| {
+                    crate::personalize::Features::next_change(
+                        &counts.counts,
+                        &self.personalization,
+                        touch.last,
+                    )
+                }),
+            ));
             let now: HashSet<String> = profile
                 .segments
                 .clone()
@@ -283,6 +297,7 @@ impl Triggers {
             }
         }
         let entered = crate::ledger::features::move_segments(db, entries, &departures).await?;
+        schedule::plan_segment_reviews(db, &reviews).await?;
         Ok(entered
             .into_iter()
             .filter(|e| members[&e.member].live && self.routed(TriggerKind::SegmentEntered))

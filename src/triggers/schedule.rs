@@ -63,9 +63,13 @@ pub async fn maintain(
     let rows = db
         .query(
             "SELECT m.member_id, s.last_purchase, s.purchases, s.median_gap, a.last_activity,
-                    coalesce(b.available, 0), m.tier
+                    coalesce(b.available, 0), m.tier,
+                    f.first_purchase_at, f.last_purchase_at, coalesce(f.purchases, 0)::bigint,
+                    coalesce(p.profiling_opt_out, false)
                FROM members m
                LEFT JOIN balances b ON b.member_id = m.member_id
+               LEFT JOIN member_features f ON f.member_id = m.member_id
+               LEFT JOIN member_profiles p ON p.member_id = m.member_id
                LEFT JOIN LATERAL (
                     SELECT max(placed_at) AS last_purchase, count(*) AS purchases,
                            percentile_cont(0.5) WITHIN GROUP (ORDER BY gap) AS median_gap
@@ -96,6 +100,10 @@ pub async fn maintain(
         let last_activity: Option<DateTime<Utc>> = row.get(4);
         let available: i64 = row.get(5);
         let tier: Option<String> = row.get(6);
+        let first_purchase: Option<DateTime<Utc>> = row.get(7);
+        let last_counted: Option<DateTime<Utc>> = row.get(8);
+        let all_purchases: i64 = row.get(9);
+        let opted_out: bool = row.get(10);
         let Some(touched_at) = members.get(&member).map(|m| m.last) else {
             continue;
         };
@@ -117,7 +125,37 @@ pub async fn maintain(
                 }
             };
 
-        if lapse {
+        let by_probability =
+            triggers.lapse.by == crate::config::LapseRule::Probability && !opted_out;
+        if lapse && by_probability {
+            // When the member's probability alive falls below the at-risk
+            // line, from their own history.
+            let model = &triggers.personalization;
+            plan(
+                "lapse_risk",
+                first_purchase
+                    .zip(last_counted)
+                    .filter(|_| all_purchases > 0)
+                    .map(|(first, last)| {
+                        let repeat = (all_purchases - 1) as f64;
+                        let last_at = ((last - first).num_seconds() as f64 / 86_400.0).max(0.0);
+                        let age = model.model.age_at(model.at_risk_below, repeat, last_at);
+                        let due = first + Duration::seconds((age * 86_400.0).round() as i64);
+                        (
+                            due,
+                            format!("lapse_risk:member:{member}:{}", last.timestamp()),
+                            json!({
+                                "last_purchase": last,
+                                "purchases": all_purchases,
+                                "p_alive": model.at_risk_below,
+                                "days_without_purchase": (due - last).num_days(),
+                            }),
+                        )
+                    }),
+            );
+        } else if lapse {
+            let median_gap = median_gap
+                .filter(|_| !opted_out || triggers.lapse.by == crate::config::LapseRule::Rhythm);
             plan(
             "lapse_risk",
             last_purchase.map(|last| {
@@ -312,6 +350,44 @@ where
     Ok(())
 }
 
+/// Schedules each member's next segment review (`None`: none), replacing
+/// the one it had.
+pub(super) async fn plan_segment_reviews(
+    db: &Db,
+    reviews: &[(i64, Option<DateTime<Utc>>)],
+) -> Result<(), tokio_postgres::Error> {
+    let due: Vec<(i64, DateTime<Utc>)> = reviews
+        .iter()
+        .filter_map(|(member, at)| at.map(|at| (*member, at)))
+        .collect();
+    let gone: Vec<i64> = reviews
+        .iter()
+        .filter(|(_, at)| at.is_none())
+        .map(|(member, _)| *member)
+        .collect();
+    if !due.is_empty() {
+        let members: Vec<i64> = due.iter().map(|r| r.0).collect();
+        let kinds = vec!["segments"; members.len()];
+        let subjects = vec![""; members.len()];
+        let dues: Vec<DateTime<Utc>> = due.iter().map(|r| r.1).collect();
+        let occasions: Vec<String> = due
+            .iter()
+            .map(|(member, at)| format!("segments:member:{member}:{}", at.timestamp()))
+            .collect();
+        let data = vec![json!({}); members.len()];
+        db.execute(
+            "INSERT INTO scheduled_triggers (member_id, kind, subject, due_at, occasion, data)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::jsonb[])
+             ON CONFLICT (member_id, kind, subject) DO UPDATE
+                SET due_at = EXCLUDED.due_at, occasion = EXCLUDED.occasion, data = EXCLUDED.data",
+            &[&members, &kinds, &subjects, &dues, &occasions, &data],
+        )
+        .await?;
+    }
+    let kinds = vec!["segments"; gone.len()];
+    remove(db, &gone, &kinds).await
+}
+
 /// Keeps the replenishment reminders of the products the batch's members
 /// bought current, in the ledger transaction: per member and product with
 /// at least `min_purchases` purchases, the usual interval is the median of
@@ -500,6 +576,7 @@ impl Scheduler {
             .await?;
         let mut fired = Vec::new();
         let (mut members, mut kinds, mut subjects) = (Vec::new(), Vec::new(), Vec::new());
+        let mut reviews: HashMap<i64, super::Touch> = HashMap::new();
         // A member who has objected to profiling since the reminder was
         // planned gets none.
         let opted_out = {
@@ -525,6 +602,19 @@ impl Scheduler {
                     {
                         fired.push(fire);
                     }
+                }
+                "segments" => {
+                    // Judged below, all together; the review plans (or
+                    // removes) the member's next one itself.
+                    reviews.insert(
+                        member,
+                        super::Touch {
+                            live: true,
+                            first: due,
+                            last: due,
+                        },
+                    );
+                    continue;
                 }
                 "replenishment" => {
                     if !opted_out.contains(&member) {
@@ -563,6 +653,20 @@ impl Scheduler {
             members.push(member);
             kinds.push(kind);
             subjects.push(row.get::<_, String>(5));
+        }
+        if !reviews.is_empty() {
+            let ids: Vec<i64> = reviews.keys().copied().collect();
+            let counts = crate::ledger::features::counts(db, &ids).await?;
+            // Members gone since (merged, erased) have no counts: their
+            // rows go.
+            let gone: Vec<i64> = ids
+                .iter()
+                .filter(|m| !counts.contains_key(m))
+                .copied()
+                .collect();
+            let kinds = vec!["segments"; gone.len()];
+            remove(db, &gone, &kinds).await?;
+            fired.extend(self.triggers.judge_segments(db, &reviews, &counts).await?);
         }
         if !fired.is_empty() {
             let ids: Vec<i64> = fired.iter().map(|f| f.member).collect();

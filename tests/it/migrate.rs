@@ -62,6 +62,7 @@ async fn migrate_creates_the_ledger_tables_and_a_second_run_applies_nothing() {
          applied ledger migration V6__quarantine_replay\n\
          applied ledger migration V7__member_features\n\
          applied ledger migration V8__replenishment\n\
+         applied ledger migration V9__lifecycle_review\n\
          ledger schema is current\n"
     );
     assert_eq!(tables(&db).await, LEDGER_TABLES);
@@ -87,7 +88,7 @@ async fn concurrent_migrations_apply_each_version_once() {
     let applied: Vec<i32> = a.iter().chain(b.iter()).map(|m| m.version).collect();
     assert_eq!(
         applied,
-        [1, 2, 3, 4, 5, 6, 7, 8],
+        [1, 2, 3, 4, 5, 6, 7, 8, 9],
         "one of the two applied every version, the other nothing"
     );
     let status = ledger::schema_status(&db.client().await).await.unwrap();

@@ -933,3 +933,112 @@ valid_days = 7
     clock.set(day(108));
     assert_eq!(scheduler.run_once().await.unwrap().fired, 1);
 }
+
+#[tokio::test]
+async fn a_silent_member_is_at_risk_when_their_probability_alive_falls_and_lapsed_later() {
+    crate::support::init_logging();
+    let ledger_db = PgDatabase::create("sched").await;
+    let mut client = ledger_db.client().await;
+    loyalty_cdc::ledger::migrate(&mut client).await.unwrap();
+    let db = Db::new(client);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loyalty-cdc.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[ledger]
+url = "{url}"
+
+[triggers.lapse]
+by = "probability"
+{crm}
+[[triggers.routes]]
+trigger = "lapse_risk"
+provider = "crm"
+
+[[triggers.routes]]
+trigger = "segment_entered"
+provider = "crm"
+
+[[segments]]
+name = "at_risk"
+when = "features.lifecycle == 'at_risk'"
+"#,
+            url = ledger_db.url(),
+            crm = crate::support::webhook_provider("crm", "http://127.0.0.1:9/hook")
+        ),
+    )
+    .unwrap();
+    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let triggers: Arc<Triggers> = Triggers::from_settings(&settings);
+    let day = |d: f64| t0() + Duration::seconds((d * 86_400.0).round() as i64);
+
+    // Every 30 days, six times: the last on day 150.
+    let member = new_member(&db, t0()).await;
+    for n in 0..6 {
+        buy(
+            &db,
+            &triggers,
+            member,
+            &format!("p{n}"),
+            "COFFEE-1KG",
+            day(30.0 * n as f64),
+        )
+        .await;
+    }
+    // P(alive) falls below 0.5 at the age the model gives (about day
+    // 246: 96 days of silence after a 30-day rhythm), below 0.2 later.
+    let model = &settings.personalization.model;
+    let at_risk = day(model.age_at(0.5, 5.0, 150.0));
+    let lapsed = day(model.age_at(0.2, 5.0, 150.0));
+    assert!(at_risk > day(246.0) && at_risk < day(247.0), "{at_risk}");
+    assert_eq!(
+        scheduled(&db, member).await,
+        [
+            ("lapse_risk".to_string(), at_risk),
+            ("segments".to_string(), at_risk)
+        ]
+    );
+
+    let clock = Arc::new(ManualClock::new(at_risk - Duration::hours(1)));
+    let scheduler = Scheduler::new(&settings, Arc::clone(&triggers), clock.clone());
+    assert_eq!(scheduler.run_once().await.unwrap().fired, 0);
+    clock.set(at_risk);
+    assert_eq!(scheduler.run_once().await.unwrap().fired, 2);
+    let sent = outbox(&db).await;
+    let kinds: Vec<&str> = sent.iter().map(|s| s.1.as_str()).collect();
+    assert_eq!(kinds.len(), 2);
+    assert!(
+        kinds.contains(&"lapse_risk") && kinds.contains(&"segment_entered"),
+        "{kinds:?}"
+    );
+    let entered = sent.iter().find(|s| s.1 == "segment_entered").unwrap();
+    assert_eq!(entered.2["segment"], "at_risk");
+    assert_eq!(entered.2["features"]["lifecycle"], "at_risk");
+    let lapse = sent.iter().find(|s| s.1 == "lapse_risk").unwrap();
+    assert_eq!(lapse.2["p_alive"], 0.5);
+    assert_eq!(lapse.2["days_without_purchase"], 96);
+    // The next review is when the member lapses: out of `at_risk` then.
+    assert_eq!(
+        scheduled(&db, member).await,
+        [("segments".to_string(), lapsed)]
+    );
+    clock.set(lapsed);
+    assert_eq!(
+        scheduler.run_once().await.unwrap().fired,
+        0,
+        "leaving fires nothing"
+    );
+    let segments: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM member_segments", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(segments, 0);
+    assert_eq!(
+        scheduled(&db, member).await,
+        [],
+        "lapsed: nothing left to change"
+    );
+}
