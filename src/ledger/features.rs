@@ -106,7 +106,9 @@ pub async fn record_purchases(
         ));
     }
     // The times are kept in the order booked; the last RECENT_PURCHASES.
-    db.execute(
+    // `xmax = 0`: the row was inserted, not updated — a member's first
+    // purchase of the product, which the cross-sell counts need.
+    let rows = db.query(
         "INSERT INTO member_products AS p (member_id, product, category, purchases, spend, discounted_spend,
                                            first_at, last_at, recent)
          SELECT u.m, u.pr, u.c, u.n, u.s, u.d, u.f, u.l, u.t::timestamptz[]
@@ -119,7 +121,8 @@ pub async fn record_purchases(
            discounted_spend = p.discounted_spend + EXCLUDED.discounted_spend,
            first_at = least(p.first_at, EXCLUDED.first_at),
            last_at = greatest(p.last_at, EXCLUDED.last_at),
-           recent = (p.recent || EXCLUDED.recent)[cardinality(p.recent) + cardinality(EXCLUDED.recent) - $10 + 1:]",
+           recent = (p.recent || EXCLUDED.recent)[cardinality(p.recent) + cardinality(EXCLUDED.recent) - $10 + 1:]
+         RETURNING member_id, product, xmax = 0",
         &[
             &members,
             &skus,
@@ -134,7 +137,126 @@ pub async fn record_purchases(
         ],
     )
     .await?;
+    let (firsts_m, firsts_p): (Vec<i64>, Vec<String>) = rows
+        .iter()
+        .filter(|r| r.get::<_, bool>(2))
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
+        .unzip();
+    count_co_purchases(db, &firsts_m, &firsts_p).await
+}
+
+/// Other products of a member a first purchase is paired with: the
+/// bound on the work of one purchase (a member with a vast history pairs
+/// with what they bought most recently).
+pub const CO_PURCHASE_PARTNERS: i64 = 200;
+
+/// Counts members' first purchases of products (`(members[i],
+/// products[i])`, already in `member_products`) into the cross-sell
+/// statistics: one more buyer of each product, one more of everything for
+/// a member new to all of them, and one more member who bought both for
+/// each pair with the member's other products (a pair of two new ones
+/// once).
+async fn count_co_purchases(
+    db: &Db,
+    members: &[i64],
+    products: &[String],
+) -> Result<(), tokio_postgres::Error> {
+    if members.is_empty() {
+        return Ok(());
+    }
+    db.execute(
+        "WITH new (m, p) AS (SELECT * FROM unnest($1::bigint[], $2::text[]))
+         INSERT INTO product_buyers AS b (product, members)
+         SELECT p, count(*) FROM new GROUP BY p
+         UNION ALL
+         SELECT '*', count(*) FROM (SELECT DISTINCT m FROM new) nm
+          WHERE NOT EXISTS (SELECT 1 FROM member_products o
+                             WHERE o.member_id = nm.m
+                               AND NOT EXISTS (SELECT 1 FROM new n WHERE n.m = o.member_id AND n.p = o.product))
+         ON CONFLICT (product) DO UPDATE SET members = b.members + EXCLUDED.members",
+        &[&members, &products],
+    )
+    .await?;
+    db.execute(
+        "WITH new (m, p) AS (SELECT * FROM unnest($1::bigint[], $2::text[])),
+         pairs AS (
+             SELECT n.p AS a, o.product AS b
+               FROM new n
+              CROSS JOIN LATERAL (SELECT product FROM member_products o
+                                   WHERE o.member_id = n.m AND o.product <> n.p
+                                   ORDER BY o.last_at DESC LIMIT $3) o
+              WHERE NOT (o.product < n.p
+                         AND EXISTS (SELECT 1 FROM new n2 WHERE n2.m = n.m AND n2.p = o.product))
+         )
+         INSERT INTO co_purchases AS c (product_a, product_b, members)
+         SELECT a, b, count(*) FROM (SELECT a, b FROM pairs UNION ALL SELECT b, a FROM pairs) x
+          GROUP BY a, b
+         ON CONFLICT (product_a, product_b) DO UPDATE SET members = c.members + EXCLUDED.members",
+        &[&members, &products, &CO_PURCHASE_PARTNERS],
+    )
+    .await?;
     Ok(())
+}
+
+/// A product recommended to a member: bought by members who bought what
+/// this member buys, more often than by members at large.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Recommendation {
+    pub product: String,
+    /// P(product | one of the member's products) / P(product), the best
+    /// over the member's products.
+    pub lift: f64,
+    /// Members who bought both (for the best pair).
+    pub support: i64,
+}
+
+/// The `top` products with the highest lift (above 1) for `member`,
+/// among pairs bought by at least `min_support` members, leaving out what
+/// the member already buys.
+pub async fn recommendations(
+    db: &Db,
+    member: i64,
+    min_support: i64,
+    top: i64,
+) -> Result<Vec<Recommendation>, tokio_postgres::Error> {
+    Ok(db
+        .query(
+            "WITH everyone AS (SELECT members::float8 AS n FROM product_buyers WHERE product = '*'),
+             scored AS (
+                 SELECT c.product_b AS product,
+                        c.members::float8 * (SELECT n FROM everyone) / (ba.members * bb.members) AS lift,
+                        c.members AS support
+                   FROM member_products mp
+                   JOIN co_purchases c ON c.product_a = mp.product
+                   JOIN product_buyers ba ON ba.product = c.product_a
+                   JOIN product_buyers bb ON bb.product = c.product_b
+                  WHERE mp.member_id = $1 AND c.members >= $2
+                    AND NOT EXISTS (SELECT 1 FROM member_products x
+                                     WHERE x.member_id = $1 AND x.product = c.product_b)
+             )
+             SELECT DISTINCT ON (product) product, lift, support
+               FROM scored WHERE lift > 1
+              ORDER BY product, lift DESC, support DESC",
+            &[&member, &min_support],
+        )
+        .await?
+        .iter()
+        .map(|r| Recommendation {
+            product: r.get(0),
+            lift: r.get(1),
+            support: r.get(2),
+        })
+        .collect::<Vec<_>>())
+    .map(|mut found: Vec<Recommendation>| {
+        found.sort_by(|a, b| {
+            b.lift
+                .total_cmp(&a.lift)
+                .then(b.support.cmp(&a.support))
+                .then(a.product.cmp(&b.product))
+        });
+        found.truncate(top.max(0) as usize);
+        found
+    })
 }
 
 /// A member's counts, whether it opted out of profiling, and the segments

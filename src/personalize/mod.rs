@@ -52,6 +52,39 @@ pub struct PersonalizationSettings {
     /// When `replenishment_due` comes.
     #[serde(default)]
     pub replenishment: ReplenishmentSettings,
+    /// What an offer recommends.
+    #[serde(default)]
+    pub cross_sell: CrossSellSettings,
+}
+
+/// `[personalization.cross_sell]`: the products an offer recommends
+/// (`offer.recommendations`), by lift over what the member buys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrossSellSettings {
+    /// At most this many (default 3; 0: none).
+    #[serde(default = "default_top")]
+    pub top: i64,
+    /// Pairs bought by fewer members than this are not trusted (default 2).
+    #[serde(default = "default_min_support")]
+    pub min_support: i64,
+}
+
+impl Default for CrossSellSettings {
+    fn default() -> Self {
+        Self {
+            top: default_top(),
+            min_support: default_min_support(),
+        }
+    }
+}
+
+fn default_top() -> i64 {
+    3
+}
+
+fn default_min_support() -> i64 {
+    2
 }
 
 /// `[personalization.replenishment]`
@@ -95,6 +128,7 @@ impl Default for PersonalizationSettings {
             lapsed_below: default_lapsed_below(),
             rfm: RfmSettings::default(),
             replenishment: ReplenishmentSettings::default(),
+            cross_sell: CrossSellSettings::default(),
         }
     }
 }
@@ -189,6 +223,12 @@ impl PersonalizationSettings {
                     format!("{points:?} must be four ascending numbers, 0 or more"),
                 ));
             }
+        }
+        if self.cross_sell.top < 0 || self.cross_sell.min_support < 1 {
+            problems.push((
+                "personalization.cross_sell".into(),
+                "top must be 0 or more and min_support 1 or more (defaults 3 and 2)".into(),
+            ));
         }
         if self.replenishment.min_purchases < 2 {
             problems.push((

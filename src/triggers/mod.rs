@@ -188,6 +188,14 @@ impl Triggers {
                 &loaded
             }
         };
+        let cross_sell = &self.personalization.cross_sell;
+        let recommending = self.personalization.enabled && cross_sell.top > 0;
+        let opted_out = if recommending {
+            let members: Vec<i64> = fired.iter().map(|f| f.member).collect();
+            crate::ledger::features::opted_out(db, &members).await?
+        } else {
+            HashSet::new()
+        };
         let mut grants = Vec::new();
         for trigger in fired.iter_mut() {
             let tier = tiers.get(&trigger.member).and_then(|t| t.as_deref());
@@ -200,6 +208,19 @@ impl Triggers {
                 continue;
             };
             let valid_until = trigger.occurred_at + chrono::Duration::days(offer.valid_days);
+            // What members who buy what this member buys also buy (not
+            // for a member who objected to profiling).
+            let recommendations = if recommending && !opted_out.contains(&trigger.member) {
+                crate::ledger::features::recommendations(
+                    db,
+                    trigger.member,
+                    cross_sell.min_support,
+                    cross_sell.top,
+                )
+                .await?
+            } else {
+                Vec::new()
+            };
             trigger.offer = Some(json!({
                 "code": offer.code,
                 "title": offer.title,
@@ -208,6 +229,7 @@ impl Triggers {
                 "bonus_points": offer.bonus_points,
                 "valid_until": valid_until,
                 "why": why,
+                "recommendations": recommendations,
             }));
             grants.push(Grant {
                 member: trigger.member,

@@ -5,8 +5,9 @@ use loyalty_cdc::ledger;
 
 use crate::support::{run_cli, PgDatabase};
 
-const LEDGER_TABLES: [&str; 23] = [
+const LEDGER_TABLES: [&str; 25] = [
     "balances",
+    "co_purchases",
     "dead_letters",
     "delivery_attempts",
     "ledger_entries",
@@ -21,6 +22,7 @@ const LEDGER_TABLES: [&str; 23] = [
     "order_refunds",
     "orders",
     "outbox",
+    "product_buyers",
     "provider_endpoints",
     "quarantine",
     "reference_rows",
@@ -63,6 +65,7 @@ async fn migrate_creates_the_ledger_tables_and_a_second_run_applies_nothing() {
          applied ledger migration V7__member_features\n\
          applied ledger migration V8__replenishment\n\
          applied ledger migration V9__lifecycle_review\n\
+         applied ledger migration V10__cross_sell\n\
          ledger schema is current\n"
     );
     assert_eq!(tables(&db).await, LEDGER_TABLES);
@@ -88,7 +91,7 @@ async fn concurrent_migrations_apply_each_version_once() {
     let applied: Vec<i32> = a.iter().chain(b.iter()).map(|m| m.version).collect();
     assert_eq!(
         applied,
-        [1, 2, 3, 4, 5, 6, 7, 8, 9],
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
         "one of the two applied every version, the other nothing"
     );
     let status = ledger::schema_status(&db.client().await).await.unwrap();

@@ -555,3 +555,179 @@ purchases = [2]
         "each order keeps its line spend, so the recount has it too"
     );
 }
+
+/// One completed purchase of `skus` (10 each) booked through the ledger's
+/// own functions at `when`, with the batch's triggers recorded.
+async fn buy(
+    db: &loyalty_cdc::ledger::db::Db,
+    triggers: &loyalty_cdc::triggers::Triggers,
+    member: i64,
+    reference: &str,
+    skus: &[&str],
+    when: chrono::DateTime<chrono::Utc>,
+) {
+    use loyalty_cdc::normalize::{Line, OrderEvent, OrderStage};
+    let lines: Vec<Line> = skus
+        .iter()
+        .map(|sku| Line {
+            sku: Some(sku.to_string()),
+            quantity: 1.into(),
+            amount: 10.into(),
+            discounted: false,
+            category: None,
+        })
+        .collect();
+    let event = OrderEvent {
+        order_ref: reference.into(),
+        stage: OrderStage::Completed,
+        earn_basis: (10 * skus.len() as i64).into(),
+        grand_total: (10 * skus.len() as i64).into(),
+        currency: None,
+        channel: None,
+        identifiers: Default::default(),
+        lines,
+    };
+    let program = loyalty_cdc::config::ProgramSettings::default();
+    db.batch_execute("BEGIN").await.unwrap();
+    loyalty_cdc::ledger::orders::apply_order(db, &program, "shop", &event, Some(member), when)
+        .await
+        .unwrap();
+    let mut facts = loyalty_cdc::triggers::BatchFacts::default();
+    facts.touched(member, true, when);
+    facts.purchased(member, when, &event.lines);
+    loyalty_cdc::triggers::record(db, triggers, facts)
+        .await
+        .unwrap();
+    db.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test]
+async fn offers_recommend_what_buyers_of_the_same_things_buy_as_computed_by_hand() {
+    crate::support::init_logging();
+    let ledger_db = PgDatabase::create("ledger").await;
+    let mut client = ledger_db.client().await;
+    loyalty_cdc::ledger::migrate(&mut client).await.unwrap();
+    let db = loyalty_cdc::ledger::db::Db::new(client);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loyalty-cdc.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[ledger]
+url = "{url}"
+
+[personalization.cross_sell]
+top = 3
+min_support = 2
+{hooks}
+[[triggers.routes]]
+trigger = "milestone"
+provider = "hooks"
+
+[triggers.milestones]
+purchases = [2]
+
+[[offers]]
+code = "NEXT-50"
+title = "50 bonus points"
+bonus_points = 50
+"#,
+            url = ledger_db.url(),
+            hooks = crate::support::webhook_provider("hooks", "http://127.0.0.1:9"),
+        ),
+    )
+    .unwrap();
+    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let triggers = loyalty_cdc::triggers::Triggers::from_settings(&settings);
+    let at = |day: i64| {
+        chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 3, 1, 10, 0, 0).unwrap()
+            + chrono::Duration::days(day)
+    };
+    let member = || async {
+        db.client()
+            .query_one(
+                "INSERT INTO members (created_at) VALUES ($1) RETURNING member_id",
+                &[&at(0)],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    // Baskets: M1 and M2 buy A then B, M3 buys A then C (in one order
+    // with D: a pair of two new products counts once), M4 and M5 buy D.
+    let baskets: [&[&[&str]]; 5] = [
+        &[&["A"], &["B"]],
+        &[&["A"], &["B"]],
+        &[&["A"], &["C", "D"]],
+        &[&["D"]],
+        &[&["D"]],
+    ];
+    for (n, orders) in baskets.iter().enumerate() {
+        let m = member().await;
+        for (k, skus) in orders.iter().enumerate() {
+            buy(&db, &triggers, m, &format!("m{n}-{k}"), skus, at(k as i64)).await;
+        }
+    }
+    let count = |sql: &'static str| {
+        let db = &db;
+        async move {
+            db.client()
+                .query_one(sql, &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(
+        count("SELECT members FROM product_buyers WHERE product = '*'").await,
+        5
+    );
+    assert_eq!(
+        count("SELECT members FROM co_purchases WHERE product_a = 'A' AND product_b = 'B'").await,
+        2
+    );
+    assert_eq!(
+        count("SELECT members FROM co_purchases WHERE product_a = 'C' AND product_b = 'D'").await,
+        1
+    );
+    assert_eq!(
+        count("SELECT members FROM co_purchases WHERE product_a = 'D' AND product_b = 'C'").await,
+        1
+    );
+
+    // T buys A, then E: her second purchase is a milestone whose offer
+    // recommends. By hand, with N = 6 buyers (T included), buyers A 4
+    // (M1, M2, M3, T), B 2, C 1, D 3, E 1:
+    //   lift(A → B) = 2 × 6 / (4 × 2) = 1.5, support 2: recommended;
+    //   lift(A → C) = 1 × 6 / (4 × 1) = 1.5, support 1: below min_support;
+    //   lift(A → D) = 1 × 6 / (4 × 3) = 0.5: no lift, and support 1.
+    let t = member().await;
+    buy(&db, &triggers, t, "t-0", &["A"], at(10)).await;
+    buy(&db, &triggers, t, "t-1", &["E"], at(11)).await;
+    let offer: serde_json::Value = db
+        .client()
+        .query_one(
+            "SELECT payload->'offer' FROM outbox WHERE member_id = $1 AND trigger = 'milestone'",
+            &[&t],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        offer["recommendations"],
+        serde_json::json!([{ "product": "B", "lift": 1.5, "support": 2 }])
+    );
+    // M1's milestone came first, when no one else had bought anything:
+    // nothing to recommend yet.
+    let m1_offer: serde_json::Value = db
+        .client()
+        .query_one(
+            "SELECT payload->'offer' FROM outbox o JOIN members m USING (member_id)
+              WHERE o.trigger = 'milestone' ORDER BY m.member_id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(m1_offer["recommendations"], serde_json::json!([]));
+}
