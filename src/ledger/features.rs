@@ -266,6 +266,8 @@ pub struct MemberCounts {
     pub counts: Counts,
     pub profiling_opt_out: bool,
     pub segments: HashSet<String>,
+    /// When its segments are next reviewed by the scheduler.
+    pub review_at: Option<DateTime<Utc>>,
 }
 
 /// The counts of `members` (survivors only; members without any are
@@ -283,10 +285,12 @@ pub async fn counts(
                     coalesce(f.pos_purchases, 0)::bigint, coalesce(f.web_purchases, 0)::bigint,
                     coalesce(f.app_purchases, 0)::bigint,
                     coalesce(f.line_spend, 0), coalesce(f.discounted_spend, 0),
-                    coalesce(p.profiling_opt_out, false)
+                    coalesce(p.profiling_opt_out, false), s.due_at
                FROM members m
                LEFT JOIN member_features f ON f.member_id = m.member_id
                LEFT JOIN member_profiles p ON p.member_id = m.member_id
+               LEFT JOIN scheduled_triggers s
+                      ON s.member_id = m.member_id AND s.kind = 'segments' AND s.subject = ''
               WHERE m.member_id = ANY($1) AND m.merged_into IS NULL",
             &params,
         ),
@@ -327,6 +331,7 @@ pub async fn counts(
                         top_category: tops.remove(&member),
                     },
                     profiling_opt_out: r.get(11),
+                    review_at: r.get(12),
                     segments: held.remove(&member).unwrap_or_default(),
                 },
             )

@@ -266,13 +266,16 @@ impl Triggers {
     }
 
     /// Judges the segments of the members the batch touched (`counts`), as
-    /// of their last change, records who entered and left, and returns
-    /// the `segment_entered` triggers of entries caused by live changes.
+    /// of their last change, records who entered and left, plans their
+    /// next review (`reviewing`: the scheduler's, replacing the row it
+    /// fired), and returns the `segment_entered` triggers of entries caused
+    /// by live changes.
     async fn judge_segments(
         &self,
         db: &Db,
         members: &HashMap<i64, Touch>,
         counts: &HashMap<i64, crate::ledger::features::MemberCounts>,
+        reviewing: bool,
     ) -> Result<Vec<Fired>, tokio_postgres::Error> {
         if self.segments.is_empty() || members.is_empty() {
             return Ok(Vec::new());
@@ -285,17 +288,25 @@ impl Triggers {
                 continue;
             };
             let profile = self.profile(counts, touch.last);
-            // Judged again when the stage changes with no purchase.
-            reviews.push((
-                *member,
-                profile.features.as_ref().and_then(|_| {
-                    crate::personalize::Features::next_change(
-                        &counts.counts,
-                        &self.personalization,
-                        touch.last,
-                    )
-                }),
-            ));
+            // Judged again when the stage changes with no purchase; at a
+            // commit, only a sooner review is news (see
+            // `plan_segment_reviews`), so a member with one is left alone.
+            let next = profile.features.as_ref().and_then(|_| {
+                crate::personalize::Features::next_change(
+                    &counts.counts,
+                    &self.personalization,
+                    touch.last,
+                )
+            });
+            let news = match (next, counts.review_at) {
+                _ if reviewing => true,
+                (Some(next), Some(planned)) => next < planned,
+                (None, None) => false,
+                _ => true,
+            };
+            if news {
+                reviews.push((*member, next));
+            }
             let now: HashSet<String> = profile
                 .segments
                 .clone()
@@ -319,7 +330,7 @@ impl Triggers {
             }
         }
         let entered = crate::ledger::features::move_segments(db, entries, &departures).await?;
-        schedule::plan_segment_reviews(db, &reviews).await?;
+        schedule::plan_segment_reviews(db, &reviews, reviewing).await?;
         Ok(entered
             .into_iter()
             .filter(|e| members[&e.member].live && self.routed(TriggerKind::SegmentEntered))
@@ -653,7 +664,11 @@ pub async fn record(
         )
         .await?;
     }
-    fired.extend(triggers.judge_segments(db, &facts.members, &counts).await?);
+    fired.extend(
+        triggers
+            .judge_segments(db, &facts.members, &counts, false)
+            .await?,
+    );
     schedule::plan_replenishment(db, triggers, &facts.purchases).await?;
     fired.extend(facts.events.drain(..).map(|e| Fired {
         kind: e.kind,

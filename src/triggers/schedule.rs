@@ -350,11 +350,16 @@ where
     Ok(())
 }
 
-/// Schedules each member's next segment review (`None`: none), replacing
-/// the one it had.
+/// Schedules each member's next segment review (`None`: none). At a
+/// commit, an existing review is moved only if the new one is sooner: a
+/// review that comes too early (the member bought since) only judges the
+/// member again, finds nothing changed and plans the next — while moving
+/// it at every purchase would rewrite a row per member per batch. The
+/// scheduler, reviewing (`replace`), always replaces the row it fired.
 pub(super) async fn plan_segment_reviews(
     db: &Db,
     reviews: &[(i64, Option<DateTime<Utc>>)],
+    replace: bool,
 ) -> Result<(), tokio_postgres::Error> {
     let due: Vec<(i64, DateTime<Utc>)> = reviews
         .iter()
@@ -376,11 +381,12 @@ pub(super) async fn plan_segment_reviews(
             .collect();
         let data = vec![json!({}); members.len()];
         db.execute(
-            "INSERT INTO scheduled_triggers (member_id, kind, subject, due_at, occasion, data)
+            "INSERT INTO scheduled_triggers AS s (member_id, kind, subject, due_at, occasion, data)
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::jsonb[])
              ON CONFLICT (member_id, kind, subject) DO UPDATE
-                SET due_at = EXCLUDED.due_at, occasion = EXCLUDED.occasion, data = EXCLUDED.data",
-            &[&members, &kinds, &subjects, &dues, &occasions, &data],
+                SET due_at = EXCLUDED.due_at, occasion = EXCLUDED.occasion, data = EXCLUDED.data
+              WHERE $7 OR EXCLUDED.due_at < s.due_at",
+            &[&members, &kinds, &subjects, &dues, &occasions, &data, &replace],
         )
         .await?;
     }
@@ -666,7 +672,11 @@ impl Scheduler {
                 .collect();
             let kinds = vec!["segments"; gone.len()];
             remove(db, &gone, &kinds).await?;
-            fired.extend(self.triggers.judge_segments(db, &reviews, &counts).await?);
+            fired.extend(
+                self.triggers
+                    .judge_segments(db, &reviews, &counts, true)
+                    .await?,
+            );
         }
         if !fired.is_empty() {
             let ids: Vec<i64> = fired.iter().map(|f| f.member).collect();

@@ -992,6 +992,20 @@ when = "features.lifecycle == 'at_risk'"
     let at_risk = day(model.age_at(0.5, 5.0, 150.0));
     let lapsed = day(model.age_at(0.2, 5.0, 150.0));
     assert!(at_risk > day(246.0) && at_risk < day(247.0), "{at_risk}");
+    // The segment review planned at the first purchase (the end of `new`,
+    // day 60) stays: purchases move a review only sooner. Reviewing then
+    // finds nothing changed and plans the next one.
+    assert_eq!(
+        scheduled(&db, member).await,
+        [
+            ("lapse_risk".to_string(), at_risk),
+            ("segments".to_string(), day(60.0))
+        ]
+    );
+
+    let clock = Arc::new(ManualClock::new(at_risk - Duration::hours(1)));
+    let scheduler = Scheduler::new(&settings, Arc::clone(&triggers), clock.clone());
+    assert_eq!(scheduler.run_once().await.unwrap().fired, 0);
     assert_eq!(
         scheduled(&db, member).await,
         [
@@ -999,10 +1013,6 @@ when = "features.lifecycle == 'at_risk'"
             ("segments".to_string(), at_risk)
         ]
     );
-
-    let clock = Arc::new(ManualClock::new(at_risk - Duration::hours(1)));
-    let scheduler = Scheduler::new(&settings, Arc::clone(&triggers), clock.clone());
-    assert_eq!(scheduler.run_once().await.unwrap().fired, 0);
     clock.set(at_risk);
     assert_eq!(scheduler.run_once().await.unwrap().fired, 2);
     let sent = outbox(&db).await;
