@@ -327,12 +327,32 @@ provider = "crm"
 trigger = "points_earned"
 provider = "crm"
 
+[[triggers.routes]]
+trigger = "segment_entered"
+provider = "crm"
+
+[[segments]]
+name = "new"
+when = "features.lifecycle == 'new'"
+
+[[segments]]
+name = "high_value"
+when = "features.monetary >= 300.0"
+
 [[offers]]
 code = "WELCOME-50"
 title = "50 bonus points on your next purchase"
 triggers = ["welcome"]
 bonus_points = 50
 valid_days = 30
+
+[[offers]]
+code = "VIP-2X"
+title = "Double points, for our best customers"
+segments = ["high_value"]
+multiplier = "2"
+valid_days = 14
+priority = 5
 "#,
         ledger = with_database(&options.postgres, LEDGER_DB).unwrap_or_default(),
         pos = with_database(&options.postgres, POS_DB).unwrap_or_default(),
