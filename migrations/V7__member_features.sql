@@ -174,20 +174,32 @@ CREATE TRIGGER member_features_update AFTER UPDATE ON orders
     REFERENCING OLD TABLE AS old_orders NEW TABLE AS new_orders
     FOR EACH STATEMENT EXECUTE FUNCTION member_features_apply();
 
+-- Every member's features counted from the orders at once: for ledgers
+-- of earlier versions (below), and when personalization is turned on
+-- again (`ledger::features::switch`). Expects `member_features` empty.
+CREATE FUNCTION member_features_count_all() RETURNS bigint
+    LANGUAGE sql AS $$
+    WITH counted AS (
+        INSERT INTO member_features (member_id, purchases, monetary, first_purchase_at, last_purchase_at,
+                                     pos_purchases, web_purchases, app_purchases, line_spend, discounted_spend,
+                                     kept_orders)
+        SELECT member_id,
+               count(*) FILTER (WHERE purchase),
+               coalesce(sum(earn_basis - refunded) FILTER (WHERE purchase), 0),
+               min(placed_at) FILTER (WHERE purchase), max(placed_at) FILTER (WHERE purchase),
+               count(*) FILTER (WHERE purchase AND channel_class(channel) = 'pos'),
+               count(*) FILTER (WHERE purchase AND channel_class(channel) = 'web'),
+               count(*) FILTER (WHERE purchase AND channel_class(channel) = 'app'),
+               coalesce(sum(line_spend) FILTER (WHERE purchase), 0),
+               coalesce(sum(discounted_spend) FILTER (WHERE purchase), 0),
+               count(*)
+          FROM (SELECT *, stage IN ('placed', 'completed') AS purchase FROM orders) o
+         WHERE member_id IS NOT NULL AND stage <> 'cancelled'
+         GROUP BY member_id
+        RETURNING 1
+    )
+    SELECT count(*) FROM counted;
+$$;
+
 -- The ledgers of earlier versions: their orders counted once.
-INSERT INTO member_features (member_id, purchases, monetary, first_purchase_at, last_purchase_at,
-                             pos_purchases, web_purchases, app_purchases, line_spend, discounted_spend,
-                             kept_orders)
-SELECT member_id,
-       count(*) FILTER (WHERE purchase),
-       coalesce(sum(earn_basis - refunded) FILTER (WHERE purchase), 0),
-       min(placed_at) FILTER (WHERE purchase), max(placed_at) FILTER (WHERE purchase),
-       count(*) FILTER (WHERE purchase AND channel_class(channel) = 'pos'),
-       count(*) FILTER (WHERE purchase AND channel_class(channel) = 'web'),
-       count(*) FILTER (WHERE purchase AND channel_class(channel) = 'app'),
-       coalesce(sum(line_spend) FILTER (WHERE purchase), 0),
-       coalesce(sum(discounted_spend) FILTER (WHERE purchase), 0),
-       count(*)
-  FROM (SELECT *, stage IN ('placed', 'completed') AS purchase FROM orders) o
- WHERE member_id IS NOT NULL AND stage <> 'cancelled'
- GROUP BY member_id;
+SELECT member_features_count_all();

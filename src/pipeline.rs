@@ -59,6 +59,37 @@ fn no_mapping(index: usize, source: &SourceSettings) -> PipelineError {
     )
 }
 
+/// A source's ledger consumer as the service runs it: its mapping, the
+/// shared writer turn and triggers, and features kept or not.
+async fn ledger_consumer(
+    settings: &Settings,
+    source: &SourceSettings,
+    mapping: Arc<crate::normalize::mapping::Mapping>,
+    identity: &Identity,
+    program: &Arc<crate::config::ProgramSettings>,
+    writer: &WriterLock,
+    triggers: &Arc<crate::triggers::Triggers>,
+) -> Result<LedgerConsumer, PipelineError> {
+    let consumer = LedgerConsumer::new(
+        &settings.ledger.url,
+        settings.ledger.password.as_ref(),
+        &source.name,
+        source.kind,
+        Normalizer::new(mapping),
+        identity.clone(),
+        Arc::clone(program),
+    )
+    .await
+    .map_err(|e| PipelineError::Ledger(format!("{e}; fix: {}", e.fix())))?
+    .with_writer_lock(writer.clone())
+    .with_triggers(Arc::clone(triggers));
+    Ok(if settings.personalization.enabled {
+        consumer
+    } else {
+        consumer.without_features()
+    })
+}
+
 /// Migrates the ledger, then runs every source until `shutdown`; returns
 /// when all have stopped. `started` receives each source's handles once
 /// they run.
@@ -100,24 +131,10 @@ pub async fn run(
             .clone()
             .ok_or_else(|| no_mapping(index, source))?;
         let tables = mapping.tables();
-        let consumer = LedgerConsumer::new(
-            &settings.ledger.url,
-            settings.ledger.password.as_ref(),
-            &source.name,
-            source.kind,
-            Normalizer::new(mapping),
-            identity.clone(),
-            Arc::clone(&program),
+        let consumer = ledger_consumer(
+            settings, source, mapping, &identity, &program, &writer, &triggers,
         )
-        .await
-        .map_err(|e| PipelineError::Ledger(format!("{e}; fix: {}", e.fix())))?
-        .with_writer_lock(writer.clone())
-        .with_triggers(Arc::clone(&triggers));
-        let consumer = if settings.personalization.enabled {
-            consumer
-        } else {
-            consumer.without_features()
-        };
+        .await?;
         let counts = Arc::clone(&consumer.counts);
         let name = source.name.clone();
         let shutdown = shutdown.clone();
@@ -267,36 +284,22 @@ pub async fn replay_quarantined(
             });
             continue;
         };
-        if !consumers.iter().any(|(name, _)| *name == source_name) {
-            let mapping = source
-                .compiled_mapping
-                .clone()
-                .ok_or_else(|| no_mapping(index, source))?;
-            let consumer = LedgerConsumer::new(
-                &settings.ledger.url,
-                settings.ledger.password.as_ref(),
-                &source.name,
-                source.kind,
-                Normalizer::new(mapping),
-                identity.clone(),
-                Arc::clone(&program),
-            )
-            .await
-            .map_err(|e| PipelineError::Ledger(format!("{e}; fix: {}", e.fix())))?
-            .with_writer_lock(writer.clone())
-            .with_triggers(Arc::clone(&triggers));
-            let consumer = if settings.personalization.enabled {
-                consumer
-            } else {
-                consumer.without_features()
-            };
-            consumers.push((source_name.clone(), consumer));
-        }
-        let consumer = &mut consumers
-            .iter_mut()
-            .find(|(name, _)| *name == source_name)
-            .expect("made above")
-            .1;
+        let at = match consumers.iter().position(|(name, _)| *name == source_name) {
+            Some(at) => at,
+            None => {
+                let mapping = source
+                    .compiled_mapping
+                    .clone()
+                    .ok_or_else(|| no_mapping(index, source))?;
+                let consumer = ledger_consumer(
+                    settings, source, mapping, &identity, &program, &writer, &triggers,
+                )
+                .await?;
+                consumers.push((source_name.clone(), consumer));
+                consumers.len() - 1
+            }
+        };
+        let consumer = &mut consumers[at].1;
         let replayed = consumer
             .replay(&ids)
             .await

@@ -396,11 +396,13 @@ impl LedgerConsumer {
                 if let Outcome::Event(MemberEvent::Order(order), origin) = &outcome {
                     let mut facts = self.facts();
                     facts.touched(member, origin.live, origin.occurred_at);
-                    if matches!(
-                        order.stage,
-                        crate::normalize::OrderStage::Placed
-                            | crate::normalize::OrderStage::Completed
-                    ) {
+                    if self.triggers.keeps_features()
+                        && matches!(
+                            order.stage,
+                            crate::normalize::OrderStage::Placed
+                                | crate::normalize::OrderStage::Completed
+                        )
+                    {
                         facts.purchased(member, origin.occurred_at, &order.lines);
                     }
                     let points = match order.stage {
@@ -501,7 +503,9 @@ impl LedgerConsumer {
                     let mut facts = self.facts();
                     facts.touched(member, origin.live, at);
                     if let orders::Booked::Earned(points) = booked {
-                        facts.purchased(member, at, &order.lines);
+                        if self.triggers.keeps_features() {
+                            facts.purchased(member, at, &order.lines);
+                        }
                         if origin.live && self.triggers.wants_points_earned() {
                             facts.earned(&self.source, member, &order.order_ref, points, at);
                         }
@@ -1007,14 +1011,11 @@ impl LedgerConsumer {
         )
         .await?;
         self.book_pending().await?;
-        let failures = std::mem::take(
-            &mut *self
-                .replay_failures
-                .as_ref()
-                .expect("replaying")
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
+        let failures = self
+            .replay_failures
+            .as_ref()
+            .map(|f| std::mem::take(&mut *f.lock().unwrap_or_else(|e| e.into_inner())))
+            .unwrap_or_default();
         if !failures.is_empty() {
             return Ok(Replayed::StillFails { reasons: failures });
         }

@@ -476,27 +476,10 @@ pub async fn switch(
         .await?
         .get(0);
     if recount {
-        let counted = client
-            .execute(
-                "INSERT INTO member_features (member_id, purchases, monetary, first_purchase_at, last_purchase_at,
-                                              pos_purchases, web_purchases, app_purchases, line_spend,
-                                              discounted_spend, kept_orders)
-                 SELECT member_id,
-                        count(*) FILTER (WHERE purchase),
-                        coalesce(sum(earn_basis - refunded) FILTER (WHERE purchase), 0),
-                        min(placed_at) FILTER (WHERE purchase), max(placed_at) FILTER (WHERE purchase),
-                        count(*) FILTER (WHERE purchase AND channel_class(channel) = 'pos'),
-                        count(*) FILTER (WHERE purchase AND channel_class(channel) = 'web'),
-                        count(*) FILTER (WHERE purchase AND channel_class(channel) = 'app'),
-                        coalesce(sum(line_spend) FILTER (WHERE purchase), 0),
-                        coalesce(sum(discounted_spend) FILTER (WHERE purchase), 0),
-                        count(*)
-                   FROM (SELECT *, stage IN ('placed', 'completed') AS purchase FROM orders) o
-                  WHERE member_id IS NOT NULL AND stage <> 'cancelled'
-                  GROUP BY member_id",
-                &[],
-            )
-            .await?;
+        let counted: i64 = client
+            .query_one("SELECT member_features_count_all()", &[])
+            .await?
+            .get(0);
         tracing::info!(
             members = counted,
             "personalization on: members' purchases counted again from the orders"

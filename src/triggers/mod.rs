@@ -802,6 +802,12 @@ fn self_rank(tiers: &[TierSettings], tier: &str) -> i64 {
 }
 
 impl Triggers {
+    /// Whether the ledger keeps features (`[personalization] enabled`):
+    /// the lines of purchases are gathered only then.
+    pub fn keeps_features(&self) -> bool {
+        self.personalization.enabled
+    }
+
     /// Whether earned points are routed anywhere (they are gathered only
     /// then: most programs leave them out).
     pub fn wants_points_earned(&self) -> bool {

@@ -105,38 +105,9 @@ priority = 5
         connectors = concat!(env!("CARGO_MANIFEST_DIR"), "/connectors/sources"),
         hooks = crate::support::webhook_provider("hooks", "http://127.0.0.1:9"),
     );
-    let path = dir.path().join("loyalty-cdc.toml");
-    std::fs::write(&path, &config).unwrap();
-    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    let api_settings = Arc::new(Settings::load(&path).unwrap());
-
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-    let service = {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            pipeline::run(&settings, shutdown.clone(), move |sources| {
-                let progress = sources[0].progress.clone();
-                let state = ApiState::new(api_settings, sources).unwrap();
-                tokio::spawn(api::serve(listener, Arc::new(state), shutdown));
-                let _ = started_tx.send(progress);
-            })
-            .await
-        })
-    };
-    let progress = started_rx.await.expect("pipeline starts");
-    wait_for("the source to stream", || {
-        let progress = progress.clone();
-        async move {
-            matches!(
-                progress.snapshot().state,
-                loyalty_cdc::source::progress::ReaderState::Streaming
-            )
-        }
-    })
-    .await;
+    let service = start(&config, dir.path(), Some(listener)).await;
     let ledger = ledger_db.client().await;
     let scalar = |sql: String| {
         let ledger = &ledger;
@@ -397,20 +368,15 @@ priority = 5
     )
     .unwrap();
     assert_eq!(wallet["segments"], serde_json::json!([]));
-
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(30), service)
-        .await
-        .expect("the service stops")
-        .unwrap()
-        .expect("pipeline ends cleanly");
+    stop(service).await;
 }
 
-/// Starts the pipeline on `config` and waits until it streams; `stop`
-/// ends it.
+/// Starts the pipeline on `config` (and the HTTP API on `api`, if given)
+/// and waits until it streams; `stop` ends it.
 async fn start(
     config: &str,
     dir: &std::path::Path,
+    api: Option<TcpListener>,
 ) -> (
     CancellationToken,
     tokio::task::JoinHandle<Result<(), pipeline::PipelineError>>,
@@ -418,13 +384,19 @@ async fn start(
     let path = dir.join("loyalty-cdc.toml");
     std::fs::write(&path, config).unwrap();
     let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let api_settings = Arc::new(Settings::load(&path).unwrap());
     let shutdown = CancellationToken::new();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let service = {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            pipeline::run(&settings, shutdown, move |sources| {
-                let _ = started_tx.send(sources[0].progress.clone());
+            pipeline::run(&settings, shutdown.clone(), move |sources| {
+                let progress = sources[0].progress.clone();
+                if let Some(listener) = api {
+                    let state = ApiState::new(api_settings, sources).unwrap();
+                    tokio::spawn(api::serve(listener, Arc::new(state), shutdown));
+                }
+                let _ = started_tx.send(progress);
             })
             .await
         })
@@ -513,7 +485,7 @@ purchases = [2]
     };
     // Off: the second purchase still reaches its milestone (counted from
     // the orders), and nothing of her behaviour is kept.
-    let service = start(&config(false), dir.path()).await;
+    let service = start(&config(false), dir.path(), None).await;
     pos.batch_execute(
         "INSERT INTO res_partner (id, name, type, email) VALUES (5, 'Anna Schmidt', 'contact', 'anna@example.de');",
     )
@@ -533,7 +505,7 @@ purchases = [2]
     assert_eq!(count("SELECT count(*) FROM member_products").await, 0);
 
     // On: counted again from the orders at start, exactly.
-    let service = start(&config(true), dir.path()).await;
+    let service = start(&config(true), dir.path(), None).await;
     stop(service).await;
     let row = ledger
         .query_one(
@@ -556,73 +528,17 @@ purchases = [2]
     );
 }
 
-/// One completed purchase of `skus` (10 each) booked through the ledger's
-/// own functions at `when`, with the batch's triggers recorded.
-async fn buy(
-    db: &loyalty_cdc::ledger::db::Db,
-    triggers: &loyalty_cdc::triggers::Triggers,
-    member: i64,
-    reference: &str,
-    skus: &[&str],
-    when: chrono::DateTime<chrono::Utc>,
-) {
-    use loyalty_cdc::normalize::{Line, OrderEvent, OrderStage};
-    let lines: Vec<Line> = skus
-        .iter()
-        .map(|sku| Line {
-            sku: Some(sku.to_string()),
-            quantity: 1.into(),
-            amount: 10.into(),
-            discounted: false,
-            category: None,
-        })
-        .collect();
-    let event = OrderEvent {
-        order_ref: reference.into(),
-        stage: OrderStage::Completed,
-        earn_basis: (10 * skus.len() as i64).into(),
-        grand_total: (10 * skus.len() as i64).into(),
-        currency: None,
-        channel: None,
-        identifiers: Default::default(),
-        lines,
-    };
-    let program = loyalty_cdc::config::ProgramSettings::default();
-    db.batch_execute("BEGIN").await.unwrap();
-    loyalty_cdc::ledger::orders::apply_order(db, &program, "shop", &event, Some(member), when)
-        .await
-        .unwrap();
-    let mut facts = loyalty_cdc::triggers::BatchFacts::default();
-    facts.touched(member, true, when);
-    facts.purchased(member, when, &event.lines);
-    loyalty_cdc::triggers::record(db, triggers, facts)
-        .await
-        .unwrap();
-    db.batch_execute("COMMIT").await.unwrap();
-}
-
 #[tokio::test]
 async fn offers_recommend_what_buyers_of_the_same_things_buy_as_computed_by_hand() {
-    crate::support::init_logging();
-    let ledger_db = PgDatabase::create("ledger").await;
-    let mut client = ledger_db.client().await;
-    loyalty_cdc::ledger::migrate(&mut client).await.unwrap();
-    let db = loyalty_cdc::ledger::db::Db::new(client);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("loyalty-cdc.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"[ledger]
-url = "{url}"
-
+    let (_ledger_db, db, _settings, triggers) = crate::support::migrated_ledger(
+        r#"
 [personalization.cross_sell]
 top = 3
 min_support = 2
-{hooks}
+
 [[triggers.routes]]
 trigger = "milestone"
-provider = "hooks"
+provider = "crm"
 
 [triggers.milestones]
 purchases = [2]
@@ -632,13 +548,8 @@ code = "NEXT-50"
 title = "50 bonus points"
 bonus_points = 50
 "#,
-            url = ledger_db.url(),
-            hooks = crate::support::webhook_provider("hooks", "http://127.0.0.1:9"),
-        ),
     )
-    .unwrap();
-    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    let triggers = loyalty_cdc::triggers::Triggers::from_settings(&settings);
+    .await;
     let at = |day: i64| {
         chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 3, 1, 10, 0, 0).unwrap()
             + chrono::Duration::days(day)
@@ -665,7 +576,15 @@ bonus_points = 50
     for (n, orders) in baskets.iter().enumerate() {
         let m = member().await;
         for (k, skus) in orders.iter().enumerate() {
-            buy(&db, &triggers, m, &format!("m{n}-{k}"), skus, at(k as i64)).await;
+            crate::support::book_purchase(
+                &db,
+                &triggers,
+                m,
+                &format!("m{n}-{k}"),
+                skus,
+                at(k as i64),
+            )
+            .await;
         }
     }
     let count = |sql: &'static str| {
@@ -702,8 +621,8 @@ bonus_points = 50
     //   lift(A → C) = 1 × 6 / (4 × 1) = 1.5, support 1: below min_support;
     //   lift(A → D) = 1 × 6 / (4 × 3) = 0.5: no lift, and support 1.
     let t = member().await;
-    buy(&db, &triggers, t, "t-0", &["A"], at(10)).await;
-    buy(&db, &triggers, t, "t-1", &["E"], at(11)).await;
+    crate::support::book_purchase(&db, &triggers, t, "t-0", &["A"], at(10)).await;
+    crate::support::book_purchase(&db, &triggers, t, "t-1", &["E"], at(11)).await;
     let offer: serde_json::Value = db
         .client()
         .query_one(

@@ -775,51 +775,10 @@ async fn a_scheduler_back_from_an_outage_sends_nothing_about_long_past_periods()
     assert_eq!(sent[0].2["tier"], "silver");
 }
 
-/// One purchase of `sku` (10 points) booked through the ledger's own
-/// functions at `when`, with the batch's triggers recorded.
-async fn buy(
-    db: &Db,
-    triggers: &Triggers,
-    member: i64,
-    reference: &str,
-    sku: &str,
-    when: DateTime<Utc>,
-) {
-    let program = loyalty_cdc::config::ProgramSettings::default();
-    let mut event = order(reference, 10, OrderStage::Completed);
-    event.lines = vec![loyalty_cdc::normalize::Line {
-        sku: Some(sku.into()),
-        quantity: 1.into(),
-        amount: 10.into(),
-        discounted: false,
-        category: None,
-    }];
-    db.batch_execute("BEGIN").await.unwrap();
-    orders::apply_order(db, &program, "shop", &event, Some(member), when)
-        .await
-        .unwrap();
-    let mut facts = BatchFacts::default();
-    facts.touched(member, true, when);
-    facts.purchased(member, when, &event.lines);
-    triggers::record(db, triggers, facts).await.unwrap();
-    db.batch_execute("COMMIT").await.unwrap();
-}
-
 #[tokio::test]
 async fn a_member_who_buys_every_30_days_is_reminded_once_on_day_28_and_not_after_buying_early() {
-    crate::support::init_logging();
-    let ledger_db = PgDatabase::create("sched").await;
-    let mut client = ledger_db.client().await;
-    loyalty_cdc::ledger::migrate(&mut client).await.unwrap();
-    let db = Db::new(client);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("loyalty-cdc.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"[ledger]
-url = "{url}"
-{crm}
+    let (_ledger_db, db, settings, triggers) = crate::support::migrated_ledger(
+        r#"
 [[triggers.routes]]
 trigger = "replenishment_due"
 provider = "crm"
@@ -831,13 +790,8 @@ triggers = ["replenishment_due"]
 bonus_points = 50
 valid_days = 7
 "#,
-            url = ledger_db.url(),
-            crm = crate::support::webhook_provider("crm", "http://127.0.0.1:9/hook")
-        ),
     )
-    .unwrap();
-    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    let triggers: Arc<Triggers> = Triggers::from_settings(&settings);
+    .await;
     let day = |d: i64| t0() + Duration::days(d);
 
     // A buys coffee on days 0, 30 and 60: next expected on day 90, reminded
@@ -863,12 +817,12 @@ valid_days = 7
         (d, vec![0, 30, 60]),
     ] {
         for n in &days {
-            buy(
+            crate::support::book_purchase(
                 &db,
                 &triggers,
                 member,
                 &format!("{member}-{n}"),
-                "COFFEE-1KG",
+                &["COFFEE-1KG"],
                 day(*n),
             )
             .await;
@@ -936,22 +890,11 @@ valid_days = 7
 
 #[tokio::test]
 async fn a_silent_member_is_at_risk_when_their_probability_alive_falls_and_lapsed_later() {
-    crate::support::init_logging();
-    let ledger_db = PgDatabase::create("sched").await;
-    let mut client = ledger_db.client().await;
-    loyalty_cdc::ledger::migrate(&mut client).await.unwrap();
-    let db = Db::new(client);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("loyalty-cdc.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"[ledger]
-url = "{url}"
-
+    let (_ledger_db, db, settings, triggers) = crate::support::migrated_ledger(
+        r#"
 [triggers.lapse]
 by = "probability"
-{crm}
+
 [[triggers.routes]]
 trigger = "lapse_risk"
 provider = "crm"
@@ -964,24 +907,19 @@ provider = "crm"
 name = "at_risk"
 when = "features.lifecycle == 'at_risk'"
 "#,
-            url = ledger_db.url(),
-            crm = crate::support::webhook_provider("crm", "http://127.0.0.1:9/hook")
-        ),
     )
-    .unwrap();
-    let settings = Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    let triggers: Arc<Triggers> = Triggers::from_settings(&settings);
+    .await;
     let day = |d: f64| t0() + Duration::seconds((d * 86_400.0).round() as i64);
 
     // Every 30 days, six times: the last on day 150.
     let member = new_member(&db, t0()).await;
     for n in 0..6 {
-        buy(
+        crate::support::book_purchase(
             &db,
             &triggers,
             member,
             &format!("p{n}"),
-            "COFFEE-1KG",
+            &["COFFEE-1KG"],
             day(30.0 * n as f64),
         )
         .await;

@@ -566,3 +566,85 @@ pub fn webhook_provider(name: &str, url: &str) -> String {
         template.display()
     )
 }
+
+/// A migrated ledger and the configuration `[ledger]` + a webhook
+/// provider `crm` (never called) + `extra`, for tests that book through
+/// the ledger's own functions and record triggers on a controlled clock.
+pub async fn migrated_ledger(
+    extra: &str,
+) -> (
+    PgDatabase,
+    loyalty_cdc::ledger::db::Db,
+    loyalty_cdc::config::Settings,
+    std::sync::Arc<loyalty_cdc::triggers::Triggers>,
+) {
+    init_logging();
+    let ledger_db = PgDatabase::create("ledger").await;
+    let mut client = ledger_db.client().await;
+    loyalty_cdc::ledger::migrate(&mut client).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loyalty-cdc.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[ledger]\nurl = \"{}\"\n{}\n{extra}",
+            ledger_db.url(),
+            webhook_provider("crm", "http://127.0.0.1:9/hook")
+        ),
+    )
+    .unwrap();
+    let settings = loyalty_cdc::config::Settings::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let triggers = loyalty_cdc::triggers::Triggers::from_settings(&settings);
+    (
+        ledger_db,
+        loyalty_cdc::ledger::db::Db::new(client),
+        settings,
+        triggers,
+    )
+}
+
+/// One completed purchase of `skus` (10 each) booked through the ledger's
+/// own functions at `when`, with the batch's triggers recorded.
+pub async fn book_purchase(
+    db: &loyalty_cdc::ledger::db::Db,
+    triggers: &loyalty_cdc::triggers::Triggers,
+    member: i64,
+    reference: &str,
+    skus: &[&str],
+    when: chrono::DateTime<chrono::Utc>,
+) {
+    use loyalty_cdc::normalize::{Line, OrderEvent, OrderStage};
+    let lines: Vec<Line> = skus
+        .iter()
+        .map(|sku| Line {
+            sku: Some(sku.to_string()),
+            quantity: 1.into(),
+            amount: 10.into(),
+            discounted: false,
+            category: None,
+        })
+        .collect();
+    let total: rust_decimal::Decimal = (10 * skus.len() as i64).into();
+    let event = OrderEvent {
+        order_ref: reference.into(),
+        stage: OrderStage::Completed,
+        earn_basis: total,
+        grand_total: total,
+        currency: None,
+        channel: None,
+        identifiers: Default::default(),
+        lines,
+    };
+    let program = loyalty_cdc::config::ProgramSettings::default();
+    db.batch_execute("BEGIN").await.unwrap();
+    loyalty_cdc::ledger::orders::apply_order(db, &program, "shop", &event, Some(member), when)
+        .await
+        .unwrap();
+    let mut facts = loyalty_cdc::triggers::BatchFacts::default();
+    facts.touched(member, true, when);
+    facts.purchased(member, when, &event.lines);
+    loyalty_cdc::triggers::record(db, triggers, facts)
+        .await
+        .unwrap();
+    db.batch_execute("COMMIT").await.unwrap();
+}
