@@ -11,6 +11,13 @@ fn pg_source(name: &str, url: &str) -> String {
     format!("\n[[sources]]\nname = \"{name}\"\nkind = \"postgres\"\nurl = \"{url}\"\n")
 }
 
+/// A PostgreSQL source with a slot of its own: the default slot name
+/// (`loyalty_<source>`) is shared with the demo, which may be running in
+/// the same suite, and slots are per database.
+fn pg_source_with_own_slot(name: &str, url: &str) -> String {
+    pg_source(name, url) + &format!("slot = \"{}\"\n", crate::support::unique_name("slot"))
+}
+
 fn mysql_source(name: &str, url: &str) -> String {
     format!("\n[[sources]]\nname = \"{name}\"\nkind = \"mysql\"\nurl = \"{url}\"\n")
 }
@@ -20,7 +27,7 @@ async fn check_passes_against_databases_ready_for_change_capture() {
     let ledger = PgDatabase::create("ledger").await;
     let pos = PgDatabase::create("pos").await;
     let shop = MyDatabase::create("shop").await;
-    let sources = pg_source("pos", &pos.url()) + &mysql_source("shop", &shop.url());
+    let sources = pg_source_with_own_slot("pos", &pos.url()) + &mysql_source("shop", &shop.url());
     let run = run_cli(&config(&ledger.url(), &sources), &["check"], &[]).await;
     assert_eq!(run.code, 0, "{}", run.output());
     assert!(
@@ -87,7 +94,8 @@ async fn check_reports_a_wrong_postgres_password_with_its_fix() {
     // The same role with the right password, from a secret in the
     // environment, passes.
     let right = pos.url_as(&role.name, None);
-    let sources = pg_source("pos", &right) + "password = { env = \"LCDC_TEST_POS_PASSWORD\" }\n";
+    let sources = pg_source_with_own_slot("pos", &right)
+        + "password = { env = \"LCDC_TEST_POS_PASSWORD\" }\n";
     let run = run_cli(
         &config(&ledger.url(), &sources),
         &["check"],
@@ -331,7 +339,7 @@ async fn check_validates_each_mapping_against_the_live_schema() {
     let pos = PgDatabase::create("pos").await;
     pos.load_schema("odoo-pos.postgres.sql").await;
     let shop = MyDatabase::create("shop").await;
-    shop.load_schema("magento2.mysql.sql").await;
+    shop.load_magento().await;
     {
         use mysql_async::prelude::Queryable;
         let mut conn = shop.conn().await;
