@@ -36,7 +36,8 @@ SQL
 psql -X -q -d loyalty_demo_pos -v ON_ERROR_STOP=1 -f "$shared/schemas/odoo-pos.postgres.sql"
 mariadb -uroot -h127.0.0.1 --protocol=tcp -e "DROP DATABASE IF EXISTS loyalty_demo_shop; CREATE DATABASE loyalty_demo_shop"
 mariadb -uroot -h127.0.0.1 --protocol=tcp loyalty_demo_shop <"$shared/schemas/magento2.mysql.sql"
-echo "loaded odoo-pos.postgres.sql ($(psql -X -qAt -d loyalty_demo_pos -c "SELECT count(*) FROM information_schema.tables WHERE table_schema='public'") tables) and magento2.mysql.sql ($(mariadb -uroot -h127.0.0.1 --protocol=tcp -N -e "SELECT count(*) FROM information_schema.tables WHERE table_schema='loyalty_demo_shop'") tables)"
+mariadb -uroot -h127.0.0.1 --protocol=tcp loyalty_demo_shop <connectors/schemas/magento2-catalog.mysql.sql
+echo "loaded odoo-pos.postgres.sql ($(psql -X -qAt -d loyalty_demo_pos -c "SELECT count(*) FROM information_schema.tables WHERE table_schema='public'") tables) and magento2.mysql.sql + magento2-catalog.mysql.sql ($(mariadb -uroot -h127.0.0.1 --protocol=tcp -N -e "SELECT count(*) FROM information_schema.tables WHERE table_schema='loyalty_demo_shop'") tables)"
 
 mkdir -p target/demo
 step "a local provider receiver (Standard Webhooks, signatures checked: target/demo/webhooks.log)"

@@ -369,6 +369,10 @@ pub struct TriggerSettings {
     /// `[triggers.lapse]`: when a member counts as at risk of lapsing.
     #[serde(default)]
     pub lapse: LapseSettings,
+    /// `[triggers.price_drop]`: how far a wishlisted product's price must
+    /// fall to be news.
+    #[serde(default)]
+    pub price_drop: PriceDropSettings,
     /// How often the scheduler looks for due triggers, in seconds
     /// (default 60).
     #[serde(default = "default_scheduler_interval")]
@@ -385,6 +389,7 @@ impl Default for TriggerSettings {
             routes: Vec::new(),
             milestones: MilestoneSettings::default(),
             lapse: LapseSettings::default(),
+            price_drop: PriceDropSettings::default(),
             scheduler_interval_seconds: default_scheduler_interval(),
         }
     }
@@ -440,6 +445,29 @@ fn default_multiplier() -> Decimal {
 
 fn default_valid_days() -> i64 {
     30
+}
+
+/// `[triggers.price_drop]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceDropSettings {
+    /// `price_drop` fires when a wishlisted product's price falls at least
+    /// this many percent below the price the member last saw (when they
+    /// added it, or the last drop announced to them). Default 5.
+    #[serde(default = "default_min_drop_percent")]
+    pub min_drop_percent: Decimal,
+}
+
+impl Default for PriceDropSettings {
+    fn default() -> Self {
+        Self {
+            min_drop_percent: default_min_drop_percent(),
+        }
+    }
+}
+
+fn default_min_drop_percent() -> Decimal {
+    Decimal::from(5)
 }
 
 /// `[triggers.lapse]`
@@ -1115,6 +1143,13 @@ impl Settings {
                 "triggers.lapse".into(),
                 "after_intervals must be above 0 and after_days 1 or more (defaults 3 and 90)"
                     .into(),
+            );
+        }
+        let drop = self.triggers.price_drop.min_drop_percent;
+        if drop <= Decimal::ZERO || drop >= Decimal::from(100) {
+            problem(
+                "triggers.price_drop.min_drop_percent".into(),
+                format!("{drop} is not a share of a price: write a percent above 0 and below 100 (default 5)"),
             );
         }
         if self.triggers.lapse.by == LapseRule::Probability && !self.personalization.enabled {

@@ -252,6 +252,12 @@ async fn create_databases(options: &DemoOptions) -> Result<(), DemoError> {
     let _ = admin.disconnect().await;
     let mut shop = my(&with_database(&options.mysql, SHOP_DB)?).await?;
     shop.query_drop(magento_schema).await.map_err(fail)?;
+    // Wishlists and catalog prices (the shared subset has none).
+    shop.query_drop(include_str!(
+        "../connectors/schemas/magento2-catalog.mysql.sql"
+    ))
+    .await
+    .map_err(fail)?;
     shop.query_drop(
         "INSERT INTO store_website (website_id, code, name) VALUES (1, 'base', 'Main Website');
          INSERT INTO store (store_id, code, website_id, name) VALUES (1, 'default', 1, 'Default Store View')",
@@ -331,6 +337,10 @@ provider = "crm"
 trigger = "segment_entered"
 provider = "crm"
 
+[[triggers.routes]]
+trigger = "price_drop"
+provider = "crm"
+
 [[segments]]
 name = "new"
 when = "features.lifecycle == 'new'"
@@ -345,6 +355,13 @@ title = "50 bonus points on your next purchase"
 triggers = ["welcome"]
 bonus_points = 50
 valid_days = 30
+
+[[offers]]
+code = "WISHLIST-3X"
+title = "Triple points on what you wished for"
+triggers = ["price_drop"]
+multiplier = "3"
+valid_days = 7
 
 [[offers]]
 code = "VIP-2X"
@@ -394,7 +411,14 @@ struct Traffic {
     pos_orders: Vec<(i64, i64, u32, u32)>,
     orders: u64,
     refunds: u64,
+    /// Whether the wishlisted tent's price was cut.
+    price_cut: bool,
 }
+
+/// The shop cuts the wishlisted tent's price once, after this many orders:
+/// the customers waiting for it are told. (Once: a second cut within a
+/// day would meet the `price_drop` cooldown of the delivery policy.)
+const ORDERS_BEFORE_PRICE_CUT: u64 = 60;
 
 impl Traffic {
     async fn new(options: &DemoOptions) -> Result<Self, DemoError> {
@@ -424,7 +448,36 @@ impl Traffic {
             .await
             .map_err(|e| setup("demo customers", e, FIX_DATABASES))?;
         }
+        // A tent in the catalog at 199.00 (the `price` attribute at the
+        // admin scope, store 0), on the wishlist of every fifth account
+        // holder.
+        shop.query_drop(
+            "SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_AUTO_VALUE_ON_ZERO');
+             INSERT INTO store_website (website_id, code, name) VALUES (0, 'admin', 'Admin');
+             INSERT INTO store (store_id, code, website_id, name) VALUES (0, 'admin', 0, 'Admin');
+             INSERT INTO catalog_product_entity (entity_id, sku) VALUES (1, 'TENT-2P');
+             INSERT INTO catalog_product_entity_decimal (attribute_id, store_id, entity_id, value)
+               VALUES (77, 0, 1, 199.00);",
+        )
+        .await
+        .map_err(|e| setup("demo catalog", e, FIX_DATABASES))?;
+        for c in (1..=options.customers).step_by(10) {
+            shop.exec_drop(
+                "INSERT INTO wishlist (wishlist_id, customer_id) VALUES (?, ?)",
+                (c, c),
+            )
+            .await
+            .map_err(|e| setup("demo wishlists", e, FIX_DATABASES))?;
+            shop.exec_drop(
+                "INSERT INTO wishlist_item (wishlist_item_id, wishlist_id, product_id, store_id, added_at, qty)
+                 VALUES (?, ?, 1, 1, NOW(), 1)",
+                (c, c),
+            )
+            .await
+            .map_err(|e| setup("demo wishlists", e, FIX_DATABASES))?;
+        }
         Ok(Self {
+            price_cut: false,
             pos,
             shop,
             rng: Rng(0x5eed_1234_abcd_9876),
@@ -541,6 +594,17 @@ impl Traffic {
                 .await
                 .map_err(|e| e.to_string())?;
             self.orders += 1;
+        }
+        if !self.price_cut && self.orders >= ORDERS_BEFORE_PRICE_CUT {
+            // 20 % off, as the catalog admin saves it.
+            self.shop
+                .query_drop(
+                    "UPDATE catalog_product_entity_decimal SET value = 159.20
+                      WHERE entity_id = 1 AND attribute_id = 77 AND store_id = 0",
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            self.price_cut = true;
         }
         Ok(())
     }

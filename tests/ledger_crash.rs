@@ -69,7 +69,7 @@ async fn killing_the_service_at_random_moments_loses_and_doubles_nothing() {
     let pos_db = PgDatabase::create("pos").await;
     let shop_db = MyDatabase::create("shop").await;
     pos_db.load_schema("odoo-pos.postgres.sql").await;
-    shop_db.load_schema("magento2.mysql.sql").await;
+    shop_db.load_magento().await;
     let pos = pos_db.client().await;
     pos.batch_execute(
         "INSERT INTO res_currency (id, name, symbol) VALUES (1, 'EUR', '€');

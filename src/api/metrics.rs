@@ -125,6 +125,8 @@ pub(super) async fn metrics_text(State(state): State<Arc<ApiState>>) -> Response
             ("refund", &counts.refunds),
             ("customer", &counts.customers),
             ("redemption", &counts.redemptions),
+            ("wishlist", &counts.wishlist_changes),
+            ("price", &counts.prices),
         ] {
             metrics::counter!("loyalty_ledger_events_total", "source" => name.clone(), "kind" => kind)
                 .absolute(count.load(Ordering::Relaxed));

@@ -13,12 +13,14 @@ use chrono::{DateTime, Utc};
 
 use super::db::Db;
 use super::quarantine::Replayed;
-use super::{members, orders, positions};
+use super::{members, orders, positions, wishlists};
 use crate::config::{DatabaseUrl, ProgramSettings, Secret};
 use crate::connect;
 use crate::identity::Identity;
 use crate::normalize::replay::{Replay, StoredChanges};
-use crate::normalize::{MemberEvent, Normalizer, Origin, Outcome, ReferenceRow, References};
+use crate::normalize::{
+    MemberEvent, Normalizer, Origin, Outcome, ReferenceRow, References, WishlistChange,
+};
 use crate::source::{ConsumerError, Op, Position, SourceKind, SourceTxn, TxnConsumer};
 use crate::triggers::{self, BatchFacts, Triggers};
 
@@ -40,6 +42,8 @@ pub struct ApplyCounts {
     pub refunds: AtomicU64,
     pub customers: AtomicU64,
     pub redemptions: AtomicU64,
+    pub wishlist_changes: AtomicU64,
+    pub prices: AtomicU64,
     pub anonymous: AtomicU64,
     pub quarantined: AtomicU64,
 }
@@ -259,7 +263,8 @@ impl LedgerConsumer {
     /// pipelines futures polled at once) instead of one round trip after
     /// another; a wave ends before an outcome that touches what it already
     /// touches, so each order and identifier still sees its events in
-    /// source order. Redemptions read a balance: each is a wave of its own.
+    /// source order. Redemptions read a balance: each is a wave of its own
+    /// (as is a wishlist item's removal).
     async fn book_pending(&mut self) -> Result<(), ConsumerError> {
         let pending = std::mem::take(&mut self.pending);
         let pending = self.book_new_orders_together(pending).await?;
@@ -267,7 +272,21 @@ impl LedgerConsumer {
         let mut touched: std::collections::HashSet<String> = std::collections::HashSet::new();
         for outcome in pending {
             let keys = self.wave_keys(&outcome);
-            let alone = matches!(outcome, Outcome::Event(MemberEvent::Redemption(_), _));
+            // A removed wishlist item names no product to order it by
+            // (a delete's before-image may hold the key alone): booked on
+            // its own, so a price change after it in the source never
+            // reaches it.
+            let alone = matches!(
+                outcome,
+                Outcome::Event(MemberEvent::Redemption(_), _)
+                    | Outcome::Event(
+                        MemberEvent::Wishlist(crate::normalize::WishlistEvent {
+                            change: WishlistChange::Removed,
+                            ..
+                        }),
+                        _
+                    )
+            );
             if alone || keys.iter().any(|k| touched.contains(k)) || wave.len() >= MAX_WAVE {
                 self.book_wave(std::mem::take(&mut wave)).await?;
                 touched.clear();
@@ -464,6 +483,20 @@ impl LedgerConsumer {
             Outcome::Event(MemberEvent::Redemption(redemption), _) => {
                 identifiers(&redemption.identifiers).collect()
             }
+            // An item's product is judged against that product's price.
+            Outcome::Event(MemberEvent::Wishlist(item), _) => match &item.change {
+                WishlistChange::Added {
+                    product,
+                    identifiers: raw,
+                } => std::iter::once(format!("wishlist:{}", item.item_ref))
+                    .chain(std::iter::once(format!("product:{product}")))
+                    .chain(identifiers(raw))
+                    .collect(),
+                WishlistChange::Removed => vec![format!("wishlist:{}", item.item_ref)],
+            },
+            Outcome::Event(MemberEvent::Price(price), _) => {
+                vec![format!("product:{}", price.product)]
+            }
         }
     }
 
@@ -482,6 +515,8 @@ impl LedgerConsumer {
             MemberEvent::Refund(_) => |c| &c.refunds,
             MemberEvent::Customer(_) => |c| &c.customers,
             MemberEvent::Redemption(_) => |c| &c.redemptions,
+            MemberEvent::Wishlist(_) => |c| &c.wishlist_changes,
+            MemberEvent::Price(_) => |c| &c.prices,
         };
         let problem = match event {
             MemberEvent::Order(order) => {
@@ -554,6 +589,60 @@ impl LedgerConsumer {
                     }
                     }
                 }
+            }
+            MemberEvent::Wishlist(item) => {
+                match item.change {
+                    WishlistChange::Added {
+                        product,
+                        identifiers,
+                    } => {
+                        // No usable identifier: nobody waits for it.
+                        if let Some(member) = self.member_of(&identifiers, at).await? {
+                            wishlists::save_item(
+                                &self.client,
+                                &self.source,
+                                &item.item_ref,
+                                member,
+                                &product,
+                                at,
+                            )
+                            .await
+                            .map_err(db)?;
+                            self.facts().touched(member, origin.live, at);
+                        }
+                    }
+                    WishlistChange::Removed => {
+                        wishlists::remove_item(&self.client, &self.source, &item.item_ref)
+                            .await
+                            .map_err(db)?
+                    }
+                }
+                None
+            }
+            MemberEvent::Price(price) => {
+                let drops = wishlists::state_price(
+                    &self.client,
+                    &self.source,
+                    wishlists::StatedPrice {
+                        product: &price.product,
+                        price: price.price,
+                        sku: price.sku.as_deref(),
+                        currency: price.currency.as_deref(),
+                        at,
+                    },
+                    self.triggers.min_drop_percent(),
+                )
+                .await
+                .map_err(db)?;
+                // A snapshot's prices only set what members saw.
+                if origin.live {
+                    let mut facts = self.facts();
+                    for drop in drops {
+                        facts.touched(drop.member, true, at);
+                        facts.price_dropped(&self.source, drop, at);
+                    }
+                }
+                None
             }
             MemberEvent::Refund(refund) => {
                 match orders::apply_refund(&self.client, &self.program, &self.source, &refund, at)

@@ -271,49 +271,42 @@ pub struct MemberCounts {
 }
 
 /// The counts of `members` (survivors only; members without any are
-/// there with zeros). Three statements sent together (one round trip):
-/// the counts, each member's top category, its segments.
+/// there with zeros), in one statement: the counts, each member's top
+/// category (or product) by spend, its segments and its next review.
 pub async fn counts(
     db: &Db,
     members: &[i64],
 ) -> Result<HashMap<i64, MemberCounts>, tokio_postgres::Error> {
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&members];
-    let (rows, tops, held) = futures_util::try_join!(
-        db.query(
+    let rows = db
+        .query(
             "SELECT m.member_id, m.tier, coalesce(f.purchases, 0)::bigint, coalesce(f.monetary, 0),
                     f.first_purchase_at, f.last_purchase_at,
                     coalesce(f.pos_purchases, 0)::bigint, coalesce(f.web_purchases, 0)::bigint,
                     coalesce(f.app_purchases, 0)::bigint,
                     coalesce(f.line_spend, 0), coalesce(f.discounted_spend, 0),
-                    coalesce(p.profiling_opt_out, false), s.due_at
+                    coalesce(p.profiling_opt_out, false), s.due_at,
+                    t.top, t.spend,
+                    ARRAY(SELECT segment FROM member_segments g WHERE g.member_id = m.member_id)
                FROM members m
                LEFT JOIN member_features f ON f.member_id = m.member_id
                LEFT JOIN member_profiles p ON p.member_id = m.member_id
                LEFT JOIN scheduled_triggers s
                       ON s.member_id = m.member_id AND s.kind = 'segments' AND s.subject = ''
+               LEFT JOIN LATERAL (
+                    SELECT coalesce(category, product) AS top, sum(spend) AS spend
+                      FROM member_products mp WHERE mp.member_id = m.member_id
+                     GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1) t ON true
               WHERE m.member_id = ANY($1) AND m.merged_into IS NULL",
-            &params,
-        ),
-        // The category (or product) with most spend: one pass over the
-        // members' products, not one lookup per member.
-        db.query(
-            "SELECT DISTINCT ON (member_id) member_id, coalesce(category, product), sum(spend)
-               FROM member_products WHERE member_id = ANY($1)
-              GROUP BY member_id, coalesce(category, product)
-              ORDER BY member_id, 3 DESC, 2",
-            &params,
-        ),
-        segments(db, members),
-    )?;
-    let mut tops: HashMap<i64, (String, Decimal)> = tops
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect();
-    let mut held = held;
+            &[&members],
+        )
+        .await?;
     Ok(rows
         .iter()
         .map(|r| {
             let member: i64 = r.get(0);
+            let top: Option<String> = r.get(13);
+            let top_spend: Option<Decimal> = r.get(14);
+            let segments: Vec<String> = r.get(15);
             (
                 member,
                 MemberCounts {
@@ -328,11 +321,11 @@ pub async fn counts(
                         app_purchases: r.get(8),
                         line_spend: r.get(9),
                         discounted_spend: r.get(10),
-                        top_category: tops.remove(&member),
+                        top_category: top.zip(top_spend),
                     },
                     profiling_opt_out: r.get(11),
                     review_at: r.get(12),
-                    segments: held.remove(&member).unwrap_or_default(),
+                    segments: segments.into_iter().collect(),
                 },
             )
         })

@@ -382,6 +382,7 @@ async fn merge(
         .execute("DELETE FROM member_offers WHERE member_id = $1", &[&from])
         .await?;
     super::features::merge(client, from, into).await?;
+    super::wishlists::merge(client, from, into).await?;
     client
         .execute(
             "UPDATE members SET merged_into = $2, merged_at = $3 WHERE member_id = $1",
@@ -714,6 +715,8 @@ pub async fn erase_personal_data(
         &[&members],
     )
     .await?;
+    // What they waited for is theirs: no message will tell them anyway.
+    super::wishlists::forget(db, &members).await?;
     db.execute(
         "UPDATE member_merges SET via_value = '(erased)'
           WHERE merged_member = ANY($1) OR into_member = ANY($1)",

@@ -12,6 +12,7 @@
 //! - `features.rs`: what members' purchases add up to, per member and
 //!   product, and the segments they are in.
 //! - `tiers.rs`: tier qualification periods and their review (downgrades).
+//! - `wishlists.rs`: wishlisted products and product prices (price drops).
 //!
 //! Only this module writes ledger tables; other modules pass it types.
 
@@ -25,6 +26,7 @@ pub mod positions;
 pub mod quarantine;
 mod schema;
 pub mod tiers;
+pub mod wishlists;
 
 pub use schema::{migrate, schema_status, MigrateError, MigrationApplied, SchemaStatus};
 

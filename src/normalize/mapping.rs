@@ -37,6 +37,63 @@ pub struct MappingFile {
     /// Tables whose rows redeem points.
     #[serde(default)]
     pub redemptions: Vec<RedemptionFile>,
+    /// Tables whose rows put a product on a customer's wishlist.
+    #[serde(default)]
+    pub wishlists: Vec<WishlistFile>,
+    /// Tables whose rows state a product's price.
+    #[serde(default)]
+    pub prices: Vec<PriceFile>,
+}
+
+/// `[[wishlists]]`: a row that puts a product on a customer's wishlist; a
+/// delete at the source (Magento deletes the item when it goes to the cart)
+/// takes it off. The product must be named as `[[prices]]` names it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WishlistFile {
+    pub table: String,
+    /// Key column: the item's reference.
+    pub key: String,
+    #[serde(default)]
+    pub when: Option<String>,
+    /// CEL: the product (Magento: `string(row.product_id)`).
+    pub product: String,
+    #[serde(default)]
+    pub customer: Option<String>,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub phone: Option<String>,
+    #[serde(default)]
+    pub card: Option<String>,
+    #[serde(default)]
+    pub joins: Vec<JoinFile>,
+}
+
+/// `[[prices]]`: a row that states what a product costs now. A price below
+/// what a member waiting for the product last saw fires `price_drop`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceFile {
+    pub table: String,
+    /// Key column of the row.
+    pub key: String,
+    /// CEL: rows that are prices (Magento: the `price` attribute, default
+    /// scope).
+    #[serde(default)]
+    pub when: Option<String>,
+    /// CEL: the product, as `[[wishlists]]` names it.
+    pub product: String,
+    /// Columns summed exactly: the price.
+    pub price: Vec<String>,
+    /// CEL: the product's SKU, for messages.
+    #[serde(default)]
+    pub sku: Option<String>,
+    /// CEL: the price's currency, for messages.
+    #[serde(default)]
+    pub currency: Option<String>,
+    #[serde(default)]
+    pub joins: Vec<JoinFile>,
 }
 
 /// `[[customers]]`: a customer account or contact. A new one enrolls a
@@ -491,6 +548,30 @@ pub struct RedemptionMapping {
     pub joins: Vec<Join>,
 }
 
+/// A wishlist mapping, compiled.
+#[derive(Debug)]
+pub struct WishlistMapping {
+    pub table: String,
+    pub key: String,
+    pub when: Option<Expr>,
+    pub product: Expr,
+    pub identifiers: IdentifierExprs,
+    pub joins: Vec<Join>,
+}
+
+/// A price mapping, compiled.
+#[derive(Debug)]
+pub struct PriceMapping {
+    pub table: String,
+    pub key: String,
+    pub when: Option<Expr>,
+    pub product: Expr,
+    pub price: Amount,
+    pub sku: Option<Expr>,
+    pub currency: Option<Expr>,
+    pub joins: Vec<Join>,
+}
+
 /// A mapping file, loaded and compiled: every expression parsed, every
 /// join resolved.
 #[derive(Debug)]
@@ -503,6 +584,8 @@ pub struct Mapping {
     pub refunds: Vec<RefundMapping>,
     pub customers: Vec<CustomerMapping>,
     pub redemptions: Vec<RedemptionMapping>,
+    pub wishlists: Vec<WishlistMapping>,
+    pub prices: Vec<PriceMapping>,
 }
 
 impl Mapping {
@@ -559,7 +642,9 @@ impl Mapping {
                 .chain(documents.flat_map(|(table, lines)| {
                     std::iter::once(table).chain(lines.map(|l| &l.table))
                 }))
-                .chain(self.redemptions.iter().map(|r| &r.table));
+                .chain(self.redemptions.iter().map(|r| &r.table))
+                .chain(self.wishlists.iter().map(|w| &w.table))
+                .chain(self.prices.iter().map(|p| &p.table));
         for table in all {
             if seen.insert(table.clone()) {
                 tables.push(table.clone());
@@ -727,6 +812,37 @@ impl Mapping {
                 &amounts,
                 &exprs,
                 &redemption.joins,
+            );
+        }
+        for (i, wishlist) in self.wishlists.iter().enumerate() {
+            let mut exprs: Vec<(&str, Option<&Expr>)> = wishlist.identifiers.named().to_vec();
+            exprs.push(("when", wishlist.when.as_ref()));
+            exprs.push(("product", Some(&wishlist.product)));
+            document(
+                &mut needs,
+                &wishlist.table,
+                &wishlist.key,
+                &format!("wishlists[{i}]"),
+                &[],
+                &exprs,
+                &wishlist.joins,
+            );
+        }
+        for (i, price) in self.prices.iter().enumerate() {
+            let exprs = [
+                ("when", price.when.as_ref()),
+                ("product", Some(&price.product)),
+                ("sku", price.sku.as_ref()),
+                ("currency", price.currency.as_ref()),
+            ];
+            document(
+                &mut needs,
+                &price.table,
+                &price.key,
+                &format!("prices[{i}]"),
+                &[("price", &price.price)],
+                &exprs,
+                &price.joins,
             );
         }
         for (i, refund) in self.refunds.iter().enumerate() {
@@ -1081,6 +1197,73 @@ fn compile(path: &Path, file: MappingFile, problem: &mut dyn FnMut(String, Strin
             key: redemption.key,
         });
     }
+    let mut wishlists = Vec::new();
+    for (i, wishlist) in file.wishlists.into_iter().enumerate() {
+        let key = format!("wishlists[{i}]");
+        let product = expr(format!("{key}.product"), &wishlist.product, problem);
+        let compiled_identifiers = identifiers(
+            &key,
+            [
+                ("customer", wishlist.customer),
+                ("email", wishlist.email),
+                ("phone", wishlist.phone),
+                ("card", wishlist.card),
+            ],
+            problem,
+        );
+        if compiled_identifiers
+            .named()
+            .iter()
+            .all(|(_, e)| e.is_none())
+        {
+            problem(
+                key.clone(),
+                "no identifier: name the customer, email, phone or card of the wishlist's owner"
+                    .into(),
+            );
+        }
+        let when = optional(format!("{key}.when"), wishlist.when, problem);
+        let wishlist_joins = joins(key.clone(), wishlist.joins, problem);
+        if let Some(product) = product {
+            wishlists.push(WishlistMapping {
+                table: wishlist.table,
+                key: wishlist.key,
+                when,
+                product,
+                identifiers: compiled_identifiers,
+                joins: wishlist_joins,
+            });
+        }
+    }
+    let mut prices = Vec::new();
+    for (i, price) in file.prices.into_iter().enumerate() {
+        let key = format!("prices[{i}]");
+        let product = expr(format!("{key}.product"), &price.product, problem);
+        let amount = amount(format!("{key}.price"), &price.price, problem);
+        let price_joins = joins(key.clone(), price.joins, problem);
+        check_join_terms(
+            &format!("{key}.price"),
+            &amount,
+            &price_joins,
+            &references,
+            problem,
+        );
+        let when = optional(format!("{key}.when"), price.when, problem);
+        let sku = optional(format!("{key}.sku"), price.sku, problem);
+        let currency = optional(format!("{key}.currency"), price.currency, problem);
+        if let Some(product) = product {
+            prices.push(PriceMapping {
+                table: price.table,
+                key: price.key,
+                when,
+                product,
+                price: amount,
+                sku,
+                currency,
+                joins: price_joins,
+            });
+        }
+    }
     Mapping {
         path: path.to_path_buf(),
         system: file.system,
@@ -1090,6 +1273,8 @@ fn compile(path: &Path, file: MappingFile, problem: &mut dyn FnMut(String, Strin
         refunds,
         customers,
         redemptions,
+        wishlists,
+        prices,
     }
 }
 
@@ -1177,6 +1362,17 @@ key = "id"
 order = "row.order_id"
 amount = ["amount"]
 proportion_of = "gross"
+
+[[wishlists]]
+table = "wishlist_item"
+key = "id"
+product = "row.product_id +"
+
+[[prices]]
+table = "prices"
+key = "id"
+product = "string(row.product_id)"
+price = ["value", "attr.rate"]
 "#,
         )
         .unwrap_err();
@@ -1191,6 +1387,9 @@ proportion_of = "gross"
             "orders[0].joins[0].reference: no `[[references]]` named `stores`",
             "orders[0].grand_total: `ship.amount` names no join of this document",
             "refunds[0].proportion_of: `gross` is not a choice",
+            "wishlists[0]: no identifier: name the customer",
+            "wishlists[0].product: not a valid CEL expression",
+            "prices[0].price: `attr.rate` names no join of this document",
         ];
         for expected in expect {
             assert!(

@@ -160,13 +160,44 @@ pub struct RedemptionEvent {
     pub identifiers: RawIdentifiers,
 }
 
-/// What happened, in loyalty terms.
+/// A wishlist item, put on or taken off.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WishlistEvent {
+    pub item_ref: String,
+    pub change: WishlistChange,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum WishlistChange {
+    /// On the wishlist of the member these identifiers name.
+    Added {
+        product: String,
+        identifiers: RawIdentifiers,
+    },
+    /// Deleted at the source.
+    Removed,
+}
+
+/// What a product costs now, as the shop states it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PriceEvent {
+    pub product: String,
+    #[serde(with = "crate::source::change::decimal_text")]
+    pub price: Decimal,
+    pub sku: Option<String>,
+    pub currency: Option<String>,
+}
+
+/// What happened, in loyalty terms. (Variants are only ever appended:
+/// quarantined events are stored by variant index.)
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum MemberEvent {
     Order(OrderEvent),
     Refund(RefundEvent),
     Customer(CustomerEvent),
     Redemption(RedemptionEvent),
+    Wishlist(WishlistEvent),
+    Price(PriceEvent),
 }
 
 /// The identifiers a document's expressions give; one that cannot be read
@@ -266,6 +297,8 @@ pub struct Normalizer {
     /// every value in it, so only what is read is handed over.
     order_uses: Arc<Vec<Uses>>,
     refund_uses: Arc<Vec<Uses>>,
+    price_uses: Arc<Vec<Uses>>,
+    wishlist_uses: Arc<Vec<Uses>>,
 }
 
 /// Which optional variables a document's expressions read.
@@ -464,12 +497,50 @@ impl Normalizer {
                 )
             })
             .collect();
+        // A catalog's snapshot sends every price row of every product:
+        // only the columns the expressions read are handed to CEL.
+        let price_uses = mapping
+            .prices
+            .iter()
+            .map(|p| {
+                Uses::of(
+                    [
+                        p.when.as_ref(),
+                        Some(&p.product),
+                        p.sku.as_ref(),
+                        p.currency.as_ref(),
+                    ]
+                    .into_iter()
+                    .chain(p.joins.iter().map(|j| Some(&j.key))),
+                )
+            })
+            .collect();
+        let wishlist_uses = mapping
+            .wishlists
+            .iter()
+            .map(|w| {
+                Uses::of(
+                    [
+                        w.when.as_ref(),
+                        Some(&w.product),
+                        w.identifiers.customer.as_ref(),
+                        w.identifiers.email.as_ref(),
+                        w.identifiers.phone.as_ref(),
+                        w.identifiers.card.as_ref(),
+                    ]
+                    .into_iter()
+                    .chain(w.joins.iter().map(|j| Some(&j.key))),
+                )
+            })
+            .collect();
         Self {
             mapping,
             required: Arc::new(required),
             parked: Arc::default(),
             order_uses: Arc::new(order_uses),
             refund_uses: Arc::new(refund_uses),
+            price_uses: Arc::new(price_uses),
+            wishlist_uses: Arc::new(wishlist_uses),
         }
     }
 
@@ -588,7 +659,15 @@ impl Normalizer {
                     || mapping
                         .redemptions
                         .iter()
-                        .any(|r| table_matches(&r.table, &change));
+                        .any(|r| table_matches(&r.table, &change))
+                    || mapping
+                        .wishlists
+                        .iter()
+                        .any(|w| table_matches(&w.table, &change))
+                    || mapping
+                        .prices
+                        .iter()
+                        .any(|p| table_matches(&p.table, &change));
                 for (table, parent) in &line_tables {
                     if !table_matches(table, &change) || change.op == Op::Delete {
                         continue;
@@ -664,6 +743,25 @@ impl Normalizer {
             outcomes.push(quarantined(&doc, &origin(&change.table.name), reason));
         }
         for change in &documents {
+            if change.op == Op::Delete {
+                // A wishlist item deleted: off the wishlist (the key is in
+                // every before-image, the primary key's at least).
+                for wishlist in mapping
+                    .wishlists
+                    .iter()
+                    .filter(|w| table_matches(&w.table, change))
+                {
+                    if let Some(item_ref) = change.before_value(&wishlist.key).and_then(key_text) {
+                        outcomes.push(Outcome::Event(
+                            MemberEvent::Wishlist(WishlistEvent {
+                                item_ref,
+                                change: WishlistChange::Removed,
+                            }),
+                            origin(&wishlist.table),
+                        ));
+                    }
+                }
+            }
             if matches!(change.op, Op::Delete | Op::Truncate) {
                 continue;
             }
@@ -726,8 +824,123 @@ impl Normalizer {
                     .await?;
                 outcomes.extend(outcome);
             }
+            for (index, wishlist) in mapping
+                .wishlists
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| table_matches(&w.table, change))
+            {
+                let doc = Document::new(change, &wishlist.key, None, &lines);
+                let uses = &self.wishlist_uses[index];
+                let outcome = self
+                    .wishlist(wishlist, uses, &doc, references, origin(&wishlist.table))
+                    .await?;
+                outcomes.extend(outcome);
+            }
+            for (index, price) in mapping
+                .prices
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| table_matches(&p.table, change))
+            {
+                let doc = Document::new(change, &price.key, None, &lines);
+                let uses = &self.price_uses[index];
+                let outcome = self
+                    .price(price, uses, &doc, references, origin(&price.table))
+                    .await?;
+                outcomes.extend(outcome);
+            }
         }
         Ok(outcomes)
+    }
+
+    async fn wishlist<R: References>(
+        &self,
+        wishlist: &mapping::WishlistMapping,
+        uses: &Uses,
+        doc: &Document<'_>,
+        references: &mut R,
+        origin: Origin,
+    ) -> Result<Option<Outcome>, ConsumerError> {
+        let quarantine = |reason: String| Some(quarantined(doc, &origin, reason));
+        let (item_ref, scope, _joined) = match self
+            .prepare(
+                doc,
+                &wishlist.key,
+                uses,
+                &wishlist.joins,
+                wishlist.when.as_ref(),
+                references,
+            )
+            .await?
+        {
+            Prepared::Ready(key, scope, joined) => (key, scope, joined),
+            Prepared::Skip => return Ok(None),
+            Prepared::Quarantine(reason) => return Ok(quarantine(reason)),
+        };
+        let product = match required_text(&wishlist.product, &scope, "product") {
+            Ok(product) => product,
+            Err(reason) => return Ok(quarantine(reason)),
+        };
+        Ok(Some(Outcome::Event(
+            MemberEvent::Wishlist(WishlistEvent {
+                item_ref,
+                change: WishlistChange::Added {
+                    product,
+                    identifiers: raw_identifiers(&wishlist.identifiers, &scope),
+                },
+            }),
+            origin,
+        )))
+    }
+
+    async fn price<R: References>(
+        &self,
+        price: &mapping::PriceMapping,
+        uses: &Uses,
+        doc: &Document<'_>,
+        references: &mut R,
+        origin: Origin,
+    ) -> Result<Option<Outcome>, ConsumerError> {
+        let quarantine = |reason: String| Some(quarantined(doc, &origin, reason));
+        let (_key, scope, joined) = match self
+            .prepare(
+                doc,
+                &price.key,
+                uses,
+                &price.joins,
+                price.when.as_ref(),
+                references,
+            )
+            .await?
+        {
+            Prepared::Ready(key, scope, joined) => (key, scope, joined),
+            Prepared::Skip => return Ok(None),
+            Prepared::Quarantine(reason) => return Ok(quarantine(reason)),
+        };
+        let product = match required_text(&price.product, &scope, "product") {
+            Ok(product) => product,
+            Err(reason) => return Ok(quarantine(reason)),
+        };
+        let amount = match price.price.sum(|t| term_value(doc, &joined, t)) {
+            Ok(amount) if amount >= Decimal::ZERO => amount,
+            Ok(amount) => return Ok(quarantine(format!("price {amount} is negative"))),
+            Err(reason) => return Ok(quarantine(reason)),
+        };
+        // Like identifiers, what only words a message is optional.
+        let text = |expr: &Option<expr::Expr>| {
+            expr.as_ref()
+                .and_then(|e| e.text_value(&scope).ok().flatten())
+        };
+        Ok(Some(Outcome::Event(
+            MemberEvent::Price(PriceEvent {
+                product,
+                price: amount,
+                sku: text(&price.sku),
+                currency: text(&price.currency),
+            }),
+            origin,
+        )))
     }
 
     async fn customer<R: References>(
@@ -1051,6 +1264,16 @@ impl Normalizer {
             joined.insert(join.name.clone(), row);
         }
         Ok(Ok(joined))
+    }
+}
+
+/// A text field the document cannot do without: NULL or an error is the
+/// reason to quarantine it.
+fn required_text(expr: &expr::Expr, scope: &Scope, key: &str) -> Result<String, String> {
+    match expr.text_value(scope) {
+        Ok(Some(text)) => Ok(text),
+        Ok(None) => Err(format!("`{key}` ({}) is NULL", expr.text())),
+        Err(error) => Err(error.to_string()),
     }
 }
 

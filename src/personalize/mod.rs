@@ -463,6 +463,13 @@ impl Features {
     /// As segment rules see them (built directly: a rule is judged for
     /// every member a batch touches).
     pub fn to_cel(&self) -> cel::Value {
+        self.to_cel_only(None)
+    }
+
+    /// As a rule that reads only `names` sees them (all with `None`): CEL
+    /// converts a map variable entry by entry at every evaluation, so a
+    /// rule is handed what it reads.
+    pub fn to_cel_only(&self, names: Option<&[String]>) -> cel::Value {
         use cel::Value as Cel;
         use std::sync::Arc;
         let text = |t: &Option<String>| {
@@ -470,7 +477,7 @@ impl Features {
                 .map_or(Cel::Null, |t| Cel::String(Arc::new(t.clone())))
         };
         let days = |d: Option<f64>| d.map_or(Cel::Null, Cel::Float);
-        crate::normalize::expr::named_map(vec![
+        let mut entries = vec![
             ("purchases", Cel::Int(self.purchases)),
             ("monetary", Cel::Float(self.monetary)),
             ("aov", Cel::Float(self.aov)),
@@ -491,7 +498,11 @@ impl Features {
                 Cel::String(Arc::new(self.lifecycle.as_str().to_string())),
             ),
             ("tier", text(&self.tier)),
-        ])
+        ];
+        if let Some(names) = names {
+            entries.retain(|(name, _)| names.iter().any(|n| n == name));
+        }
+        crate::normalize::expr::named_map(entries)
     }
 
     /// As JSON records them: numbers rounded to 4 decimals (what an
@@ -514,17 +525,25 @@ impl Features {
 #[derive(Debug, Clone, Default)]
 pub struct Segments {
     segments: Vec<SegmentSettings>,
+    /// Per segment, the features its rule reads (`None`: the whole map).
+    reads: Vec<Option<Vec<String>>>,
 }
 
 impl Segments {
     pub fn new(segments: &[SegmentSettings]) -> Self {
-        Self {
-            segments: segments
-                .iter()
-                .filter(|s| s.compiled.is_some())
-                .cloned()
-                .collect(),
-        }
+        let segments: Vec<SegmentSettings> = segments
+            .iter()
+            .filter(|s| s.compiled.is_some())
+            .cloned()
+            .collect();
+        let reads = segments
+            .iter()
+            .map(|s| {
+                let rule = s.compiled.as_ref()?;
+                (!rule.uses_whole("features")).then(|| rule.columns_of("features"))
+            })
+            .collect();
+        Self { segments, reads }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -536,14 +555,14 @@ impl Segments {
     /// feature compared with a number) leaves it out of that segment, with
     /// the reason, which names the rule, never a value.
     pub fn of(&self, features: &Features) -> (Vec<String>, Vec<String>) {
-        let mut scope = Scope::default();
-        scope.set("features", features.to_cel());
         let mut member_of = Vec::new();
         let mut problems = Vec::new();
-        for segment in &self.segments {
+        for (segment, reads) in self.segments.iter().zip(&self.reads) {
             let Some(rule) = &segment.compiled else {
                 continue;
             };
+            let mut scope = Scope::default();
+            scope.set("features", features.to_cel_only(reads.as_deref()));
             match rule.test(&scope) {
                 Ok(true) => member_of.push(segment.name.clone()),
                 Ok(false) => {}

@@ -49,6 +49,7 @@ pub struct Triggers {
     milestones: MilestoneSettings,
     tiers: Vec<TierSettings>,
     lapse: LapseSettings,
+    price_drop: crate::config::PriceDropSettings,
     expiry: Option<ExpirySettings>,
     offers: Vec<OfferSettings>,
     program: crate::config::ProgramSettings,
@@ -77,6 +78,7 @@ impl Triggers {
             milestones: settings.triggers.milestones.clone(),
             tiers: settings.program.tiers.clone(),
             lapse: settings.triggers.lapse.clone(),
+            price_drop: settings.triggers.price_drop.clone(),
             expiry: settings.program.expiry.clone(),
             offers: settings.offers.clone(),
             program: settings.program.clone(),
@@ -289,8 +291,9 @@ impl Triggers {
             };
             let profile = self.profile(counts, touch.last);
             // Judged again when the stage changes with no purchase; at a
-            // commit, only a sooner review is news (see
-            // `plan_segment_reviews`), so a member with one is left alone.
+            // commit, only a review sooner by more than the slack is news
+            // (see `plan_segment_reviews`), so a member with one is left
+            // alone.
             let next = profile.features.as_ref().and_then(|_| {
                 crate::personalize::Features::next_change(
                     &counts.counts,
@@ -300,7 +303,7 @@ impl Triggers {
             });
             let news = match (next, counts.review_at) {
                 _ if reviewing => true,
-                (Some(next), Some(planned)) => next < planned,
+                (Some(next), Some(planned)) => next < planned - schedule::REVIEW_SLACK,
                 (None, None) => false,
                 _ => true,
             };
@@ -433,6 +436,37 @@ impl BatchFacts {
             occasion: format!("points_earned:{source}:{order_ref}"),
             at,
             data: json!({ "points": points, "order_ref": order_ref }),
+        });
+    }
+
+    /// A wishlisted product's price fell, announced by a live change. The
+    /// occasion is the member, the product and the new price: the same
+    /// drop is one message however many items or replays carry it.
+    pub fn price_dropped(
+        &mut self,
+        source: &str,
+        drop: crate::ledger::wishlists::PriceDrop,
+        at: DateTime<Utc>,
+    ) {
+        let percent = drop.percent();
+        self.events.push(EventFact {
+            kind: TriggerKind::PriceDrop,
+            member: drop.member,
+            occasion: format!(
+                "price_drop:{source}:{}:{}:member:{}",
+                drop.product,
+                drop.price.normalize(),
+                drop.member
+            ),
+            at,
+            data: json!({
+                "product": drop.product,
+                "sku": drop.sku,
+                "price": drop.price.normalize().to_string(),
+                "previous_price": drop.previous.normalize().to_string(),
+                "drop_percent": percent.to_string().parse::<f64>().unwrap_or(0.0),
+                "currency": drop.currency,
+            }),
         });
     }
 
@@ -806,6 +840,12 @@ impl Triggers {
     /// the lines of purchases are gathered only then.
     pub fn keeps_features(&self) -> bool {
         self.personalization.enabled
+    }
+
+    /// How far a wishlisted product's price must fall to be news, in
+    /// percent.
+    pub fn min_drop_percent(&self) -> rust_decimal::Decimal {
+        self.price_drop.min_drop_percent
     }
 
     /// Whether earned points are routed anywhere (they are gathered only

@@ -350,12 +350,21 @@ where
     Ok(())
 }
 
+/// How much later than the stage change a segment review may come when
+/// the member bought again in between: a commit moves a planned review
+/// only when the new one is sooner by more than this. Purchases in quick
+/// succession each bring the change a little closer (more purchases in the
+/// same span read as a faster rhythm); without the slack every batch
+/// rewrote the review of every member in it. Stages are judged in days.
+pub const REVIEW_SLACK: chrono::Duration = chrono::Duration::hours(24);
+
 /// Schedules each member's next segment review (`None`: none). At a
-/// commit, an existing review is moved only if the new one is sooner: a
-/// review that comes too early (the member bought since) only judges the
-/// member again, finds nothing changed and plans the next — while moving
-/// it at every purchase would rewrite a row per member per batch. The
-/// scheduler, reviewing (`replace`), always replaces the row it fired.
+/// commit, an existing review is moved only if the new one is sooner (by
+/// more than [`REVIEW_SLACK`]): a review that comes too early (the member
+/// bought since) only judges the member again, finds nothing changed and
+/// plans the next — while moving it at every purchase would rewrite a row
+/// per member per batch. The scheduler, reviewing (`replace`), always
+/// replaces the row it fired.
 pub(super) async fn plan_segment_reviews(
     db: &Db,
     reviews: &[(i64, Option<DateTime<Utc>>)],

@@ -493,3 +493,20 @@ segments = ["at_risk"]
     );
     assert!(found[6].1.contains("declared twice"));
 }
+
+#[test]
+fn a_price_drop_threshold_that_is_not_a_percent_is_named() {
+    for value in ["0", "100", "-5"] {
+        let problem = only_problem(&format!(
+            "[ledger]\nurl = \"postgres://postgres@127.0.0.1/loyalty\"\n\n[triggers.price_drop]\nmin_drop_percent = {value}\n"
+        ));
+        assert_eq!(problem.key, "triggers.price_drop.min_drop_percent");
+        assert!(
+            problem
+                .message
+                .contains("above 0 and below 100 (default 5)"),
+            "{}",
+            problem.message
+        );
+    }
+}

@@ -51,6 +51,8 @@ async fn the_demo_runs_end_to_end() {
     assert!(stdout.contains("source    pos   streaming"), "{stdout}");
     assert!(stdout.contains("source    shop  streaming"), "{stdout}");
     assert!(stdout.contains("where to look"));
+    // Every tenth customer wished for the tent whose price the shop cut.
+    assert!(stdout.contains("price_drop 6,"), "{stdout}");
 
     // The ledger it leaves behind answers `member show`.
     let config = std::fs::read_to_string(dir.path().join("loyalty-cdc.toml")).unwrap();

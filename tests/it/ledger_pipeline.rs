@@ -116,8 +116,8 @@ async fn start(settings: Settings) -> (CancellationToken, tokio::task::JoinHandl
     (shutdown, handle)
 }
 
-async fn magento_shop(db: &MyDatabase) -> mysql_async::Conn {
-    db.load_schema("magento2.mysql.sql").await;
+pub(crate) async fn magento_shop(db: &MyDatabase) -> mysql_async::Conn {
+    db.load_magento().await;
     let mut conn = db.conn().await;
     conn.query_drop(
         "INSERT INTO store_website (website_id, code, name) VALUES (1, 'base', 'Main Website');

@@ -5,7 +5,7 @@ use loyalty_cdc::ledger;
 
 use crate::support::{run_cli, PgDatabase};
 
-const LEDGER_TABLES: [&str; 25] = [
+const LEDGER_TABLES: [&str; 27] = [
     "balances",
     "co_purchases",
     "dead_letters",
@@ -23,6 +23,7 @@ const LEDGER_TABLES: [&str; 25] = [
     "orders",
     "outbox",
     "product_buyers",
+    "product_prices",
     "provider_endpoints",
     "quarantine",
     "reference_rows",
@@ -31,6 +32,7 @@ const LEDGER_TABLES: [&str; 25] = [
     "shared_identifiers",
     "source_positions",
     "trigger_marks",
+    "wishlist_items",
 ];
 
 async fn tables(db: &PgDatabase) -> Vec<String> {
@@ -66,6 +68,7 @@ async fn migrate_creates_the_ledger_tables_and_a_second_run_applies_nothing() {
          applied ledger migration V8__replenishment\n\
          applied ledger migration V9__lifecycle_review\n\
          applied ledger migration V10__cross_sell\n\
+         applied ledger migration V11__price_drop\n\
          ledger schema is current\n"
     );
     assert_eq!(tables(&db).await, LEDGER_TABLES);
@@ -91,7 +94,7 @@ async fn concurrent_migrations_apply_each_version_once() {
     let applied: Vec<i32> = a.iter().chain(b.iter()).map(|m| m.version).collect();
     assert_eq!(
         applied,
-        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
         "one of the two applied every version, the other nothing"
     );
     let status = ledger::schema_status(&db.client().await).await.unwrap();

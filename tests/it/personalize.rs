@@ -161,19 +161,7 @@ priority = 5
         scalar("SELECT count(*) FROM orders".into()).await == 6
     })
     .await;
-    let member = |email: &'static str| {
-        let ledger = &ledger;
-        async move {
-            ledger
-                .query_one(
-                    "SELECT member_id FROM member_identifiers WHERE kind = 'email' AND value = $1",
-                    &[&email],
-                )
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-        }
-    };
+    let member = |email: &'static str| member_by_email(&ledger, email);
     let (anna, bob) = (
         member("anna@example.de").await,
         member("bob@example.de").await,
@@ -369,6 +357,18 @@ priority = 5
     .unwrap();
     assert_eq!(wallet["segments"], serde_json::json!([]));
     stop(service).await;
+}
+
+/// The member an email address belongs to.
+async fn member_by_email(ledger: &tokio_postgres::Client, email: &str) -> i64 {
+    ledger
+        .query_one(
+            "SELECT member_id FROM member_identifiers WHERE kind = 'email' AND value = $1",
+            &[&email],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// Starts the pipeline on `config` (and the HTTP API on `api`, if given)
@@ -649,4 +649,364 @@ bonus_points = 50
         .unwrap()
         .get(0);
     assert_eq!(m1_offer["recommendations"], serde_json::json!([]));
+}
+
+/// Sets a product's price as the Magento admin does: the `price`
+/// attribute's row at the default scope.
+async fn set_price(shop: &mut mysql_async::Conn, product: u32, price: &str) {
+    use mysql_async::prelude::Queryable;
+    shop.exec_drop(
+        "INSERT INTO catalog_product_entity_decimal (attribute_id, store_id, entity_id, value)
+         VALUES (77, 0, ?, ?) ON DUPLICATE KEY UPDATE value = VALUES(value)",
+        (product, price),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_price_drop_on_a_wishlisted_magento_product_fires_once_per_new_low() {
+    use mysql_async::prelude::Queryable;
+    crate::support::init_logging();
+    let ledger_db = PgDatabase::create("ledger").await;
+    let shop_db = crate::support::MyDatabase::create("shop").await;
+    let mut shop = crate::ledger_pipeline::magento_shop(&shop_db).await;
+    // The admin scope (store 0) every default price belongs to; a second
+    // customer; two products with prices, a special price and a store
+    // view price (neither is the default `price`); wishlists as the shop
+    // has them before the service starts (copied by the snapshot).
+    shop.query_drop(
+        "SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_AUTO_VALUE_ON_ZERO');
+         INSERT INTO store_website (website_id, code, name) VALUES (0, 'admin', 'Admin');
+         INSERT INTO store (store_id, code, website_id, name) VALUES (0, 'admin', 0, 'Admin');
+         INSERT INTO customer_entity (entity_id, website_id, store_id, email) VALUES (8, 1, 1, 'ben.weber@example.de');
+         INSERT INTO catalog_product_entity (entity_id, sku) VALUES (501, 'TENT-2P'), (502, 'LAMP-LED');
+         INSERT INTO catalog_product_entity_decimal (attribute_id, store_id, entity_id, value)
+           VALUES (77, 0, 501, 200), (78, 0, 501, 150), (77, 1, 501, 210), (77, 0, 502, 30);
+         INSERT INTO wishlist (wishlist_id, customer_id) VALUES (1, 7), (2, 8);
+         INSERT INTO wishlist_item (wishlist_item_id, wishlist_id, product_id, store_id, added_at, qty)
+           VALUES (11, 1, 501, 1, NOW(), 1), (21, 2, 501, 1, NOW(), 1), (22, 2, 502, 1, NOW(), 1);",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server_id = 3_600_000_000u64 + u64::from(std::process::id() % 100_000);
+    let config = format!(
+        r#"[ledger]
+url = "{ledger}"
+
+[program]
+points_per_currency_unit = 1
+
+[identity]
+default_region = "DE"
+
+[delivery]
+enabled = false
+
+[[sources]]
+name = "shop"
+kind = "mysql"
+url = "{shop}"
+mapping = "{connectors}/magento2.toml"
+server_id = {server_id}
+{hooks}
+[[triggers.routes]]
+trigger = "price_drop"
+provider = "hooks"
+
+[[offers]]
+code = "WISHLIST-3X"
+title = "Triple points on what you wished for"
+triggers = ["price_drop"]
+multiplier = 3
+valid_days = 7
+"#,
+        ledger = ledger_db.url(),
+        shop = shop_db.url(),
+        connectors = concat!(env!("CARGO_MANIFEST_DIR"), "/connectors/sources"),
+        hooks = crate::support::webhook_provider("hooks", "http://127.0.0.1:9"),
+    );
+    let service = start(&config, dir.path(), None).await;
+    let ledger = ledger_db.client().await;
+    let member = |email: &'static str| member_by_email(&ledger, email);
+    let anna = member("anna.schmidt@example.de").await;
+    let ben = member("ben.weber@example.de").await;
+    // (member, product, sku, price, previous price, offer) of every
+    // price_drop message, in order.
+    let drops = || {
+        let ledger = &ledger;
+        async move {
+            ledger
+                .query(
+                    "SELECT member_id, payload #>> '{trigger,data,product}', payload #>> '{trigger,data,sku}',
+                            payload #>> '{trigger,data,price}', payload #>> '{trigger,data,previous_price}',
+                            payload #>> '{offer,code}'
+                       FROM outbox WHERE trigger = 'price_drop' ORDER BY created_at, member_id",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    let text = |i: usize| r.get::<_, Option<String>>(i).unwrap_or_default();
+                    (r.get::<_, i64>(0), text(1), text(2), text(3), text(4), text(5))
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let known_price = |product: &'static str| {
+        let ledger = &ledger;
+        async move {
+            ledger
+                .query_opt(
+                    "SELECT price::text FROM product_prices WHERE source = 'shop' AND product = $1",
+                    &[&product],
+                )
+                .await
+                .unwrap()
+                .map(|r| r.get::<_, String>(0))
+        }
+    };
+    let settled = |product: &'static str, price: &'static str| {
+        let known_price = &known_price;
+        async move {
+            wait_for(&format!("product {product} at {price}"), || async {
+                known_price(product)
+                    .await
+                    .is_some_and(|p| p.parse::<f64>().ok() == price.parse::<f64>().ok())
+            })
+            .await
+        }
+    };
+    settled("501", "200").await;
+    settled("502", "30").await;
+    // The snapshot set what each member saw; it announced nothing.
+    assert_eq!(drops().await, vec![]);
+
+    // 2.5 % is below the 5 % that counts (default); a store view's price
+    // and a special price are not the `price` followed.
+    set_price(&mut shop, 501, "195").await;
+    shop.exec_drop(
+        "UPDATE catalog_product_entity_decimal SET value = 99 WHERE entity_id = 501 AND store_id = 1",
+        (),
+    )
+    .await
+    .unwrap();
+    shop.exec_drop(
+        "UPDATE catalog_product_entity_decimal SET value = 90 WHERE entity_id = 501 AND attribute_id = 78",
+        (),
+    )
+    .await
+    .unwrap();
+    settled("501", "195").await;
+    // 10 % below the 200 both members saw: one message each.
+    set_price(&mut shop, 501, "180").await;
+    settled("501", "180").await;
+    let first = vec![
+        (
+            anna,
+            "501".into(),
+            "TENT-2P".into(),
+            "180".into(),
+            "200".into(),
+            "WISHLIST-3X".into(),
+        ),
+        (
+            ben,
+            "501".into(),
+            "TENT-2P".into(),
+            "180".into(),
+            "200".into(),
+            "WISHLIST-3X".into(),
+        ),
+    ];
+    assert_eq!(drops().await, first);
+    // Back up and down to the same low: not news.
+    set_price(&mut shop, 501, "200").await;
+    set_price(&mut shop, 501, "180").await;
+    settled("501", "180").await;
+    assert_eq!(drops().await, first);
+
+    // Anna moves the tent to her cart (the item is deleted) and, in the
+    // same transaction, the price falls: the low is Ben's alone, against
+    // the 180 he was told of.
+    shop.query_drop(
+        "BEGIN;
+         DELETE FROM wishlist_item WHERE wishlist_item_id = 11;
+         UPDATE catalog_product_entity_decimal SET value = 150
+          WHERE entity_id = 501 AND attribute_id = 77 AND store_id = 0;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    settled("501", "150").await;
+    // Anna wishes for the lamp too (live), at the 30 it costs.
+    shop.exec_drop(
+        "INSERT INTO wishlist_item (wishlist_item_id, wishlist_id, product_id, store_id, added_at, qty)
+         VALUES (12, 1, 502, 1, NOW(), 1)",
+        (),
+    )
+    .await
+    .unwrap();
+    set_price(&mut shop, 502, "27.90").await;
+    settled("502", "27.9").await;
+    let mut expected = first.clone();
+    expected.push((
+        ben,
+        "501".into(),
+        "TENT-2P".into(),
+        "150".into(),
+        "180".into(),
+        "WISHLIST-3X".into(),
+    ));
+    expected.push((
+        anna,
+        "502".into(),
+        "LAMP-LED".into(),
+        "27.9".into(),
+        "30".into(),
+        "WISHLIST-3X".into(),
+    ));
+    expected.push((
+        ben,
+        "502".into(),
+        "LAMP-LED".into(),
+        "27.9".into(),
+        "30".into(),
+        "WISHLIST-3X".into(),
+    ));
+    let mut got = drops().await;
+    // The lamp's two messages share a commit: ordered by member.
+    got[3..].sort();
+    expected[3..].sort();
+    assert_eq!(got, expected);
+    // Each message granted its offer: the member's next purchase earns 3×.
+    let granted: i64 = ledger
+        .query_one(
+            "SELECT count(*) FROM member_offers WHERE code = 'WISHLIST-3X' AND multiplier = 3",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(granted, 5);
+    // What the ledger holds: Ben's two items, Anna's lamp, each at the
+    // price last announced.
+    let items: Vec<(i64, String, String)> = ledger
+        .query(
+            "SELECT member_id, product, noticed_price::text FROM wishlist_items ORDER BY member_id, product",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let mut expected_items = vec![
+        (anna, "502".to_string(), "27.900000".to_string()),
+        (ben, "501".to_string(), "150.000000".to_string()),
+        (ben, "502".to_string(), "27.900000".to_string()),
+    ];
+    expected_items.sort();
+    assert_eq!(items, expected_items);
+    stop(service).await;
+}
+
+#[tokio::test]
+async fn a_merged_members_wishlist_is_the_survivors_and_erasure_forgets_it() {
+    use loyalty_cdc::identity::{Identifier, IdentifierKind, Identity};
+    use loyalty_cdc::ledger::{members, wishlists};
+    use rust_decimal::Decimal;
+    let (_ledger_db, db, settings, _triggers) = crate::support::migrated_ledger("").await;
+    let identity = Identity::new(&settings.identity).unwrap();
+    let at = |h: i64| {
+        chrono::DateTime::parse_from_rfc3339("2026-03-01T10:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+            + chrono::Duration::hours(h)
+    };
+    let email = Identifier {
+        kind: IdentifierKind::Email,
+        value: "anna.schmidt@example.de".into(),
+    };
+    let card = Identifier {
+        kind: IdentifierKind::Card,
+        value: "CARD4711".into(),
+    };
+    let resolve = |ids: Vec<Identifier>, h: i64| {
+        let (db, identity) = (&db, &identity);
+        async move {
+            members::resolve(db, identity, "shop", &ids, at(h))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let price = |value: i64, h: i64| {
+        let db = &db;
+        async move {
+            wishlists::state_price(
+                db,
+                "shop",
+                wishlists::StatedPrice {
+                    product: "501",
+                    price: Decimal::from(value),
+                    sku: Some("TENT-2P"),
+                    currency: None,
+                    at: at(h),
+                },
+                Decimal::from(5),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    db.batch_execute("BEGIN").await.unwrap();
+    // The same person twice: online (email) and at the till (card), each
+    // wishing for the tent at 200.
+    assert_eq!(price(200, 0).await, vec![]);
+    let online = resolve(vec![email.clone()], 1).await;
+    let till = resolve(vec![card.clone()], 2).await;
+    assert_ne!(online, till);
+    wishlists::save_item(&db, "shop", "11", online, "501", at(3))
+        .await
+        .unwrap();
+    wishlists::save_item(&db, "shop", "12", till, "501", at(3))
+        .await
+        .unwrap();
+    // Seen together: the older member survives with both items, and a
+    // drop is one message to it, against the 200 both items saw.
+    let survivor = resolve(vec![email, card], 4).await;
+    assert_eq!(survivor, online);
+    let items: Vec<(String, i64)> = db
+        .client()
+        .query(
+            "SELECT item_ref, member_id FROM wishlist_items ORDER BY item_ref",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(items, vec![("11".into(), online), ("12".into(), online)]);
+    let drops = price(180, 5).await;
+    assert_eq!(drops.len(), 1, "{drops:?}");
+    assert_eq!(drops[0].member, online);
+    assert_eq!(drops[0].previous, Decimal::from(200));
+    assert_eq!(drops[0].percent(), Decimal::from(10));
+    // Erased: the wishlist goes, and no drop reaches anyone.
+    members::erase_personal_data(&db, &identity, online, at(6))
+        .await
+        .unwrap();
+    let left: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM wishlist_items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    assert_eq!(price(100, 7).await, vec![]);
+    db.batch_execute("COMMIT").await.unwrap();
 }

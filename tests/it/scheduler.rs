@@ -990,3 +990,64 @@ when = "features.lifecycle == 'at_risk'"
         "lapsed: nothing left to change"
     );
 }
+
+#[tokio::test]
+async fn purchases_in_quick_succession_move_the_segment_review_only_by_more_than_a_day() {
+    let (_ledger_db, db, settings, triggers) = crate::support::migrated_ledger(
+        r#"
+[[segments]]
+name = "at_risk"
+when = "features.lifecycle == 'at_risk'"
+"#,
+    )
+    .await;
+    let day = |d: f64| t0() + Duration::seconds((d * 86_400.0).round() as i64);
+    let model = &settings.personalization.model;
+    // When the stage next changes after k + 1 purchases an hour apart:
+    // the end of `new` (day 60) or P(alive) below 0.5 or 0.2, whichever
+    // comes first. More purchases in the same span read as a faster
+    // rhythm, so each brings the change closer.
+    let exact = |k: usize| {
+        let last = k as f64 / 24.0;
+        [
+            day(60.0),
+            day(model.age_at(0.5, k as f64, last)),
+            day(model.age_at(0.2, k as f64, last)),
+        ]
+        .into_iter()
+        .min()
+        .unwrap()
+    };
+    let member = new_member(&db, t0()).await;
+    let mut planned = exact(0);
+    let mut kept_within_slack = 0;
+    for k in 0..30 {
+        crate::support::book_purchase(
+            &db,
+            &triggers,
+            member,
+            &format!("p{k}"),
+            &["COFFEE-1KG"],
+            t0() + Duration::hours(k as i64),
+        )
+        .await;
+        let next = exact(k);
+        if next < planned - Duration::hours(24) {
+            planned = next;
+        } else if next < planned {
+            kept_within_slack += 1;
+        }
+        let review = scheduled(&db, member)
+            .await
+            .into_iter()
+            .find(|(kind, _)| kind == "segments")
+            .map(|(_, at)| at);
+        assert_eq!(review, Some(planned), "after purchase {k}");
+        // Never more than a day after the change.
+        assert!(planned - next <= Duration::hours(24), "after purchase {k}");
+    }
+    // The burst moved the review several times and left it alone when
+    // the change came less than a day sooner.
+    assert!(planned < day(30.0), "{planned}");
+    assert!(kept_within_slack > 0, "the slack was never used");
+}

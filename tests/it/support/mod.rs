@@ -446,6 +446,21 @@ impl MyDatabase {
             .unwrap_or_else(|error| panic!("loading {file} into {}: {error}", self.name));
         let _ = conn.disconnect().await;
     }
+
+    /// A Magento shop as the shipped mapping reads it: the shared subset
+    /// and the wishlist and catalog tables it lacks
+    /// (`connectors/schemas/magento2-catalog.mysql.sql`).
+    pub async fn load_magento(&self) {
+        self.load_schema("magento2.mysql.sql").await;
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("connectors/schemas/magento2-catalog.mysql.sql");
+        let sql = std::fs::read_to_string(&path).expect("catalog schema readable");
+        let mut conn = self.conn().await;
+        conn.query_drop(sql).await.unwrap_or_else(|error| {
+            panic!("loading {} into {}: {error}", path.display(), self.name)
+        });
+        let _ = conn.disconnect().await;
+    }
 }
 
 impl Drop for MyDatabase {
