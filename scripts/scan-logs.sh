@@ -6,8 +6,10 @@
 set -euo pipefail
 email='[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}'
 # +country code and at least 7 more digits (spaces allowed), or a national
-# number written with a leading 0 (030 1234567).
-phone='\+[1-9][0-9 ]{7,17}[0-9]|(^|[^0-9./:-])0[1-9][0-9]{1,3}[ /-][0-9]{5,8}([^0-9]|$)'
+# number written with a leading 0 (030 1234567) standing on its own: not
+# inside a word, so the hex groups of a message id (…-b084-72615a…) are no
+# number.
+phone='\+[1-9][0-9 ]{7,17}[0-9]|(^|[^0-9A-Za-z./:_-])0[1-9][0-9]{1,3}[ /-][0-9]{5,8}([^0-9A-Za-z]|$)'
 files=()
 for path in "$@"; do
   [[ -e $path ]] || continue
