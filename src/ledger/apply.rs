@@ -67,22 +67,24 @@ impl WriterLock {
 }
 
 /// Applies one source's transactions to the ledger.
+/// Applies one source's transactions to the ledger, in two halves that
+/// run side by side: this one normalizes the source's transactions into a
+/// batch (CPU work, reference rows from a cache), while the [`Booker`]
+/// books the batch before it in one ledger transaction (database work).
+/// At most one batch is being booked at a time and batches commit in
+/// source order, so what is durable is always a prefix of the stream; the
+/// reader is told a position only once its batch has committed.
 pub struct LedgerConsumer {
     url: DatabaseUrl,
     password: Option<Secret>,
-    client: Db,
+    /// The ledger connection, shared with the booker: reference lookups
+    /// run beside a batch being booked (tokio-postgres sends requests in
+    /// order; a lookup inside the booker's transaction sees what it wrote).
+    client: Arc<Db>,
     source: Arc<str>,
-    kind: SourceKind,
     normalizer: Normalizer,
-    identity: Identity,
-    program: Arc<ProgramSettings>,
     batch: usize,
     in_batch: usize,
-    /// A ledger transaction is open (BEGIN sent, no COMMIT yet).
-    open: bool,
-    /// Shared by every source of the process, held from BEGIN to COMMIT.
-    writer: WriterLock,
-    held: Option<tokio::sync::OwnedMutexGuard<()>>,
     last: Option<(Position, DateTime<Utc>)>,
     durable: Option<Position>,
     /// What the batch's transactions caused, booked at commit.
@@ -90,9 +92,34 @@ pub struct LedgerConsumer {
     /// Reference rows the batch wrote, stored at commit.
     pending_references: Vec<ReferenceRow>,
     /// Reference rows read or written by this connection (see
-    /// [`REFERENCE_CACHE_ROWS`]); emptied whenever a batch is rolled back.
+    /// [`REFERENCE_CACHE_ROWS`]); emptied whenever a batch is lost. It
+    /// answers for the rows of the batch being booked until they are
+    /// written.
     reference_cache: ReferenceCache,
     pub counts: Arc<ApplyCounts>,
+    booker: Arc<tokio::sync::Mutex<Booker>>,
+    /// The batch being booked: its position once committed.
+    committing: Option<tokio::task::JoinHandle<Result<Position, ConsumerError>>>,
+}
+
+/// What a batch hands to the booker.
+struct Batch {
+    outcomes: Vec<Outcome>,
+    references: Vec<ReferenceRow>,
+    position: Position,
+    commit_ts: DateTime<Utc>,
+}
+
+/// Books batches: each in one ledger transaction with the source position.
+struct Booker {
+    client: Arc<Db>,
+    source: Arc<str>,
+    kind: SourceKind,
+    identity: Identity,
+    program: Arc<ProgramSettings>,
+    counts: Arc<ApplyCounts>,
+    /// Shared by every source of the process, held from BEGIN to COMMIT.
+    writer: WriterLock,
     /// What fires and where to.
     triggers: Arc<Triggers>,
     /// What the batch did that may fire triggers, recorded at commit.
@@ -144,54 +171,65 @@ impl LedgerConsumer {
         identity: Identity,
         program: Arc<ProgramSettings>,
     ) -> Result<Self, connect::ConnectError> {
-        let client = Db::new(connect::postgres(url, password).await?);
+        let client = Arc::new(Db::new(connect::postgres(url, password).await?));
+        let source: Arc<str> = Arc::from(source);
+        let counts: Arc<ApplyCounts> = Arc::default();
+        let booker = Booker {
+            client: Arc::clone(&client),
+            source: Arc::clone(&source),
+            kind,
+            identity,
+            program,
+            counts: Arc::clone(&counts),
+            writer: WriterLock::default(),
+            triggers: Arc::default(),
+            facts: std::sync::Mutex::default(),
+            replay_failures: None,
+            begin: "BEGIN",
+        };
         Ok(Self {
             url: url.clone(),
             password: password.cloned(),
             client,
-            source: Arc::from(source),
-            kind,
+            source,
             normalizer,
-            identity,
-            program,
             batch: DEFAULT_BATCH,
             in_batch: 0,
-            open: false,
-            writer: WriterLock::default(),
-            held: None,
             last: None,
             durable: None,
             reference_cache: HashMap::new(),
             pending: Vec::new(),
             pending_references: Vec::new(),
-            counts: Arc::default(),
-            triggers: Arc::default(),
-            facts: std::sync::Mutex::default(),
-            replay_failures: None,
-            begin: "BEGIN",
+            counts,
+            booker: Arc::new(tokio::sync::Mutex::new(booker)),
+            committing: None,
         })
+    }
+
+    /// The booker, while it is being configured: before the first batch
+    /// the consumer alone holds it.
+    fn configure(&mut self, change: impl FnOnce(&mut Booker)) {
+        if let Some(booker) = Arc::get_mut(&mut self.booker) {
+            change(booker.get_mut());
+        }
     }
 
     /// The triggers this consumer detects (default: none routed; marks
     /// are still kept, so routes added later never fire for the past).
     pub fn with_triggers(mut self, triggers: Arc<Triggers>) -> Self {
-        self.triggers = triggers;
+        self.configure(|booker| booker.triggers = triggers);
         self
-    }
-
-    fn facts(&self) -> std::sync::MutexGuard<'_, BatchFacts> {
-        self.facts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Shares `lock` with the other sources' consumers (see [`WriterLock`]).
     pub fn with_writer_lock(mut self, lock: WriterLock) -> Self {
-        self.writer = lock;
+        self.configure(|booker| booker.writer = lock);
         self
     }
 
     /// Keeps no features (`[personalization] enabled = false`).
     pub fn without_features(mut self) -> Self {
-        self.begin = "BEGIN; SET LOCAL loyalty.features = 'off'";
+        self.configure(|booker| booker.begin = "BEGIN; SET LOCAL loyalty.features = 'off'");
         self
     }
 
@@ -201,47 +239,48 @@ impl LedgerConsumer {
         self
     }
 
-    async fn commit(&mut self) -> Result<(), ConsumerError> {
+    /// Hands the batch taken so far to the booker, once the batch before
+    /// it has committed, and goes on: the next batch is normalized while
+    /// this one is booked.
+    async fn hand_off(&mut self) -> Result<(), ConsumerError> {
         // `last` is set with every transaction taken and cleared with the
-        // batch: nothing to commit without it.
-        let Some((position, commit_ts)) = self.last.clone() else {
+        // batch: nothing to book without it.
+        let Some((position, commit_ts)) = self.last.take() else {
             return Ok(());
         };
-        let started = std::time::Instant::now();
-        write_references(
-            &self.client,
-            &self.source,
-            std::mem::take(&mut self.pending_references),
-        )
-        .await?;
-        self.book_pending().await?;
-        let facts = std::mem::take(&mut *self.facts());
-        triggers::record(&self.client, &self.triggers, facts)
-            .await
-            .map_err(db)?;
-        positions::store(
-            self.client.client(),
-            &self.source,
-            self.kind,
-            &position,
+        self.settle().await?;
+        let batch = Batch {
+            outcomes: std::mem::take(&mut self.pending),
+            references: std::mem::take(&mut self.pending_references),
+            position: position.clone(),
             commit_ts,
-        )
-        .await
-        .map_err(db)?;
-        self.client.batch_execute("COMMIT").await.map_err(db)?;
-        self.counts.commits.fetch_add(1, Ordering::Relaxed);
-        metrics::histogram!("loyalty_ledger_batch_commit_seconds", "source" => self.source.to_string())
-            .record(started.elapsed().as_secs_f64());
-        if self.reference_cache.len() >= REFERENCE_CACHE_ROWS {
-            // Only between batches: within one, the cache holds rows not
-            // yet written.
-            self.reference_cache.clear();
-        }
-        self.open = false;
-        self.held = None;
+        };
         self.in_batch = 0;
-        self.last = None;
-        self.durable = Some(position);
+        if self.reference_cache.len() >= REFERENCE_CACHE_ROWS {
+            // The bound on memory. The rows of the batch handed off stay:
+            // until it commits they are nowhere else to be read.
+            self.reference_cache.clear();
+            for (reference, key, row) in &batch.references {
+                self.reference_cache
+                    .insert((reference.clone(), key.clone()), row.clone());
+            }
+        }
+        let booker = Arc::clone(&self.booker);
+        self.committing = Some(tokio::spawn(async move {
+            booker.lock().await.commit(batch).await.map(|()| position)
+        }));
+        Ok(())
+    }
+
+    /// Waits for the batch being booked: its position is durable, or its
+    /// error is this consumer's.
+    async fn settle(&mut self) -> Result<(), ConsumerError> {
+        if let Some(task) = self.committing.take() {
+            let position = task.await.map_err(|e| {
+                ConsumerError::transient(format!("the ledger writer stopped: {e}"))
+            })??;
+            self.durable = Some(position);
+        }
         Ok(())
     }
 
@@ -257,6 +296,73 @@ impl LedgerConsumer {
         Ok(())
     }
 
+    /// Drops what was taken but is not durable (the reader re-sends it).
+    async fn forget_batch(&mut self) {
+        if let Some(task) = self.committing.take() {
+            // Its outcome no longer matters: the durable position is read
+            // from the ledger.
+            let _ = task.await;
+        }
+        self.in_batch = 0;
+        self.last = None;
+        self.reference_cache.clear();
+        self.pending.clear();
+        self.pending_references.clear();
+    }
+}
+
+impl Booker {
+    fn facts(&self) -> std::sync::MutexGuard<'_, BatchFacts> {
+        self.facts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Books one batch in one ledger transaction, with its source
+    /// position; after an error nothing of it is kept.
+    async fn commit(&mut self, batch: Batch) -> Result<(), ConsumerError> {
+        let _turn = self.writer.hold().await;
+        let started = std::time::Instant::now();
+        let result = self.commit_in_transaction(batch).await;
+        match &result {
+            Ok(()) => {
+                self.counts.commits.fetch_add(1, Ordering::Relaxed);
+                metrics::histogram!("loyalty_ledger_batch_commit_seconds", "source" => self.source.to_string())
+                    .record(started.elapsed().as_secs_f64());
+            }
+            Err(_) => self.abandon().await,
+        }
+        result
+    }
+
+    async fn commit_in_transaction(&mut self, batch: Batch) -> Result<(), ConsumerError> {
+        self.client.batch_execute(self.begin).await.map_err(db)?;
+        write_references(&self.client, &self.source, batch.references).await?;
+        self.book_pending(batch.outcomes).await?;
+        let facts = std::mem::take(&mut *self.facts());
+        triggers::record(&self.client, &self.triggers, facts)
+            .await
+            .map_err(db)?;
+        positions::store(
+            self.client.client(),
+            &self.source,
+            self.kind,
+            &batch.position,
+            batch.commit_ts,
+        )
+        .await
+        .map_err(db)?;
+        self.client.batch_execute("COMMIT").await.map_err(db)
+    }
+
+    /// After an error: the transaction is rolled back (the reader re-sends
+    /// the batch after it reconnects), now, so the other sources can write
+    /// rather than wait through the reconnect backoff.
+    async fn abandon(&mut self) {
+        if !self.client.is_closed() {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        *self.facts() = BatchFacts::default();
+    }
+
     /// Books what the batch's transactions caused, in waves: the outcomes
     /// of one wave touch different orders and identifiers, so their
     /// statements are sent together on the connection (tokio-postgres
@@ -265,8 +371,7 @@ impl LedgerConsumer {
     /// touches, so each order and identifier still sees its events in
     /// source order. Redemptions read a balance: each is a wave of its own
     /// (as is a wishlist item's removal).
-    async fn book_pending(&mut self) -> Result<(), ConsumerError> {
-        let pending = std::mem::take(&mut self.pending);
+    async fn book_pending(&self, pending: Vec<Outcome>) -> Result<(), ConsumerError> {
         let pending = self.book_new_orders_together(pending).await?;
         let mut wave: Vec<Outcome> = Vec::new();
         let mut touched: std::collections::HashSet<String> = std::collections::HashSet::new();
@@ -693,7 +798,7 @@ impl LedgerConsumer {
     }
 }
 
-impl LedgerConsumer {
+impl Booker {
     /// Keeps what could not be booked, with the reason: a row that could
     /// not be mapped (`row` is its image) or a mapped event the ledger
     /// cannot book (no row: the reason says what is missing).
@@ -755,24 +860,23 @@ impl LedgerConsumer {
 
 impl TxnConsumer for LedgerConsumer {
     async fn durable_position(&mut self) -> Result<Option<Position>, ConsumerError> {
+        self.forget_batch().await;
+        let mut booker = self.booker.lock().await;
         if self.client.is_closed() {
-            self.client = Db::new(
+            self.client = Arc::new(Db::new(
                 connect::postgres(&self.url, self.password.as_ref())
                     .await
                     .map_err(|e| ConsumerError::transient(e.to_string()))?,
-            );
-        } else if self.open {
-            // The session that took these is over; it re-sends them.
+            ));
+            booker.client = Arc::clone(&self.client);
+        } else {
+            // A transaction left open by a writer that stopped midway
+            // (none is otherwise): nothing of it may reach the next batch.
+            // Without one, PostgreSQL only warns.
             self.client.batch_execute("ROLLBACK").await.map_err(db)?;
         }
-        self.open = false;
-        self.held = None;
-        self.in_batch = 0;
-        self.last = None;
-        self.reference_cache.clear();
-        self.pending.clear();
-        self.pending_references.clear();
-        *self.facts() = BatchFacts::default();
+        *booker.facts() = BatchFacts::default();
+        drop(booker);
         let position = positions::load(self.client.client(), &self.source)
             .await
             .map_err(|e| ConsumerError::transient(e.to_string()))?;
@@ -783,15 +887,18 @@ impl TxnConsumer for LedgerConsumer {
     async fn apply(&mut self, mut txn: SourceTxn) -> Result<Option<Position>, ConsumerError> {
         let result = self.apply_in_batch(&mut txn).await;
         if result.is_err() {
-            self.abandon_batch().await;
+            self.forget_batch().await;
         }
         result
     }
 
     async fn flush(&mut self) -> Result<Option<Position>, ConsumerError> {
-        let result = self.commit().await;
+        let mut result = self.hand_off().await;
+        if result.is_ok() {
+            result = self.settle().await;
+        }
         if result.is_err() {
-            self.abandon_batch().await;
+            self.forget_batch().await;
         }
         result.map(|()| self.durable.clone())
     }
@@ -802,11 +909,6 @@ impl LedgerConsumer {
         &mut self,
         txn: &mut SourceTxn,
     ) -> Result<Option<Position>, ConsumerError> {
-        if !self.open {
-            self.held = Some(Arc::clone(&self.writer.0).lock_owned().await);
-            self.client.batch_execute(self.begin).await.map_err(db)?;
-            self.open = true;
-        }
         self.book(txn).await?;
         self.in_batch += 1;
         self.last = Some((txn.position.clone(), txn.commit_ts));
@@ -814,32 +916,19 @@ impl LedgerConsumer {
         if self.in_batch >= self.batch
             || self.pending.len() + self.pending_references.len() >= MAX_PENDING
         {
-            self.commit().await?;
+            self.hand_off().await?;
+        }
+        if self.committing.as_ref().is_some_and(|t| t.is_finished()) {
+            self.settle().await?;
         }
         Ok(self.durable.clone())
     }
-
-    /// After an error the batch is lost (the reader re-sends it after it
-    /// reconnects): roll back now and let the other sources write, rather
-    /// than hold the writer lock through the reconnect backoff.
-    async fn abandon_batch(&mut self) {
-        if self.open && !self.client.is_closed() {
-            let _ = self.client.batch_execute("ROLLBACK").await;
-        }
-        self.open = false;
-        self.held = None;
-        self.in_batch = 0;
-        self.last = None;
-        self.reference_cache.clear();
-        self.pending.clear();
-        self.pending_references.clear();
-        *self.facts() = BatchFacts::default();
-    }
 }
 
-/// `reference_rows` of one source, read and written in the open ledger
-/// transaction (so a lookup sees the rows written before it in the same
-/// batch, and a rollback takes them back with everything else).
+/// `reference_rows` of one source: read through the cache, which holds
+/// the rows of batches not written yet (so a lookup sees the rows written
+/// before it in the stream), and written with the batch at its commit (so
+/// a rollback takes them back with everything else).
 struct StoredReferences<'a> {
     cache: &'a mut ReferenceCache,
     pending: &'a mut Vec<ReferenceRow>,
@@ -873,6 +962,8 @@ impl References for StoredReferences<'_> {
         Ok(row)
     }
 
+    /// Kept with the batch's rows like `put_all` (the row as it stands,
+    /// with the field set): nothing is written before the batch commits.
     async fn merge(
         &mut self,
         reference: &str,
@@ -880,18 +971,10 @@ impl References for StoredReferences<'_> {
         field: &str,
         value: serde_json::Value,
     ) -> Result<(), ConsumerError> {
-        self.client
-            .execute(
-                "INSERT INTO reference_rows (source, reference, key, row_data)
-                 VALUES ($1, $2, $3, jsonb_build_object($4::text, $5::jsonb))
-                 ON CONFLICT (source, reference, key)
-                 DO UPDATE SET row_data = reference_rows.row_data || EXCLUDED.row_data",
-                &[&self.source, &reference, &key, &field, &value],
-            )
+        let mut row = self.get(reference, key).await?.unwrap_or_default();
+        row.insert(field.to_string(), value);
+        self.put_all(vec![(reference.to_string(), key.to_string(), Some(row))])
             .await
-            .map_err(db)?;
-        self.cache.remove(&(reference.to_string(), key.to_string()));
-        Ok(())
     }
 
     /// Written at the batch's commit, in one statement (`write_references`);
@@ -967,34 +1050,40 @@ impl LedgerConsumer {
     /// source's stored position is not touched. If anything fails again,
     /// nothing is booked and the rows stay open.
     pub async fn replay(&mut self, ids: &[i64]) -> Result<Replayed, ConsumerError> {
-        self.held = Some(self.writer.hold().await);
-        self.client.batch_execute(self.begin).await.map_err(db)?;
-        self.open = true;
-        self.replay_failures = Some(std::sync::Mutex::default());
-        let result = self.replay_in_transaction(ids).await;
-        self.replay_failures = None;
-        match result {
-            Ok(Replayed::Booked { events }) => {
-                match self.client.batch_execute("COMMIT").await.map_err(db) {
-                    Ok(()) => {
-                        self.open = false;
-                        self.held = None;
-                        Ok(Replayed::Booked { events })
-                    }
-                    Err(error) => {
-                        self.abandon_batch().await;
-                        Err(error)
-                    }
-                }
-            }
-            other => {
-                self.abandon_batch().await;
-                other
-            }
+        self.settle().await?;
+        let shared = Arc::clone(&self.booker);
+        let mut booker = shared.lock().await;
+        let _turn = booker.writer.hold().await;
+        booker
+            .client
+            .batch_execute(booker.begin)
+            .await
+            .map_err(db)?;
+        booker.replay_failures = Some(std::sync::Mutex::default());
+        let result = self.replay_in_transaction(&booker, ids).await;
+        booker.replay_failures = None;
+        let result = match result {
+            Ok(Replayed::Booked { events }) => booker
+                .client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(db)
+                .map(|()| Replayed::Booked { events }),
+            other => other,
+        };
+        if !matches!(result, Ok(Replayed::Booked { .. })) {
+            booker.abandon().await;
+            drop(booker);
+            self.forget_batch().await;
         }
+        result
     }
 
-    async fn replay_in_transaction(&mut self, ids: &[i64]) -> Result<Replayed, ConsumerError> {
+    async fn replay_in_transaction(
+        &mut self,
+        booker: &Booker,
+        ids: &[i64],
+    ) -> Result<Replayed, ConsumerError> {
         let rows = self
             .client
             .query(
@@ -1094,13 +1183,15 @@ impl LedgerConsumer {
             .filter(|o| matches!(o, Outcome::Event(..)))
             .count();
         write_references(
-            &self.client,
+            &booker.client,
             &self.source,
             std::mem::take(&mut self.pending_references),
         )
         .await?;
-        self.book_pending().await?;
-        let failures = self
+        booker
+            .book_pending(std::mem::take(&mut self.pending))
+            .await?;
+        let failures = booker
             .replay_failures
             .as_ref()
             .map(|f| std::mem::take(&mut *f.lock().unwrap_or_else(|e| e.into_inner())))
@@ -1108,8 +1199,8 @@ impl LedgerConsumer {
         if !failures.is_empty() {
             return Ok(Replayed::StillFails { reasons: failures });
         }
-        let facts = std::mem::take(&mut *self.facts());
-        triggers::record(&self.client, &self.triggers, facts)
+        let facts = std::mem::take(&mut *booker.facts());
+        triggers::record(&booker.client, &booker.triggers, facts)
             .await
             .map_err(db)?;
         let outcome = match booked {

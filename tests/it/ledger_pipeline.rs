@@ -1367,3 +1367,99 @@ provider = "crm"
     shutdown.cancel();
     handle.await.unwrap();
 }
+
+/// The ledger's connections are killed again and again while orders
+/// stream: the batch being booked is lost with its connection while the
+/// next one is being read, and the reader re-sends both from the durable
+/// position. Every order is booked once, to the point.
+#[tokio::test]
+async fn ledger_connections_killed_mid_stream_lose_and_double_nothing() {
+    crate::support::init_logging();
+    let ledger_db = PgDatabase::create("ledger").await;
+    let pos_db = PgDatabase::create("pos").await;
+    let pos = odoo_pos(&pos_db).await;
+    pos.batch_execute(
+        "INSERT INTO res_partner (id, name, type, email)
+           SELECT 100 + n, 'Member ' || n, 'contact', 'member' || n || '@example.de'
+             FROM generate_series(0, 9) n;",
+    )
+    .await
+    .unwrap();
+    let sources = one_source(
+        "pos",
+        "postgres",
+        &pos_db.url(),
+        "odoo-pos.toml",
+        &format!("slot = \"{0}\"\npublication = \"{0}\"", pos_db.name),
+    );
+    let (_, settings) = write_config(&ledger_db, &sources);
+    let (shutdown, handle) = start(settings).await;
+    let ledger = Ledger::new(&ledger_db).await;
+    let admin = crate::support::pg_connect(&crate::support::pg_admin_url()).await;
+
+    // 600 sales of 10.00 goods (+ 1.00 tax), ten members in turn; every
+    // 50 the ledger's sessions are terminated, twice while the stream is
+    // busy.
+    let mut killed = 0;
+    for id in 1..=600i64 {
+        pos.batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO pos_order (id, name, amount_tax, amount_total, amount_paid, amount_return, company_id,
+                                    partner_id, config_id, is_refund, state)
+               VALUES ({id}, 'T/{id}', 1, 11, 11, 0, 1, {partner}, 1, false, 'paid');
+             INSERT INTO pos_order_line (id, name, product_id, qty, price_subtotal, price_subtotal_incl, order_id)
+               VALUES ({id}, 'L', 1, 1, 10, 11, {id});
+             COMMIT;",
+            partner = 100 + id % 10
+        ))
+        .await
+        .unwrap();
+        if id % 50 == 25 {
+            killed += admin
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                      WHERE datname = $1 AND application_name = 'loyalty-cdc'
+                        AND query ~ '(reference_rows|orders|BEGIN|COMMIT|source_positions)'",
+                    &[&ledger_db.name],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0);
+        }
+    }
+    wait_for("every sale to be booked", || async {
+        ledger.scalar("SELECT count(*) FROM orders").await == 600
+    })
+    .await;
+    assert!(
+        killed >= 2,
+        "the ledger's sessions were terminated {killed} times"
+    );
+    let earnings = ledger
+        .client
+        .query(
+            "SELECT kind, count(*) FROM ledger_entries GROUP BY kind ORDER BY kind",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        earnings,
+        [("earn_available".to_string(), 600)],
+        "one earning per sale, none twice"
+    );
+    for n in 0..10 {
+        assert_eq!(
+            ledger
+                .member_by_email(&format!("member{n}@example.de"))
+                .await,
+            Some((600, 0, 600, Some("silver".into()))),
+            "member {n}: 60 sales of 10 points"
+        );
+    }
+    shutdown.cancel();
+    handle.await.unwrap();
+}
