@@ -268,11 +268,16 @@ pub struct MemberCounts {
     pub segments: HashSet<String>,
     /// When its segments are next reviewed by the scheduler.
     pub review_at: Option<DateTime<Utc>>,
+    /// Lifetime points, and the orders not cancelled (what milestones
+    /// count): a commit that judges segments reads its standings here.
+    pub lifetime: i64,
+    pub kept_orders: i64,
 }
 
 /// The counts of `members` (survivors only; members without any are
 /// there with zeros), in one statement: the counts, each member's top
-/// category (or product) by spend, its segments and its next review.
+/// category (or product) by spend, its segments, its next review, its
+/// lifetime points and orders kept.
 pub async fn counts(
     db: &Db,
     members: &[i64],
@@ -286,9 +291,11 @@ pub async fn counts(
                     coalesce(f.line_spend, 0), coalesce(f.discounted_spend, 0),
                     coalesce(p.profiling_opt_out, false), s.due_at,
                     t.top, t.spend,
-                    ARRAY(SELECT segment FROM member_segments g WHERE g.member_id = m.member_id)
+                    ARRAY(SELECT segment FROM member_segments g WHERE g.member_id = m.member_id),
+                    coalesce(b.lifetime, 0), coalesce(f.kept_orders, 0)::bigint
                FROM members m
                LEFT JOIN member_features f ON f.member_id = m.member_id
+               LEFT JOIN balances b ON b.member_id = m.member_id
                LEFT JOIN member_profiles p ON p.member_id = m.member_id
                LEFT JOIN scheduled_triggers s
                       ON s.member_id = m.member_id AND s.kind = 'segments' AND s.subject = ''
@@ -326,6 +333,8 @@ pub async fn counts(
                     profiling_opt_out: r.get(11),
                     review_at: r.get(12),
                     segments: segments.into_iter().collect(),
+                    lifetime: r.get(16),
+                    kept_orders: r.get(17),
                 },
             )
         })

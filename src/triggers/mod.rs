@@ -524,8 +524,12 @@ pub async fn record(
     // another during the batch are left out: the survivor was touched too
     // (identity resolves to survivors).
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&member_ids];
+    // Judging segments, the counts carry the standings too.
+    let standings_in_counts = judging && triggers.personalization.enabled;
     let standings = async {
-        if triggers.personalization.enabled {
+        if standings_in_counts {
+            Ok(Vec::new())
+        } else if triggers.personalization.enabled {
             // The orders not cancelled, as the features keep them.
             db.query(
                 "SELECT m.member_id, m.tier, coalesce(b.lifetime, 0), coalesce(f.kept_orders, 0)::bigint
@@ -561,19 +565,34 @@ pub async fn record(
             }
         },
     )?;
-    let standings: HashMap<i64, Standing> = rows
-        .iter()
-        .map(|r| {
-            (
-                r.get::<_, i64>(0),
-                Standing {
-                    tier: r.get(1),
-                    lifetime: r.get(2),
-                    purchases: r.get(3),
-                },
-            )
-        })
-        .collect();
+    let standings: HashMap<i64, Standing> = if standings_in_counts {
+        counts
+            .iter()
+            .map(|(member, c)| {
+                (
+                    *member,
+                    Standing {
+                        tier: c.counts.tier.clone(),
+                        lifetime: c.lifetime,
+                        purchases: c.kept_orders,
+                    },
+                )
+            })
+            .collect()
+    } else {
+        rows.iter()
+            .map(|r| {
+                (
+                    r.get::<_, i64>(0),
+                    Standing {
+                        tier: r.get(1),
+                        lifetime: r.get(2),
+                        purchases: r.get(3),
+                    },
+                )
+            })
+            .collect()
+    };
     let mut marks_held: HashMap<i64, HashSet<String>> = HashMap::new();
     for row in marks {
         marks_held.entry(row.get(0)).or_default().insert(row.get(1));
