@@ -14,7 +14,7 @@
 
 pub mod model;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::prelude::ToPrimitive;
@@ -470,6 +470,11 @@ impl Features {
     /// converts a map variable entry by entry at every evaluation, so a
     /// rule is handed what it reads.
     pub fn to_cel_only(&self, names: Option<&[String]>) -> cel::Value {
+        crate::normalize::expr::named_map(self.cel_entries(names))
+    }
+
+    /// The features (only `names`' when given) as CEL values.
+    fn cel_entries(&self, names: Option<&[String]>) -> Vec<(&'static str, cel::Value)> {
         use cel::Value as Cel;
         use std::sync::Arc;
         let text = |t: &Option<String>| {
@@ -502,7 +507,7 @@ impl Features {
         if let Some(names) = names {
             entries.retain(|(name, _)| names.iter().any(|n| n == name));
         }
-        crate::normalize::expr::named_map(entries)
+        entries
     }
 
     /// As JSON records them: numbers rounded to 4 decimals (what an
@@ -527,6 +532,38 @@ pub struct Segments {
     segments: Vec<SegmentSettings>,
     /// Per segment, the features its rule reads (`None`: the whole map).
     reads: Vec<Option<Vec<String>>>,
+    /// Verdicts of rules that read only whole numbers, text and flags
+    /// (`features.lifecycle == 'at_risk'`, `features.purchases >= 3`), by
+    /// rule and the values read: a rule is a pure function of what it
+    /// reads, such values repeat across members, and evaluating CEL is
+    /// most of the time spent judging a member.
+    verdicts: std::sync::Arc<std::sync::Mutex<Verdicts>>,
+}
+
+/// A rule's verdict (or why it could not be evaluated), by rule index and
+/// the values it read.
+type Verdicts = HashMap<(usize, String), Result<bool, String>>;
+
+/// Verdicts kept (the bound on the memo's memory: it starts over).
+const VERDICTS_KEPT: usize = 4_096;
+
+/// The values a rule reads as a memo key, when none is a float (floats
+/// rarely repeat: keying on them would only fill the memo).
+fn verdict_key(entries: &[(&'static str, cel::Value)]) -> Option<String> {
+    use std::fmt::Write;
+    let mut key = String::new();
+    for (_, value) in entries {
+        match value {
+            cel::Value::Int(i) => write!(key, "i{i};"),
+            cel::Value::UInt(u) => write!(key, "u{u};"),
+            cel::Value::Bool(b) => write!(key, "b{b};"),
+            cel::Value::Null => write!(key, "n;"),
+            cel::Value::String(text) => write!(key, "s{}:{text};", text.len()),
+            _ => return None,
+        }
+        .ok()?;
+    }
+    Some(key)
 }
 
 impl Segments {
@@ -543,7 +580,11 @@ impl Segments {
                 (!rule.uses_whole("features")).then(|| rule.columns_of("features"))
             })
             .collect();
-        Self { segments, reads }
+        Self {
+            segments,
+            reads,
+            verdicts: Default::default(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -557,13 +598,36 @@ impl Segments {
     pub fn of(&self, features: &Features) -> (Vec<String>, Vec<String>) {
         let mut member_of = Vec::new();
         let mut problems = Vec::new();
-        for (segment, reads) in self.segments.iter().zip(&self.reads) {
+        for (index, (segment, reads)) in self.segments.iter().zip(&self.reads).enumerate() {
             let Some(rule) = &segment.compiled else {
                 continue;
             };
-            let mut scope = Scope::default();
-            scope.set("features", features.to_cel_only(reads.as_deref()));
-            match rule.test(&scope) {
+            let entries = features.cel_entries(reads.as_deref());
+            let key = reads
+                .as_ref()
+                .and_then(|_| verdict_key(&entries))
+                .map(|values| (index, values));
+            let known = key.as_ref().and_then(|key| {
+                self.verdicts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(key)
+                    .cloned()
+            });
+            let verdict = known.unwrap_or_else(|| {
+                let mut scope = Scope::default();
+                scope.set("features", crate::normalize::expr::named_map(entries));
+                let verdict = rule.test(&scope).map_err(|error| error.to_string());
+                if let Some(key) = key {
+                    let mut verdicts = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
+                    if verdicts.len() >= VERDICTS_KEPT {
+                        verdicts.clear();
+                    }
+                    verdicts.insert(key, verdict.clone());
+                }
+                verdict
+            });
+            match verdict {
                 Ok(true) => member_of.push(segment.name.clone()),
                 Ok(false) => {}
                 Err(error) => problems.push(format!("segment `{}`: {error}", segment.name)),
@@ -718,5 +782,54 @@ mod tests {
             segments.of(&features),
             (vec!["price_sensitive".to_string()], Vec::<String>::new())
         );
+    }
+
+    #[test]
+    fn remembered_verdicts_are_the_rules_own() {
+        let settings = [
+            (
+                "regular",
+                "features.purchases >= 3 && features.lifecycle != 'lapsed'",
+            ),
+            ("silver", "features.tier == 'silver'"),
+            ("mid_tier", "features.tier > 3"),
+        ]
+        .into_iter()
+        .map(|(name, when)| SegmentSettings {
+            name: name.into(),
+            when: when.into(),
+            compiled: Some(std::sync::Arc::new(Expr::compile(when).unwrap())),
+        })
+        .collect::<Vec<_>>();
+        let segments = Segments::new(&settings);
+        let member = |purchases: i64, tier: Option<&str>| {
+            let counts = Counts {
+                purchases,
+                first_purchase_at: Some(at(0)),
+                last_purchase_at: Some(at(20)),
+                tier: tier.map(str::to_string),
+                ..Counts::default()
+            };
+            Features::of(&counts, &PersonalizationSettings::default(), at(30))
+        };
+        // Each member twice: the second time from the memo, the same.
+        for _ in 0..2 {
+            let (regular, problems) = segments.of(&member(3, Some("silver")));
+            assert_eq!(regular, ["regular", "silver"]);
+            assert_eq!(
+                problems.len(),
+                1,
+                "text compared with a number: {problems:?}"
+            );
+            assert!(
+                problems[0].starts_with("segment `mid_tier`: "),
+                "{problems:?}"
+            );
+            assert_eq!(segments.of(&member(2, Some("silver"))).0, ["silver"]);
+            assert_eq!(segments.of(&member(5, None)).0, ["regular"]);
+        }
+        // Kept by rule and the values it reads: the two silver members
+        // share their tier rules' verdicts.
+        assert_eq!(segments.verdicts.lock().unwrap().len(), 3 + 1 + 3);
     }
 }
