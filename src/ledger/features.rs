@@ -107,9 +107,11 @@ pub async fn record_purchases(
     }
     // The times are kept in the order booked; the last RECENT_PURCHASES.
     // `xmax = 0`: the row was inserted, not updated — a member's first
-    // purchase of the product, which the cross-sell counts need.
+    // purchase of the product, which the cross-sell counts need (only
+    // those rows come back).
     let rows = db.query(
-        "INSERT INTO member_products AS p (member_id, product, category, purchases, spend, discounted_spend,
+        "WITH upserted AS (
+         INSERT INTO member_products AS p (member_id, product, category, purchases, spend, discounted_spend,
                                            first_at, last_at, recent)
          SELECT u.m, u.pr, u.c, u.n, u.s, u.d, u.f, u.l, u.t::timestamptz[]
            FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::numeric[], $6::numeric[],
@@ -122,7 +124,8 @@ pub async fn record_purchases(
            first_at = least(p.first_at, EXCLUDED.first_at),
            last_at = greatest(p.last_at, EXCLUDED.last_at),
            recent = (p.recent || EXCLUDED.recent)[cardinality(p.recent) + cardinality(EXCLUDED.recent) - $10 + 1:]
-         RETURNING member_id, product, xmax = 0",
+         RETURNING member_id, product, xmax = 0 AS first)
+         SELECT member_id, product FROM upserted WHERE first",
         &[
             &members,
             &skus,
@@ -139,7 +142,6 @@ pub async fn record_purchases(
     .await?;
     let (firsts_m, firsts_p): (Vec<i64>, Vec<String>) = rows
         .iter()
-        .filter(|r| r.get::<_, bool>(2))
         .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
         .unzip();
     count_co_purchases(db, &firsts_m, &firsts_p).await
