@@ -130,6 +130,9 @@ struct Booker {
     /// How each ledger transaction starts: with personalization off, its
     /// bookings keep no features (the `orders` triggers read the setting).
     begin: &'static str,
+    /// A transaction is open on the connection (BEGIN sent, no COMMIT or
+    /// ROLLBACK yet): still so after a writer stopped midway.
+    open: bool,
 }
 
 /// Events and reference rows a batch holds before it commits, whatever
@@ -186,6 +189,7 @@ impl LedgerConsumer {
             facts: std::sync::Mutex::default(),
             replay_failures: None,
             begin: "BEGIN",
+            open: false,
         };
         Ok(Self {
             url: url.clone(),
@@ -334,7 +338,7 @@ impl Booker {
     }
 
     async fn commit_in_transaction(&mut self, batch: Batch) -> Result<(), ConsumerError> {
-        self.client.batch_execute(self.begin).await.map_err(db)?;
+        self.begin().await?;
         write_references(&self.client, &self.source, batch.references).await?;
         self.book_pending(batch.outcomes).await?;
         let facts = std::mem::take(&mut *self.facts());
@@ -350,15 +354,27 @@ impl Booker {
         )
         .await
         .map_err(db)?;
-        self.client.batch_execute("COMMIT").await.map_err(db)
+        self.end("COMMIT").await
+    }
+
+    async fn begin(&mut self) -> Result<(), ConsumerError> {
+        self.open = true;
+        self.client.batch_execute(self.begin).await.map_err(db)
+    }
+
+    /// COMMIT or ROLLBACK.
+    async fn end(&mut self, how: &str) -> Result<(), ConsumerError> {
+        self.client.batch_execute(how).await.map_err(db)?;
+        self.open = false;
+        Ok(())
     }
 
     /// After an error: the transaction is rolled back (the reader re-sends
     /// the batch after it reconnects), now, so the other sources can write
     /// rather than wait through the reconnect backoff.
     async fn abandon(&mut self) {
-        if !self.client.is_closed() {
-            let _ = self.client.batch_execute("ROLLBACK").await;
+        if self.open && !self.client.is_closed() {
+            let _ = self.end("ROLLBACK").await;
         }
         *self.facts() = BatchFacts::default();
     }
@@ -869,11 +885,11 @@ impl TxnConsumer for LedgerConsumer {
                     .map_err(|e| ConsumerError::transient(e.to_string()))?,
             ));
             booker.client = Arc::clone(&self.client);
-        } else {
-            // A transaction left open by a writer that stopped midway
-            // (none is otherwise): nothing of it may reach the next batch.
-            // Without one, PostgreSQL only warns.
-            self.client.batch_execute("ROLLBACK").await.map_err(db)?;
+            booker.open = false;
+        } else if booker.open {
+            // A transaction left open by a writer that stopped midway:
+            // nothing of it may reach the next batch.
+            booker.end("ROLLBACK").await?;
         }
         *booker.facts() = BatchFacts::default();
         drop(booker);
@@ -1054,20 +1070,14 @@ impl LedgerConsumer {
         let shared = Arc::clone(&self.booker);
         let mut booker = shared.lock().await;
         let _turn = booker.writer.hold().await;
-        booker
-            .client
-            .batch_execute(booker.begin)
-            .await
-            .map_err(db)?;
+        booker.begin().await?;
         booker.replay_failures = Some(std::sync::Mutex::default());
         let result = self.replay_in_transaction(&booker, ids).await;
         booker.replay_failures = None;
         let result = match result {
             Ok(Replayed::Booked { events }) => booker
-                .client
-                .batch_execute("COMMIT")
+                .end("COMMIT")
                 .await
-                .map_err(db)
                 .map(|()| Replayed::Booked { events }),
             other => other,
         };
