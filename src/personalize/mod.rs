@@ -598,11 +598,21 @@ impl Segments {
     pub fn of(&self, features: &Features) -> (Vec<String>, Vec<String>) {
         let mut member_of = Vec::new();
         let mut problems = Vec::new();
+        // Every feature once per member; each rule takes what it reads
+        // (the values are cheap to clone: text is shared).
+        let all = features.cel_entries(None);
         for (index, (segment, reads)) in self.segments.iter().zip(&self.reads).enumerate() {
             let Some(rule) = &segment.compiled else {
                 continue;
             };
-            let entries = features.cel_entries(reads.as_deref());
+            let entries: Vec<(&'static str, cel::Value)> = match reads {
+                Some(names) => all
+                    .iter()
+                    .filter(|(name, _)| names.iter().any(|n| n == name))
+                    .cloned()
+                    .collect(),
+                None => all.clone(),
+            };
             let key = reads
                 .as_ref()
                 .and_then(|_| verdict_key(&entries))
