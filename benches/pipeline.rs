@@ -151,27 +151,53 @@ async fn settle(ledger: &tokio_postgres::Client) {
     }
 }
 
+/// The service running in this process, with its source's counts.
+struct Service {
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<Result<(), pipeline::PipelineError>>,
+    counts: std::sync::Arc<loyalty_cdc::ledger::apply::ApplyCounts>,
+}
+
+impl Service {
+    async fn start(settings: Settings) -> Self {
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let (counts_tx, counts_rx) = tokio::sync::oneshot::channel();
+        let handle = tokio::spawn(async move {
+            pipeline::run(&settings, token, move |sources| {
+                let _ = counts_tx.send(std::sync::Arc::clone(&sources[0].counts));
+            })
+            .await
+        });
+        let counts = counts_rx.await.unwrap();
+        Self {
+            shutdown,
+            handle,
+            counts,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.await.unwrap().expect("pipeline stops cleanly");
+    }
+}
+
 /// Runs the service until `done` says every order is booked; returns the
 /// seconds from start to then.
 async fn run_until(settings: Settings, ledger: &tokio_postgres::Client, orders: i64) -> f64 {
     settle(ledger).await;
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
     let started = Instant::now();
-    let (counts_tx, counts_rx) = tokio::sync::oneshot::channel();
-    let service = tokio::spawn(async move {
-        pipeline::run(&settings, token, move |sources| {
-            let _ = counts_tx.send(std::sync::Arc::clone(&sources[0].counts));
-        })
-        .await
-    });
-    let counts = counts_rx.await.unwrap();
+    let service = Service::start(settings).await;
     // The service's own count of orders booked and committed batches is
     // polled (an atomic: counting the ledger's orders in SQL every 10 ms
     // took a fifth of a core from the two being measured); the ledger
     // confirms at the end.
     loop {
-        let booked = counts.orders.load(std::sync::atomic::Ordering::Relaxed) as i64;
+        let booked = service
+            .counts
+            .orders
+            .load(std::sync::atomic::Ordering::Relaxed) as i64;
         if booked >= orders {
             let committed: i64 = ledger
                 .query_one("SELECT count(*) FROM orders", &[])
@@ -185,8 +211,7 @@ async fn run_until(settings: Settings, ledger: &tokio_postgres::Client, orders: 
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
-    shutdown.cancel();
-    service.await.unwrap().expect("pipeline stops cleanly");
+    service.stop().await;
     seconds
 }
 
@@ -452,16 +477,7 @@ async fn main() {
     }
     let settings = bench.settings_existing(&name);
     let ledger = connect(&bench.ledger(&name)).await;
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    let (counts_tx, counts_rx) = tokio::sync::oneshot::channel();
-    let service = tokio::spawn(async move {
-        pipeline::run(&settings, token, move |sources| {
-            let _ = counts_tx.send(std::sync::Arc::clone(&sources[0].counts));
-        })
-        .await
-    });
-    let counts = counts_rx.await.unwrap();
+    let service = Service::start(settings).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rate = 1_000i64;
     let seconds = 10i64;
@@ -511,10 +527,14 @@ async fn main() {
                 "{:?} booked up to {} ({} transactions in {} commits)",
                 started.elapsed(),
                 seen_up_to - first + 1,
-                counts
+                service
+                    .counts
                     .transactions
                     .load(std::sync::atomic::Ordering::Relaxed),
-                counts.commits.load(std::sync::atomic::Ordering::Relaxed)
+                service
+                    .counts
+                    .commits
+                    .load(std::sync::atomic::Ordering::Relaxed)
             );
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -524,8 +544,7 @@ async fn main() {
     while received.lock().unwrap().len() < committed.len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    shutdown.cancel();
-    service.await.unwrap().expect("pipeline stops cleanly");
+    service.stop().await;
     let mut latencies: Vec<f64> = committed
         .iter()
         .zip(&seen_at)
