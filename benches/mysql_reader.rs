@@ -3,6 +3,7 @@
 //!
 //!     cargo bench --bench mysql_reader           # 1,000,000 rows
 //!     LCDC_BENCH_ROWS=200000 cargo bench --bench mysql_reader
+//!     LCDC_BENCH_SHAPES=small cargo bench --bench mysql_reader   # one shape
 //!
 //! Writes the rows into an 8-column table twice — (a) in transactions of 4
 //! rows, (b) in one transaction — then reads exactly that binlog range with
@@ -84,6 +85,8 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
+    // e.g. `small` or `one`: only the shapes whose names start so.
+    let shapes = std::env::var("LCDC_BENCH_SHAPES").unwrap_or_default();
     let database = format!("lcdc_bench_reader_{}", std::process::id());
     let mut conn = mysql_async::Conn::from_url(&url)
         .await
@@ -106,6 +109,9 @@ async fn main() {
         ("small_transactions_4_rows", 4u64),
         ("one_transaction", rows),
     ] {
+        if !shapes.is_empty() && !shapes.split(',').any(|s| shape.starts_with(s)) {
+            continue;
+        }
         conn.query_drop("TRUNCATE TABLE bench_line").await.unwrap();
         conn.query_drop("FLUSH BINARY LOGS").await.unwrap();
         let start = binlog_position(&mut conn).await;
@@ -154,23 +160,31 @@ async fn main() {
         );
 
         let (mut ours, mut raw, mut text) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut received, mut ours_cpu) = (Vec::new(), Vec::new());
         for run in 0..RUNS {
+            let cpu_before = process_cpu_seconds();
             let seconds = run_ours(db_url.as_str(), &start, &end, rows).await;
+            ours_cpu.push((process_cpu_seconds() - cpu_before) / seconds);
             ours.push(rows as f64 / seconds);
+            let seconds = run_receive_only(&url, &start, &end).await;
+            received.push(rows as f64 / seconds);
             let seconds = run_mariadb_binlog(&start, &end, true);
             raw.push(rows as f64 / seconds);
             let seconds = run_mariadb_binlog(&start, &end, false);
             text.push(rows as f64 / seconds);
             println!(
-                r#"{{"bench":"mysql_reader","shape":"{shape}","run":{run},"rows_per_second":{{"loyalty-cdc":{:.0},"mariadb-binlog --raw":{:.0},"mariadb-binlog":{:.0}}}}}"#,
-                ours[run], raw[run], text[run]
+                r#"{{"bench":"mysql_reader","shape":"{shape}","run":{run},"rows_per_second":{{"loyalty-cdc":{:.0},"receive only":{:.0},"mariadb-binlog --raw":{:.0},"mariadb-binlog":{:.0}}},"loyalty-cdc_cores_busy":{:.2}}}"#,
+                ours[run], received[run], raw[run], text[run], ours_cpu[run]
             );
         }
-        let (ours, raw, text) = (median(ours), median(raw), median(text));
+        let (ours, received, raw, text) =
+            (median(ours), median(received), median(raw), median(text));
         println!(
-            r#"{{"bench":"mysql_reader","shape":"{shape}","summary":true,"rows":{rows},"median_rows_per_second":{{"loyalty-cdc":{ours:.0},"mariadb-binlog --raw":{raw:.0},"mariadb-binlog":{text:.0}}},"ratio_vs_raw":{:.2},"ratio_vs_decoding":{:.2}}}"#,
+            r#"{{"bench":"mysql_reader","shape":"{shape}","summary":true,"rows":{rows},"median_rows_per_second":{{"loyalty-cdc":{ours:.0},"receive only":{received:.0},"mariadb-binlog --raw":{raw:.0},"mariadb-binlog":{text:.0}}},"loyalty-cdc_cores_busy":{:.2},"ratio_vs_raw":{:.2},"ratio_vs_decoding":{:.2},"ratio_vs_receive_only":{:.2}}}"#,
+            median(ours_cpu),
             ours / raw,
-            ours / text
+            ours / text,
+            ours / received
         );
     }
     conn.query_drop(format!("DROP DATABASE {database}"))
@@ -209,6 +223,42 @@ async fn run_ours(db_url: &str, start: &(String, u64), end: &(String, u64), rows
     let seconds = started.elapsed().as_secs_f64();
     assert_eq!(consumer.changes, rows, "our reader saw every row");
     seconds
+}
+
+/// The ceiling for any reader built on mysql_async: the same binlog range
+/// received and framed into events (checksums checked), nothing decoded.
+async fn run_receive_only(url: &str, start: &(String, u64), end: &(String, u64)) -> f64 {
+    use futures_util::StreamExt;
+    let conn = mysql_async::Conn::from_url(url).await.unwrap();
+    let request =
+        mysql_async::BinlogStreamRequest::new(3_500_000_000 + std::process::id() % 100_000)
+            .with_filename(start.0.as_bytes())
+            .with_pos(start.1);
+    let started = Instant::now();
+    let mut stream = conn.get_binlog_stream(request).await.unwrap();
+    let mut events = 0u64;
+    while let Some(event) = stream.next().await {
+        let event = event.unwrap();
+        events += 1;
+        if u64::from(event.header().log_pos()) >= end.1 {
+            break;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    std::hint::black_box(events);
+    let _ = stream.close().await;
+    seconds
+}
+
+/// CPU seconds this process has used (user + system), from /proc.
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields, in clock ticks (100 per second on Linux).
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
 }
 
 fn run_mariadb_binlog(start: &(String, u64), end: &(String, u64), raw: bool) -> f64 {
