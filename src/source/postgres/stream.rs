@@ -212,10 +212,19 @@ pub async fn stream<C: TxnConsumer>(
         confirm(client, progress, &mut durable, flushed);
     }
 
+    // The consumer is flushed once nothing has been handed over for
+    // QUIET_FLUSH. One timer, moved on only when it fires early: a fresh
+    // timer per message is a timer-wheel insert and a driver wake-up each.
+    let mut last_handover = tokio::time::Instant::now();
+    let quiet = tokio::time::sleep(crate::source::QUIET_FLUSH);
+    tokio::pin!(quiet);
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+
     loop {
         let event = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => {
+            _ = &mut cancelled => {
                 if let Some(flushed) = consumer.flush().await? {
                     confirm(client, progress, &mut durable, flushed);
                 }
@@ -234,7 +243,16 @@ pub async fn stream<C: TxnConsumer>(
                     .await?;
                 continue;
             }
-            _ = tokio::time::sleep(crate::source::QUIET_FLUSH), if applied > durable => {
+            _ = &mut quiet, if applied > durable => {
+                let now = tokio::time::Instant::now();
+                let due = last_handover + crate::source::QUIET_FLUSH;
+                if due > now {
+                    quiet.as_mut().reset(due);
+                    continue;
+                }
+                // If the flush leaves something undurable (the consumer
+                // commits later), ask again after another quiet period.
+                quiet.as_mut().reset(now + crate::source::QUIET_FLUSH);
                 if let Some(flushed) = consumer.flush().await? {
                     confirm(client, progress, &mut durable, flushed);
                 }
@@ -297,6 +315,7 @@ pub async fn stream<C: TxnConsumer>(
                     })
                     .await?;
                 progress.applied(position.clone(), commit_ts, rows);
+                last_handover = tokio::time::Instant::now();
                 applied = position;
                 if let Some(returned) = returned {
                     confirm(client, progress, &mut durable, returned);
