@@ -166,9 +166,14 @@ impl Clone for Scope {
 
 impl Scope {
     pub fn set(&mut self, name: &str, value: Cel) {
+        // A context already built takes the one variable (replacing one of
+        // the same name): a document's joins are set one after another, and
+        // rebuilding converted every earlier variable again each time.
+        if let Some(context) = self.context.get_mut().unwrap_or_else(|e| e.into_inner()) {
+            context.add_variable_from_value(name.to_string(), value.clone());
+        }
         self.variables.retain(|(n, _)| n != name);
         self.variables.push((name.to_string(), value));
-        *self.context.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     fn build(&self) -> Context<'static, 'static> {

@@ -297,6 +297,9 @@ pub struct Normalizer {
     /// every value in it, so only what is read is handed over.
     order_uses: Arc<Vec<Uses>>,
     refund_uses: Arc<Vec<Uses>>,
+    /// What the line expressions of each order and refund mapping read.
+    order_line_uses: Arc<Vec<Uses>>,
+    refund_line_uses: Arc<Vec<Uses>>,
     price_uses: Arc<Vec<Uses>>,
     wishlist_uses: Arc<Vec<Uses>>,
 }
@@ -533,12 +536,36 @@ impl Normalizer {
                 )
             })
             .collect();
+        // Every line of every order is handed to CEL: only the columns
+        // the line expressions read (an Odoo line has 20-odd columns).
+        let line_uses = |lines: Option<&Lines>| {
+            lines.map_or_else(Uses::all, |l| {
+                Uses::of([
+                    l.when.as_ref(),
+                    Some(&l.sku),
+                    l.discounted.as_ref(),
+                    l.category.as_ref(),
+                ])
+            })
+        };
+        let order_line_uses = mapping
+            .orders
+            .iter()
+            .map(|o| line_uses(o.lines.as_ref()))
+            .collect();
+        let refund_line_uses = mapping
+            .refunds
+            .iter()
+            .map(|r| line_uses(r.lines.as_ref()))
+            .collect();
         Self {
             mapping,
             required: Arc::new(required),
             parked: Arc::default(),
             order_uses: Arc::new(order_uses),
             refund_uses: Arc::new(refund_uses),
+            order_line_uses: Arc::new(order_line_uses),
+            refund_line_uses: Arc::new(refund_line_uses),
             price_uses: Arc::new(price_uses),
             wishlist_uses: Arc::new(wishlist_uses),
         }
@@ -1107,7 +1134,13 @@ impl Normalizer {
             Ok(amount) => amount,
             Err(reason) => return Ok(quarantine(reason)),
         };
-        let lines = match order.lines.as_ref().map(|l| doc.lines(l)).transpose() {
+        let line_uses = &self.order_line_uses[order_index];
+        let lines = match order
+            .lines
+            .as_ref()
+            .map(|l| doc.lines(l, line_uses))
+            .transpose()
+        {
             Ok(lines) => lines.unwrap_or_default(),
             Err(reason) => return Ok(quarantine(reason)),
         };
@@ -1182,7 +1215,13 @@ impl Normalizer {
             Ok(amount) => amount.abs(),
             Err(reason) => return Ok(quarantine(reason)),
         };
-        let lines = match refund.lines.as_ref().map(|l| doc.lines(l)).transpose() {
+        let line_uses = &self.refund_line_uses[refund_index];
+        let lines = match refund
+            .lines
+            .as_ref()
+            .map(|l| doc.lines(l, line_uses))
+            .transpose()
+        {
             Ok(lines) => lines.unwrap_or_default(),
             Err(reason) => return Ok(quarantine(reason)),
         };
@@ -1351,12 +1390,15 @@ impl<'a> Document<'a> {
     }
 
     /// The counted lines. Their expressions see the line as `row`.
-    fn lines(&self, mapping: &Lines) -> Result<Vec<Line>, String> {
+    fn lines(&self, mapping: &Lines, uses: &Uses) -> Result<Vec<Line>, String> {
         let mut counted = Vec::new();
         for line in self.lines {
             let Some(after) = &line.after else { continue };
             let mut scope = Scope::default();
-            scope.set("row", row_map(&line.table.columns, &after.0));
+            scope.set(
+                "row",
+                row_map_of(&line.table.columns, &after.0, uses.columns.as_deref()),
+            );
             if let Some(when) = &mapping.when {
                 if !when.test(&scope).map_err(|e| e.to_string())? {
                     continue;
