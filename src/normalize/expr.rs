@@ -12,6 +12,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use cel::common::types::{CelMap, CelMapKey, CelNull};
+use cel::common::value::Val;
 use cel::objects::{Key, Map};
 use cel::{Context, Program, Value as Cel};
 
@@ -79,12 +81,12 @@ impl Expr {
     }
 
     fn eval(&self, scope: &Scope) -> Result<Cel, EvalError> {
-        let mut built = scope.context.lock().unwrap_or_else(|e| e.into_inner());
-        let context = built.get_or_insert_with(|| scope.build());
-        self.program.execute(context).map_err(|e| EvalError {
-            expression: self.text.clone(),
-            problem: e.to_string(),
-        })
+        self.program
+            .execute(&scope.context())
+            .map_err(|e| EvalError {
+                expression: self.text.clone(),
+                problem: e.to_string(),
+            })
     }
 
     /// A condition: must give a bool.
@@ -143,69 +145,99 @@ fn type_name(value: &Cel) -> &'static str {
     }
 }
 
-/// The variables one evaluation sees.
+/// The variables one evaluation sees, handed to CEL as they are set.
 ///
 /// Handing a variable to CEL converts it (a row of 40 columns is 40
-/// conversions), so the context is built once and reused by every
-/// expression evaluated against the same variables, and rebuilt only
-/// after one changes.
-#[derive(Default)]
+/// conversions), so every expression evaluated against the same variables
+/// reuses the one context; setting a variable adds just that one.
 pub struct Scope {
-    variables: Vec<(String, Cel)>,
-    context: std::sync::Mutex<Option<Context<'static, 'static>>>,
+    context: std::sync::Mutex<Context<'static, 'static>>,
 }
 
-impl Clone for Scope {
-    fn clone(&self) -> Self {
-        Self {
-            variables: self.variables.clone(),
-            context: std::sync::Mutex::new(None),
-        }
-    }
-}
-
-impl Scope {
-    pub fn set(&mut self, name: &str, value: Cel) {
-        // A context already built takes the one variable (replacing one of
-        // the same name): a document's joins are set one after another, and
-        // rebuilding converted every earlier variable again each time.
-        if let Some(context) = self.context.get_mut().unwrap_or_else(|e| e.into_inner()) {
-            context.add_variable_from_value(name.to_string(), value.clone());
-        }
-        self.variables.retain(|(n, _)| n != name);
-        self.variables.push((name.to_string(), value));
-    }
-
-    fn build(&self) -> Context<'static, 'static> {
+impl Default for Scope {
+    fn default() -> Self {
         // The standard library's declarations are built once: building
         // them per evaluation (what `Context::default()` does) was most of
         // the time spent normalizing an order.
         static STDLIB: std::sync::OnceLock<Arc<cel::Env>> = std::sync::OnceLock::new();
         let env = STDLIB.get_or_init(|| Arc::new(cel::Env::stdlib()));
-        let mut context = Context::with_env(Arc::clone(env));
-        for (name, value) in &self.variables {
-            context.add_variable_from_value(name.clone(), value.clone());
+        Self {
+            context: std::sync::Mutex::new(Context::with_env(Arc::clone(env))),
         }
-        context
     }
 }
 
-/// A row as a CEL map from column name to value.
-pub fn row_map(columns: &[crate::source::Column], values: &[Value]) -> Cel {
-    row_map_of(columns, values, None)
+impl Scope {
+    fn context(&self) -> std::sync::MutexGuard<'_, Context<'static, 'static>> {
+        self.context.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets (or replaces) a variable.
+    pub fn set(&mut self, name: &str, value: Cel) {
+        self.context()
+            .add_variable_from_value(name.to_string(), value);
+    }
+
+    /// Sets a variable built as CEL's own value ([`row_val`], [`json_val`]):
+    /// no conversion at all.
+    pub fn set_val(&mut self, name: &str, value: Box<dyn Val>) {
+        self.context().add_variable_as_val(name.to_string(), value);
+    }
 }
 
-/// A row as a CEL map, keeping only `only`'s columns when given (what the
-/// expressions read: each value handed to CEL is converted twice).
-pub fn row_map_of(
+/// A column value as CEL's own value: what [`cel_value`] gives, converted.
+fn val_of(value: Cel) -> Box<dyn Val> {
+    // Every value `cel_value` and `json_value` make converts; were one not
+    // to, null is what an absent column reads as anyway.
+    Box::<dyn Val>::try_from(value).unwrap_or_else(|_| Box::new(CelNull))
+}
+
+/// A row as CEL's own map, keeping only `only`'s columns when given. Built
+/// directly: a [`Cel::Map`] handed to a context is copied entry by entry
+/// into such a map, which cost a quarter of normalizing an order.
+pub fn row_val(
     columns: &[crate::source::Column],
     values: &[Value],
     only: Option<&std::collections::HashSet<String>>,
-) -> Cel {
-    let map: HashMap<Key, Cel> = columns
+) -> Box<dyn Val> {
+    let map: HashMap<CelMapKey<'static>, Box<dyn Val>> = columns
         .iter()
         .zip(values)
         .filter(|(column, _)| only.is_none_or(|only| only.contains(&column.name)))
+        .map(|(column, value)| {
+            (
+                CelMapKey::from(column.name.clone()),
+                val_of(cel_value(value)),
+            )
+        })
+        .collect();
+    Box::new(CelMap::from(map))
+}
+
+/// A stored reference row (plain JSON object) as CEL's own map; `columns`
+/// are always present, null when the row is unknown.
+pub fn json_val(
+    columns: &[String],
+    row: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Box<dyn Val> {
+    let map: HashMap<CelMapKey<'static>, Box<dyn Val>> = columns
+        .iter()
+        .map(|column| {
+            let value = row
+                .and_then(|r| r.get(column))
+                .map_or(Cel::Null, json_value);
+            (CelMapKey::from(column.clone()), val_of(value))
+        })
+        .collect();
+    Box::new(CelMap::from(map))
+}
+
+/// A row as a CEL map from column name to value (a document's lines, as
+/// the list `lines`).
+pub fn row_map(columns: &[crate::source::Column], values: &[Value]) -> Cel {
+    let map: HashMap<Key, Cel> = columns
+        .iter()
+        .zip(values)
         .map(|(column, value)| (Key::String(Arc::new(column.name.clone())), cel_value(value)))
         .collect();
     Cel::Map(Map { map: Arc::new(map) })
@@ -234,24 +266,6 @@ impl Expr {
         }
         false
     }
-}
-
-/// A stored reference row (plain JSON object) as a CEL map; `columns`
-/// are always present, null when the row is unknown.
-pub fn json_map(
-    columns: &[String],
-    row: Option<&serde_json::Map<String, serde_json::Value>>,
-) -> Cel {
-    let map: HashMap<Key, Cel> = columns
-        .iter()
-        .map(|column| {
-            let value = row
-                .and_then(|r| r.get(column))
-                .map_or(Cel::Null, json_value);
-            (Key::String(Arc::new(column.clone())), value)
-        })
-        .collect();
-    Cel::Map(Map { map: Arc::new(map) })
 }
 
 /// A map of named values (features), for CEL.

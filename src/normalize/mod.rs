@@ -27,7 +27,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
 use crate::source::{Change, ConsumerError, Op, SourceTxn, TxnKind, Value};
-use expr::{json_map, list, plain_json, row_map, row_map_of, Scope};
+use expr::{json_val, list, plain_json, row_map, row_val, Scope};
 use mapping::{AmountValue, Lines, Mapping, StatusMeaning};
 
 /// Lines kept per document. Beyond this a document's lines are counted but
@@ -1254,7 +1254,11 @@ impl Normalizer {
                 "NULL key column `{key_column}`"
             )));
         };
-        let mut scope = doc.scope(uses);
+        // `lines` (every line's whole row) is handed over once the
+        // condition passes, unless the condition reads it: a refund mapping
+        // reads the lines, and every order is first tested against it.
+        let when_reads_lines = when.is_some_and(|w| w.text().contains("lines"));
+        let mut scope = doc.scope(uses, when_reads_lines);
         let reads_joins =
             when.is_some_and(|w| joins.iter().any(|j| w.text().contains(j.name.as_str())));
         let test = |scope: &Scope| match when.map(|w| w.test(scope)) {
@@ -1266,6 +1270,9 @@ impl Normalizer {
             if let Some(verdict) = test(&scope) {
                 return Ok(verdict);
             }
+        }
+        if uses.lines && !when_reads_lines {
+            doc.set_lines(&mut scope);
         }
         let joined = match self.join(joins, &mut scope, references).await? {
             Ok(joined) => joined,
@@ -1299,7 +1306,7 @@ impl Normalizer {
                 Some(key) => references.get(&reference.name, &key).await?,
                 None => None,
             };
-            scope.set(&join.name, json_map(&reference.columns, row.as_ref()));
+            scope.set_val(&join.name, json_val(&reference.columns, row.as_ref()));
             joined.insert(join.name.clone(), row);
         }
         Ok(Ok(joined))
@@ -1365,28 +1372,40 @@ impl<'a> Document<'a> {
         self.change.after_value(column)
     }
 
-    fn scope(&self, uses: &Uses) -> Scope {
+    /// `with_lines`: hand over `lines` now if the expressions read it
+    /// (else [`Document::set_lines`] does it later).
+    fn scope(&self, uses: &Uses, with_lines: bool) -> Scope {
         let mut scope = Scope::default();
         let table = &self.change.table;
-        let after = self.change.after.as_ref().map_or(cel::Value::Null, |r| {
-            row_map_of(&table.columns, &r.0, uses.columns.as_deref())
-        });
-        scope.set("row", after);
-        if uses.before {
-            let before = self.change.before.as_ref().map_or(cel::Value::Null, |r| {
-                row_map_of(&table.columns, &r.0, uses.columns.as_deref())
-            });
-            scope.set("before", before);
+        match &self.change.after {
+            Some(r) => scope.set_val(
+                "row",
+                row_val(&table.columns, &r.0, uses.columns.as_deref()),
+            ),
+            None => scope.set("row", cel::Value::Null),
         }
-        if uses.lines {
-            let line_rows = self
-                .lines
-                .iter()
-                .filter_map(|l| l.after.as_ref().map(|r| row_map(&l.table.columns, &r.0)))
-                .collect();
-            scope.set("lines", list(line_rows));
+        if uses.before {
+            match &self.change.before {
+                Some(r) => scope.set_val(
+                    "before",
+                    row_val(&table.columns, &r.0, uses.columns.as_deref()),
+                ),
+                None => scope.set("before", cel::Value::Null),
+            }
+        }
+        if uses.lines && with_lines {
+            self.set_lines(&mut scope);
         }
         scope
+    }
+
+    fn set_lines(&self, scope: &mut Scope) {
+        let line_rows = self
+            .lines
+            .iter()
+            .filter_map(|l| l.after.as_ref().map(|r| row_map(&l.table.columns, &r.0)))
+            .collect();
+        scope.set("lines", list(line_rows));
     }
 
     /// The counted lines. Their expressions see the line as `row`.
@@ -1395,9 +1414,9 @@ impl<'a> Document<'a> {
         for line in self.lines {
             let Some(after) = &line.after else { continue };
             let mut scope = Scope::default();
-            scope.set(
+            scope.set_val(
                 "row",
-                row_map_of(&line.table.columns, &after.0, uses.columns.as_deref()),
+                row_val(&line.table.columns, &after.0, uses.columns.as_deref()),
             );
             if let Some(when) = &mapping.when {
                 if !when.test(&scope).map_err(|e| e.to_string())? {
