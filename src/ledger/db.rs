@@ -53,6 +53,11 @@ impl Db {
         Ok(statement)
     }
 
+    /// Prepares `sql` now if it is not yet (see [`Db`]).
+    pub async fn prepare(&self, sql: &'static str) -> Result<(), Error> {
+        self.statement(sql).await.map(drop)
+    }
+
     pub async fn execute(
         &self,
         sql: &'static str,

@@ -5,6 +5,8 @@
 use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
 
+use super::db::Db;
+
 use crate::source::{Phase, Position, SourceKind};
 
 /// A stored position could not be read back.
@@ -58,17 +60,10 @@ pub async fn store(
     position: &Position,
     commit_ts: DateTime<Utc>,
 ) -> Result<(), tokio_postgres::Error> {
-    let state = match position.phase {
-        Phase::Snapshot => "snapshotting",
-        Phase::Stream => "streaming",
-    };
+    let state = state(position);
     client
         .execute(
-            "INSERT INTO source_positions (source, kind, state, position, commit_ts, updated_at)
-             VALUES ($1, $2, $3, $4, $5, now())
-             ON CONFLICT (source) DO UPDATE
-               SET kind = EXCLUDED.kind, state = EXCLUDED.state, position = EXCLUDED.position,
-                   commit_ts = EXCLUDED.commit_ts, updated_at = now()",
+            STORE,
             &[
                 &source,
                 &kind.to_string(),
@@ -80,3 +75,49 @@ pub async fn store(
         .await?;
     Ok(())
 }
+
+/// [`store`] with the ledger writer's prepared statement (see
+/// [`prepare_store`]).
+pub async fn store_prepared(
+    db: &Db,
+    source: &str,
+    kind: SourceKind,
+    position: &Position,
+    commit_ts: DateTime<Utc>,
+) -> Result<(), tokio_postgres::Error> {
+    let state = state(position);
+    db.execute(
+        STORE,
+        &[
+            &source,
+            &kind.to_string(),
+            &state,
+            &position.to_string(),
+            &commit_ts,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+fn state(position: &Position) -> &'static str {
+    match position.phase {
+        Phase::Snapshot => "snapshotting",
+        Phase::Stream => "streaming",
+    }
+}
+
+/// Makes sure [`store`]'s statement is prepared on `db`: a call after
+/// this sends its execution at once (no round trip to prepare first), so
+/// it may be pipelined with the COMMIT that follows it and still run
+/// before it.
+pub async fn prepare_store(db: &Db) -> Result<(), tokio_postgres::Error> {
+    db.prepare(STORE).await
+}
+
+const STORE: &str =
+    "INSERT INTO source_positions (source, kind, state, position, commit_ts, updated_at)
+             VALUES ($1, $2, $3, $4, $5, now())
+             ON CONFLICT (source) DO UPDATE
+               SET kind = EXCLUDED.kind, state = EXCLUDED.state, position = EXCLUDED.position,
+                   commit_ts = EXCLUDED.commit_ts, updated_at = now()";
