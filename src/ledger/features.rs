@@ -41,6 +41,29 @@ struct ProductDelta {
 /// Adds the batch's purchases per member and product (an order buying a
 /// product on several lines is one purchase of it): one statement per
 /// batch. (The member's line spend is kept with the orders.)
+/// Makes sure [`record_purchases`]' first statement is prepared: a call
+/// after this sends it at once, so reads pipelined after it run after it.
+pub async fn prepare_record_purchases(db: &Db) -> Result<(), tokio_postgres::Error> {
+    db.prepare(RECORD_PURCHASES).await
+}
+
+const RECORD_PURCHASES: &str = "WITH upserted AS (
+         INSERT INTO member_products AS p (member_id, product, category, purchases, spend, discounted_spend,
+                                           first_at, last_at, recent)
+         SELECT u.m, u.pr, u.c, u.n, u.s, u.d, u.f, u.l, u.t::timestamptz[]
+           FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::numeric[], $6::numeric[],
+                       $7::timestamptz[], $8::timestamptz[], $9::text[]) AS u(m, pr, c, n, s, d, f, l, t)
+         ON CONFLICT (member_id, product) DO UPDATE SET
+           category = coalesce(EXCLUDED.category, p.category),
+           purchases = p.purchases + EXCLUDED.purchases,
+           spend = p.spend + EXCLUDED.spend,
+           discounted_spend = p.discounted_spend + EXCLUDED.discounted_spend,
+           first_at = least(p.first_at, EXCLUDED.first_at),
+           last_at = greatest(p.last_at, EXCLUDED.last_at),
+           recent = (p.recent || EXCLUDED.recent)[cardinality(p.recent) + cardinality(EXCLUDED.recent) - $10 + 1:]
+         RETURNING member_id, product, xmax = 0 AS first)
+         SELECT member_id, product FROM upserted WHERE first";
+
 pub async fn record_purchases(
     db: &Db,
     purchases: &[Purchase],
@@ -109,37 +132,23 @@ pub async fn record_purchases(
     // `xmax = 0`: the row was inserted, not updated — a member's first
     // purchase of the product, which the cross-sell counts need (only
     // those rows come back).
-    let rows = db.query(
-        "WITH upserted AS (
-         INSERT INTO member_products AS p (member_id, product, category, purchases, spend, discounted_spend,
-                                           first_at, last_at, recent)
-         SELECT u.m, u.pr, u.c, u.n, u.s, u.d, u.f, u.l, u.t::timestamptz[]
-           FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::numeric[], $6::numeric[],
-                       $7::timestamptz[], $8::timestamptz[], $9::text[]) AS u(m, pr, c, n, s, d, f, l, t)
-         ON CONFLICT (member_id, product) DO UPDATE SET
-           category = coalesce(EXCLUDED.category, p.category),
-           purchases = p.purchases + EXCLUDED.purchases,
-           spend = p.spend + EXCLUDED.spend,
-           discounted_spend = p.discounted_spend + EXCLUDED.discounted_spend,
-           first_at = least(p.first_at, EXCLUDED.first_at),
-           last_at = greatest(p.last_at, EXCLUDED.last_at),
-           recent = (p.recent || EXCLUDED.recent)[cardinality(p.recent) + cardinality(EXCLUDED.recent) - $10 + 1:]
-         RETURNING member_id, product, xmax = 0 AS first)
-         SELECT member_id, product FROM upserted WHERE first",
-        &[
-            &members,
-            &skus,
-            &categories,
-            &counts,
-            &spend,
-            &discounted,
-            &firsts,
-            &lasts,
-            &times,
-            &(RECENT_PURCHASES as i32),
-        ],
-    )
-    .await?;
+    let rows = db
+        .query(
+            RECORD_PURCHASES,
+            &[
+                &members,
+                &skus,
+                &categories,
+                &counts,
+                &spend,
+                &discounted,
+                &firsts,
+                &lasts,
+                &times,
+                &(RECENT_PURCHASES as i32),
+            ],
+        )
+        .await?;
     let (firsts_m, firsts_p): (Vec<i64>, Vec<String>) = rows
         .iter()
         .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))

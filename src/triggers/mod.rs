@@ -515,10 +515,20 @@ pub async fn record(
         return Ok(Vec::new());
     }
     let member_ids: Vec<i64> = facts.members.keys().copied().collect();
-    // The batch's products first: the members' features read them.
-    if triggers.personalization.enabled {
-        crate::ledger::features::record_purchases(db, &facts.purchases).await?;
+    // The batch's products first: the members' features read them. Sent
+    // together with the reads below, ahead of them (its statement is
+    // prepared, so it goes out at once): the server runs them in order.
+    let personalized = triggers.personalization.enabled;
+    if personalized {
+        crate::ledger::features::prepare_record_purchases(db).await?;
     }
+    let purchases = async {
+        if personalized {
+            crate::ledger::features::record_purchases(db, &facts.purchases).await
+        } else {
+            Ok(())
+        }
+    };
     let judging = !triggers.segments.is_empty();
     // Three reads sent together (one round trip). Members merged into
     // another during the batch are left out: the survivor was touched too
@@ -551,7 +561,8 @@ pub async fn record(
             .await
         }
     };
-    let (rows, marks, counts) = futures_util::try_join!(
+    let ((), rows, marks, counts) = futures_util::try_join!(
+        purchases,
         standings,
         db.query(
             "SELECT member_id, mark FROM trigger_marks WHERE member_id = ANY($1)",
