@@ -619,7 +619,7 @@ pub struct NewOrder<'a> {
 
 /// Books orders seen for the first time, many at once: the orders, their
 /// entries, the balances and tiers of their members, in four statements
-/// whatever their number. Returns, per order, whether it was new; an order
+/// (three round trips) whatever their number. Returns, per order, whether it was new; an order
 /// the ledger already knew is left for [`apply_order`] (a transition).
 ///
 /// The caller guarantees what makes booking them together the same as
@@ -704,14 +704,10 @@ pub async fn apply_new_orders(
     }
     // Every member has a balance row from its creation; made sure of here
     // for members from before that rule, as the update below needs it.
-    client
-        .execute(
-            "INSERT INTO balances (member_id, updated_at)
-             SELECT DISTINCT m, now() FROM unnest($1::bigint[]) AS x(m)
-             ON CONFLICT DO NOTHING",
-            &[&e_members],
-        )
-        .await?;
+    // Sent together with the booking statement, ahead of it (prepared
+    // first, so it goes out at once): the server runs them in order.
+    client.prepare(ENSURE_BALANCES).await?;
+    let ensure_balances = async { client.execute(ENSURE_BALANCES, &[&e_members]).await };
     // Entries, balances (summed per member) and tiers in one statement.
     // A member's qualifying count takes the entries of the latest tier
     // period among its own in the batch (see `qualifying_set`).
@@ -721,8 +717,8 @@ pub async fn apply_new_orders(
         .iter()
         .map(|at| super::tiers::qualifying_period(program, *at))
         .collect();
-    let booked: i64 = client
-        .query_one(
+    let booking = async {
+        client.query_one(
             "WITH input AS (
                  SELECT * FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::text[],
                                       $7::timestamptz[], $10::timestamptz[])
@@ -785,12 +781,15 @@ pub async fn apply_new_orders(
             &[
                 &source, &e_members, &e_kinds, &e_points, &e_refs, &e_keys, &e_ats, &names, &thresholds, &periods,
             ],
-        )
-        .await?
-        .get(0);
-    let _ = booked;
+        ).await
+    };
+    futures_util::try_join!(ensure_balances, booking)?;
     Ok(new)
 }
+
+const ENSURE_BALANCES: &str = "INSERT INTO balances (member_id, updated_at)
+     SELECT DISTINCT m, now() FROM unnest($1::bigint[]) AS x(m)
+     ON CONFLICT DO NOTHING";
 
 /// Expires the member's whole available balance (the program's
 /// inactivity rule), once per `effect_key`. Returns the points expired (0
