@@ -3,6 +3,7 @@
 //! what makes the ledger exactly-once), read at start to resume.
 
 use chrono::{DateTime, Utc};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 
 use super::db::Db;
@@ -60,18 +61,9 @@ pub async fn store(
     position: &Position,
     commit_ts: DateTime<Utc>,
 ) -> Result<(), tokio_postgres::Error> {
-    let state = state(position);
+    let row = StoredRow::of(kind, position);
     client
-        .execute(
-            STORE,
-            &[
-                &source,
-                &kind.to_string(),
-                &state,
-                &position.to_string(),
-                &commit_ts,
-            ],
-        )
+        .execute(STORE, &row.params(&source, &commit_ts))
         .await?;
     Ok(())
 }
@@ -85,25 +77,36 @@ pub async fn store_prepared(
     position: &Position,
     commit_ts: DateTime<Utc>,
 ) -> Result<(), tokio_postgres::Error> {
-    let state = state(position);
-    db.execute(
-        STORE,
-        &[
-            &source,
-            &kind.to_string(),
-            &state,
-            &position.to_string(),
-            &commit_ts,
-        ],
-    )
-    .await?;
+    let row = StoredRow::of(kind, position);
+    db.execute(STORE, &row.params(&source, &commit_ts)).await?;
     Ok(())
 }
 
-fn state(position: &Position) -> &'static str {
-    match position.phase {
-        Phase::Snapshot => "snapshotting",
-        Phase::Stream => "streaming",
+/// The columns [`STORE`] writes besides the source and commit time.
+struct StoredRow {
+    kind: String,
+    state: &'static str,
+    position: String,
+}
+
+impl StoredRow {
+    fn of(kind: SourceKind, position: &Position) -> Self {
+        Self {
+            kind: kind.to_string(),
+            state: match position.phase {
+                Phase::Snapshot => "snapshotting",
+                Phase::Stream => "streaming",
+            },
+            position: position.to_string(),
+        }
+    }
+
+    fn params<'a>(
+        &'a self,
+        source: &'a &str,
+        commit_ts: &'a DateTime<Utc>,
+    ) -> [&'a (dyn ToSql + Sync); 5] {
+        [source, &self.kind, &self.state, &self.position, commit_ts]
     }
 }
 

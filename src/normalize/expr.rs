@@ -174,14 +174,19 @@ impl Scope {
 
     /// Sets (or replaces) a variable.
     pub fn set(&mut self, name: &str, value: Cel) {
-        self.context()
+        self.context_mut()
             .add_variable_from_value(name.to_string(), value);
     }
 
     /// Sets a variable built as CEL's own value ([`row_val`], [`json_val`]):
     /// no conversion at all.
     pub fn set_val(&mut self, name: &str, value: Box<dyn Val>) {
-        self.context().add_variable_as_val(name.to_string(), value);
+        self.context_mut()
+            .add_variable_as_val(name.to_string(), value);
+    }
+
+    fn context_mut(&mut self) -> &mut Context<'static, 'static> {
+        self.context.get_mut().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -293,9 +293,11 @@ mod spill_form {
 
     use crate::source::change::{Row, Value};
 
-    /// Written from a borrowed value.
-    #[derive(Serialize)]
-    enum ValueOut<'a> {
+    /// A value as the spill file holds it: written borrowed
+    /// ([`ValueOut`]), read back owned ([`ValueIn`]) — one layout, so the
+    /// two cannot drift apart.
+    #[derive(Serialize, Deserialize)]
+    enum Spilled<T, B> {
         Null,
         UnchangedToast,
         Absent,
@@ -303,33 +305,17 @@ mod spill_form {
         Int(i64),
         Float(f64),
         Numeric([u8; 16]),
-        Text(&'a str),
+        Text(T),
         Timestamp(i64, u32),
         TimestampTz(i64, u32),
         Date(i32),
         Json(String),
         Uuid(uuid::Uuid),
-        Bytes(&'a [u8]),
+        Bytes(B),
     }
 
-    /// Read back; the same variants in the same order as [`ValueOut`].
-    #[derive(Deserialize)]
-    enum ValueIn {
-        Null,
-        UnchangedToast,
-        Absent,
-        Bool(bool),
-        Int(i64),
-        Float(f64),
-        Numeric([u8; 16]),
-        Text(String),
-        Timestamp(i64, u32),
-        TimestampTz(i64, u32),
-        Date(i32),
-        Json(String),
-        Uuid(uuid::Uuid),
-        Bytes(Vec<u8>),
-    }
+    type ValueOut<'a> = Spilled<&'a str, &'a [u8]>;
+    type ValueIn = Spilled<String, Vec<u8>>;
 
     impl<'a> From<&'a Value> for ValueOut<'a> {
         fn from(value: &'a Value) -> Self {

@@ -201,6 +201,10 @@ fn micros(cursor: &mut Cursor<'_>, fsp: usize) -> Result<u32, RowDecodeError> {
     Ok(micros)
 }
 
+/// Bytes that hold a DECIMAL digit group of 0–9 digits (`dig2bytes` in
+/// MySQL's `decimal.c`).
+const DIG2BYTES: [usize; 10] = [0, 1, 1, 2, 2, 3, 3, 4, 4, 4];
+
 /// `decimal2bin` inverted: groups of 9 digits in 4 bytes, a partial group
 /// at each end, sign in the top bit, negatives stored inverted.
 fn decode_decimal(
@@ -208,7 +212,6 @@ fn decode_decimal(
     precision: usize,
     scale: usize,
 ) -> Result<Value, RowDecodeError> {
-    const DIG2BYTES: [usize; 10] = [0, 1, 1, 2, 2, 3, 3, 4, 4, 4];
     if scale > precision || precision > 65 {
         return cursor.fail(format!("DECIMAL({precision},{scale}) is not a valid type"));
     }
@@ -236,7 +239,6 @@ fn decimal_via_text(
     precision: usize,
     scale: usize,
 ) -> Result<Value, RowDecodeError> {
-    const DIG2BYTES: [usize; 10] = [0, 1, 1, 2, 2, 3, 3, 4, 4, 4];
     let [int_rest, int_full, frac_full, frac_rest] = shape;
     let mut bytes = stored.to_vec();
     let Some(first) = bytes.first_mut() else {
@@ -297,7 +299,6 @@ fn decimal_via_text(
 /// the partial leading group, the full 9-digit integer groups, the full
 /// fraction groups and the digits of the partial trailing group.
 fn decimal_from_groups(stored: &[u8], shape: [usize; 4], scale: usize) -> Option<Decimal> {
-    const DIG2BYTES: [usize; 10] = [0, 1, 1, 2, 2, 3, 3, 4, 4, 4];
     let [int_rest, int_full, frac_full, frac_rest] = shape;
     if scale > 28 {
         return None;
@@ -903,7 +904,6 @@ mod tests {
     /// written as `decimal2bin` writes them).
     #[test]
     fn decimals_built_from_groups_equal_the_text_path() {
-        const DIG2BYTES: [usize; 10] = [0, 1, 1, 2, 2, 3, 3, 4, 4, 4];
         let table = table();
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut random = move || {
