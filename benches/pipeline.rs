@@ -34,6 +34,11 @@ use loyalty_cdc::pipeline;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
+/// The service binary's allocator (src/main.rs), so the pipeline runs here
+/// as it does there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The throughput baseline: a points-only program.
 const PERSONALIZATION_OFF: &str = "[personalization]\nenabled = false\n";
 

@@ -142,6 +142,15 @@ struct Booker {
 /// chunks (10,000 rows each).
 const MAX_PENDING: usize = 20_000;
 
+/// Source transactions a batch may grow to while the booker is still busy
+/// with the one before it: in a backlog the front normalizes faster than
+/// PostgreSQL books, and a larger batch shares each commit's fixed cost
+/// (statements, round trips, the WAL flush) among more orders instead of
+/// waiting idle. A steady stream never reaches it (an idle booker takes a
+/// batch after [`GROUP_WAIT`]); memory stays bounded by it and by
+/// [`MAX_PENDING`].
+const MAX_GROWN_BATCH: usize = 10 * DEFAULT_BATCH;
+
 /// How long a batch gathers transactions before an idle booker takes it
 /// (a full batch goes at once).
 const GROUP_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
@@ -244,7 +253,8 @@ impl LedgerConsumer {
         self
     }
 
-    /// Source transactions per ledger commit (1 commits each one).
+    /// Source transactions per ledger commit while the booker keeps up (a
+    /// backlog grows batches to [`MAX_GROWN_BATCH`]).
     pub fn with_batch(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
         self
@@ -966,11 +976,16 @@ impl LedgerConsumer {
         // GROUP_WAIT: a steady stream commits every few milliseconds
         // instead of every 100 transactions, and a backlog still fills
         // whole batches (the reader flushes a quiet stream on its own).
+        // A full batch grows on while the booker is busy (see
+        // MAX_GROWN_BATCH) rather than wait for it.
         let gathered = self
             .batch_started
             .is_some_and(|started| started.elapsed() >= GROUP_WAIT);
-        if (self.committing.is_none() && gathered)
-            || self.in_batch >= self.batch
+        let booker_idle = self.committing.is_none();
+        let full = self.in_batch >= self.batch
+            && (booker_idle || self.in_batch >= self.batch.max(MAX_GROWN_BATCH));
+        if (booker_idle && gathered)
+            || full
             || self.pending.len() + self.pending_references.len() >= MAX_PENDING
         {
             self.hand_off().await?;
