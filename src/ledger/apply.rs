@@ -1085,11 +1085,27 @@ async fn write_references(
         }
     }
     if !names.is_empty() {
+        // An update of the rows that exist, then a plain insert of the
+        // rest, rather than INSERT … ON CONFLICT DO UPDATE: most rows are
+        // new (an order's lines), and a speculative insertion costs about
+        // half as much again as a plain one (30,000 rows: 195 ms against
+        // 127–148 ms). This source's booker is the only writer of its rows
+        // while it streams; should another (a replay from the CLI) insert
+        // the same row at the same moment, the unique key fails this
+        // batch, which the reader then sends again.
         client
             .execute(
-                "INSERT INTO reference_rows (source, reference, key, row_data)
-                 SELECT $1, r, k, d FROM unnest($2::text[], $3::text[], $4::jsonb[]) AS t(r, k, d)
-                 ON CONFLICT (source, reference, key) DO UPDATE SET row_data = EXCLUDED.row_data",
+                "WITH input AS (
+                     SELECT * FROM unnest($2::text[], $3::text[], $4::jsonb[]) AS t(r, k, d)
+                 ), changed AS (
+                     UPDATE reference_rows s SET row_data = i.d
+                       FROM input i
+                      WHERE s.source = $1 AND s.reference = i.r AND s.key = i.k
+                     RETURNING s.reference, s.key
+                 )
+                 INSERT INTO reference_rows (source, reference, key, row_data)
+                 SELECT $1, i.r, i.k, i.d FROM input i
+                  WHERE NOT EXISTS (SELECT 1 FROM changed c WHERE c.reference = i.r AND c.key = i.k)",
                 &[&source, &names, &keys, &data],
             )
             .await
