@@ -101,6 +101,25 @@ enum Command {
     /// Messages providers refused for good, or that ran out of attempts.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// The points ledger itself.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Recompute every member's balance (available, pending, lifetime;
+    /// qualifying where tiers follow lifetime points) from the entries
+    /// alone and compare it with the balance the ledger keeps; exit 1 if
+    /// any member disagrees. Read-only: safe while `run` books.
+    Verify {
+        /// Show at most this many disagreeing members (default 100).
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -230,6 +249,9 @@ fn main() -> ExitCode {
                 dlq_list(&cli.config, limit, json).await
             }
             Command::Dlq(DlqCommand::Replay { ids }) => dlq_replay(&cli.config, &ids).await,
+            Command::Ledger(LedgerCommand::Verify { limit, json }) => {
+                ledger_verify(&cli.config, limit, json).await
+            }
             Command::Quarantine(QuarantineCommand::List { limit, json }) => {
                 quarantine_list(&cli.config, limit, json).await
             }
@@ -644,6 +666,81 @@ async fn ledger_db(path: &Path) -> Option<ledger::db::Db> {
             eprintln!("error: ledger: {error}\n  fix: {}", error.fix());
             None
         }
+    }
+}
+
+async fn ledger_verify(path: &Path, limit: i64, json: bool) -> ExitCode {
+    let Some(db) = ledger_db(path).await else {
+        return ExitCode::FAILURE;
+    };
+    // One snapshot for the whole comparison: the entries and the balances
+    // a running service books meanwhile are seen as of one moment.
+    let verdict = async {
+        db.client()
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let verdict = ledger::verify::verify(db.client(), limit.max(0)).await?;
+        db.client().batch_execute("COMMIT").await?;
+        Ok::<_, tokio_postgres::Error>(verdict)
+    }
+    .await;
+    let verdict = match verdict {
+        Ok(verdict) => verdict,
+        Err(error) => {
+            eprintln!("error: ledger: {}", ledger::db::describe(&error));
+            if error.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+                eprintln!("  fix: run `loyalty-cdc migrate` (the ledger has no schema yet)");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        let printed = print_json(&verdict);
+        return if verdict.agrees() {
+            printed
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    for d in &verdict.shown {
+        let stored = match &d.stored {
+            Some(s) => format!(
+                "available {} pending {} lifetime {} qualifying {}",
+                s.available, s.pending, s.lifetime, s.qualifying
+            ),
+            None => "no balance row".to_string(),
+        };
+        println!(
+            "FAIL  member {}{}: balance {stored}; from its entries available {} pending {} lifetime {}",
+            d.member_id,
+            if d.member_missing {
+                " (no such member)"
+            } else {
+                ""
+            },
+            d.from_entries.available,
+            d.from_entries.pending,
+            d.from_entries.lifetime
+        );
+    }
+    if verdict.agrees() {
+        println!(
+            "ok    the balances of {} member(s) agree with their {} entries",
+            verdict.members, verdict.entries
+        );
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "{} of {} member(s) disagree with their entries{}",
+            verdict.disagreeing,
+            verdict.members,
+            if (verdict.shown.len() as i64) < verdict.disagreeing {
+                format!(" (the first {} shown: --limit)", verdict.shown.len())
+            } else {
+                String::new()
+            }
+        );
+        ExitCode::FAILURE
     }
 }
 

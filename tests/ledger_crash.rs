@@ -289,4 +289,36 @@ server_id = {server_id}
         .unwrap()
         .get(0);
     assert_eq!(members, i64::from(MEMBERS));
+
+    // And the operator's own check: every balance recomputed from the
+    // entries alone agrees (members merged away keep their rows too).
+    let with_balances: i64 = ledger
+        .query_one(
+            "SELECT count(*) FROM (SELECT member_id FROM balances UNION SELECT member_id FROM ledger_entries) m",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let verify = tokio::process::Command::new(binary())
+        .arg("--config")
+        .arg(&config)
+        .args(["ledger", "verify"])
+        .output()
+        .await
+        .expect("run loyalty-cdc ledger verify");
+    assert_eq!(
+        (
+            verify.status.code(),
+            String::from_utf8_lossy(&verify.stdout).into_owned()
+        ),
+        (
+            Some(0),
+            format!(
+                "ok    the balances of {with_balances} member(s) agree with their {entries} entries\n"
+            )
+        ),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
 }

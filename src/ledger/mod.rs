@@ -13,6 +13,7 @@
 //!   product, and the segments they are in.
 //! - `tiers.rs`: tier qualification periods and their review (downgrades).
 //! - `wishlists.rs`: wishlisted products and product prices (price drops).
+//! - `verify.rs`: balances recomputed from the entries (`ledger verify`).
 //!
 //! Only this module writes ledger tables; other modules pass it types.
 
@@ -26,6 +27,7 @@ pub mod positions;
 pub mod quarantine;
 mod schema;
 pub mod tiers;
+pub mod verify;
 pub mod wishlists;
 
 pub use schema::{migrate, schema_status, MigrateError, MigrationApplied, SchemaStatus};

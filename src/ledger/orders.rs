@@ -47,10 +47,19 @@ enum Bucket {
     Available,
 }
 
+/// The entry kinds that change pending points; every other kind changes
+/// available points.
+pub const PENDING_KINDS: [&str; 3] = ["earn_pending", "pending_release", "pending_void"];
+
+/// The entry kinds that also change lifetime points (earned and clawed
+/// back; redeemed and expired points stay earned).
+pub const LIFETIME_KINDS: [&str; 2] = ["earn_available", "clawback"];
+
 fn bucket(kind: &str) -> Bucket {
-    match kind {
-        "earn_pending" | "pending_release" | "pending_void" => Bucket::Pending,
-        _ => Bucket::Available,
+    if PENDING_KINDS.contains(&kind) {
+        Bucket::Pending
+    } else {
+        Bucket::Available
     }
 }
 
@@ -142,7 +151,7 @@ async fn book(
     }
     let (pending, available, lifetime) = match (bucket(kind), kind) {
         (Bucket::Pending, _) => (points, 0, 0),
-        (Bucket::Available, "earn_available" | "clawback") => (0, points, points),
+        (Bucket::Available, kind) if LIFETIME_KINDS.contains(&kind) => (0, points, points),
         (Bucket::Available, _) => (0, points, 0),
     };
     // The entry, its balance change and the tier it reaches in one round

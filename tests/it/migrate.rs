@@ -161,3 +161,116 @@ async fn json_logs_are_one_object_per_line_and_never_carry_bound_values() {
     // tokio-postgres logs statement parameters at debug; they carry PII.
     assert!(!run.stderr.contains("with parameters"), "{}", run.stderr);
 }
+
+/// `ledger verify` recomputes every balance from the entries alone: it
+/// agrees on what the booking functions wrote, and names each member whose
+/// balance was changed without an entry, whose entry was written without
+/// its balance change, or whose balance row is gone — exit 1, figures in
+/// text and JSON.
+#[tokio::test]
+async fn ledger_verify_proves_balances_agree_with_entries_and_names_each_that_does_not() {
+    let (ledger_db, db, _settings, triggers) = crate::support::migrated_ledger("").await;
+    let config = format!("[ledger]\nurl = \"{}\"\n", ledger_db.url());
+    let at = chrono::Utc::now() - chrono::Duration::days(1);
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        let member: i64 = db
+            .query_one(
+                "INSERT INTO members (created_at) VALUES ($1) RETURNING member_id",
+                &[&at],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        members.push(member);
+    }
+    // 20 + 10 points for the first, 30 for the second, 10 for the third.
+    crate::support::book_purchase(&db, &triggers, members[0], "a-1", &["A", "B"], at).await;
+    crate::support::book_purchase(&db, &triggers, members[0], "a-2", &["A"], at).await;
+    crate::support::book_purchase(&db, &triggers, members[1], "b-1", &["A", "B", "C"], at).await;
+    crate::support::book_purchase(&db, &triggers, members[2], "c-1", &["C"], at).await;
+    let entries: i64 = db
+        .query_one("SELECT count(*) FROM ledger_entries", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(entries, 4);
+
+    let agreed = run_cli(&config, &["ledger", "verify"], &[]).await;
+    assert_eq!(agreed.code, 0, "{}", agreed.output());
+    assert_eq!(
+        agreed.stdout,
+        "ok    the balances of 3 member(s) agree with their 4 entries\n"
+    );
+
+    // A balance changed without an entry; an entry without its balance
+    // change; a balance row gone.
+    db.execute(
+        "UPDATE balances SET available = available + 7, lifetime = lifetime + 7, qualifying = qualifying + 7
+          WHERE member_id = $1",
+        &[&members[0]],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO ledger_entries (member_id, kind, points, source, effect_key, occurred_at)
+         VALUES ($1, 'earn_pending', 5, 'test', 'test:stray', now())",
+        &[&members[1]],
+    )
+    .await
+    .unwrap();
+    db.execute("DELETE FROM balances WHERE member_id = $1", &[&members[2]])
+        .await
+        .unwrap();
+    let failed = run_cli(&config, &["ledger", "verify"], &[]).await;
+    assert_eq!(failed.code, 1, "{}", failed.output());
+    assert_eq!(
+        failed.stdout,
+        format!(
+            "FAIL  member {}: balance available 37 pending 0 lifetime 37 qualifying 37; from its entries available 30 pending 0 lifetime 30\n\
+             FAIL  member {}: balance available 30 pending 0 lifetime 30 qualifying 30; from its entries available 30 pending 5 lifetime 30\n\
+             FAIL  member {}: balance no balance row; from its entries available 10 pending 0 lifetime 10\n\
+             3 of 3 member(s) disagree with their entries\n",
+            members[0], members[1], members[2]
+        )
+    );
+
+    let json = run_cli(
+        &config,
+        &["ledger", "verify", "--json", "--limit", "1"],
+        &[],
+    )
+    .await;
+    assert_eq!(json.code, 1, "{}", json.output());
+    let verdict: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(
+        verdict,
+        serde_json::json!({
+            "members": 3,
+            "entries": 5,
+            "disagreeing": 3,
+            "shown": [{
+                "member_id": members[0],
+                "stored": {
+                    "available": 37, "pending": 0, "lifetime": 37, "qualifying": 37,
+                    "qualifying_is_lifetime": true
+                },
+                "from_entries": {"available": 30, "pending": 0, "lifetime": 30},
+                "member_missing": false
+            }]
+        })
+    );
+
+    // Qualifying apart from lifetime, where tiers follow lifetime points.
+    db.execute(
+        "UPDATE balances SET available = available - 7, lifetime = lifetime - 7 WHERE member_id = $1",
+        &[&members[0]],
+    )
+    .await
+    .unwrap();
+    let qualifying = run_cli(&config, &["ledger", "verify", "--json"], &[]).await;
+    let verdict: serde_json::Value = serde_json::from_str(&qualifying.stdout).unwrap();
+    assert_eq!(verdict["disagreeing"], 3, "{}", qualifying.output());
+    assert_eq!(verdict["shown"][0]["stored"]["qualifying"], 37);
+    assert_eq!(verdict["shown"][0]["stored"]["lifetime"], 30);
+}
