@@ -5,6 +5,8 @@
 //!
 //!     cargo bench --bench pipeline                       # 20,000 orders, 3 runs
 //!     LCDC_BENCH_ORDERS=5000 LCDC_BENCH_RUNS=5 cargo bench --bench pipeline
+//!     LCDC_BENCH_MEMBERS=5000 cargo bench --bench pipeline  # 500 by default
+//!     LCDC_BENCH_MEMBERS=5000 LCDC_BENCH_ENROLLED=1 cargo bench --bench pipeline
 //!
 //! 1. Throughput: for each run a ledger and a slot are set up (the service
 //!    starts once and stops, so its slot exists) and a `pg_recvlogical`
@@ -191,6 +193,13 @@ impl Service {
 /// Runs the service until `done` says every order is booked; returns the
 /// seconds from start to then.
 async fn run_until(settings: Settings, ledger: &tokio_postgres::Client, orders: i64) -> f64 {
+    // Orders booked before this run (the enrollment pass) count apart.
+    let before: i64 = ledger
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0);
+    let orders_in_ledger = before + orders;
     settle(ledger).await;
     let started = Instant::now();
     let service = Service::start(settings).await;
@@ -209,7 +218,7 @@ async fn run_until(settings: Settings, ledger: &tokio_postgres::Client, orders: 
                 .await
                 .map(|r| r.get(0))
                 .unwrap_or(0);
-            if committed >= orders {
+            if committed >= orders_in_ledger {
                 break;
             }
         }
@@ -246,9 +255,19 @@ async fn prime(settings: Settings, ledger_db: &str) {
     service.await.unwrap().expect("pipeline stops cleanly");
 }
 
+/// Customers the sales go to in turn (`LCDC_BENCH_MEMBERS`, 500 by
+/// default): each first sale enrolls one.
+fn members() -> i64 {
+    std::env::var("LCDC_BENCH_MEMBERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n: &i64| *n > 0)
+        .unwrap_or(500)
+}
+
 /// One till sale: the order and 3 lines in one transaction.
 fn order_sql(id: i64) -> String {
-    let partner = 100 + id % 500;
+    let partner = 100 + id % members();
     let line = id * 3;
     format!(
         "BEGIN;
@@ -327,16 +346,17 @@ async fn main() {
     )
     .expect("../shared/schemas beside the project");
     pos.batch_execute(&schema).await.unwrap();
-    pos.batch_execute(
+    pos.batch_execute(&format!(
         "INSERT INTO res_currency (id, name, symbol) VALUES (1, 'EUR', '€');
          INSERT INTO res_partner (id, name, type, is_company) VALUES (1, 'Store', 'contact', true);
          INSERT INTO res_company (id, name, partner_id, currency_id) VALUES (1, 'Store', 1, 1);
-         INSERT INTO product_template (id, name) VALUES (1, '{\"en_US\": \"Coffee\"}');
+         INSERT INTO product_template (id, name) VALUES (1, '{{\"en_US\": \"Coffee\"}}');
          INSERT INTO product_product (id, default_code, product_tmpl_id) VALUES (1, 'COF', 1);
          INSERT INTO pos_config (id, name, currency_id, company_id) VALUES (1, 'Till', 1, 1);
          INSERT INTO res_partner (id, name, type, email)
-           SELECT 100 + n, 'Member ' || n, 'contact', 'member' || n || '@mail.de' FROM generate_series(0, 499) n;",
-    )
+           SELECT 100 + n, 'Member ' || n, 'contact', 'member' || n || '@mail.de' FROM generate_series(0, {}) n;",
+        members() - 1
+    ))
     .await
     .unwrap();
 
@@ -350,6 +370,24 @@ async fn main() {
         }
         ledgers.push(format!("t{run}"));
     }
+    // `LCDC_BENCH_ENROLLED=1`: every member has bought once before the
+    // timed drain (booked untimed by each ledger), so the drain measures
+    // returning customers only, not enrollment.
+    let enrolled = std::env::var("LCDC_BENCH_ENROLLED").is_ok_and(|v| v == "1");
+    let offset = if enrolled { members() } else { 0 };
+    if enrolled {
+        for id in 1..=offset {
+            pos.batch_execute(&order_sql(id)).await.unwrap();
+        }
+        for run in 0..runs {
+            for variant in ["t", "p"] {
+                let name = format!("{variant}{run}");
+                let ledger = connect(&bench.ledger(&name)).await;
+                run_until(bench.settings_existing(&name), &ledger, offset).await;
+            }
+        }
+        eprintln!("enrolled {offset} members in every ledger");
+    }
     let publication = format!("{}_pub", bench.prefix);
     for run in 0..runs {
         pos.execute(
@@ -360,7 +398,7 @@ async fn main() {
         .unwrap();
     }
     let writing = Instant::now();
-    for id in 1..=orders {
+    for id in offset + 1..=offset + orders {
         pos.batch_execute(&order_sql(id)).await.unwrap();
     }
     let end: String = pos
@@ -486,7 +524,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rate = 1_000i64;
     let seconds = 10i64;
-    let first = orders + 1;
+    let first = offset + orders + 1;
     let last = first + rate * seconds - 1;
     let writer = tokio::spawn(async move {
         let mut committed = Vec::with_capacity((last - first + 1) as usize);

@@ -77,10 +77,17 @@ impl WriterLock {
 pub struct LedgerConsumer {
     url: DatabaseUrl,
     password: Option<Secret>,
-    /// The ledger connection, shared with the booker: reference lookups
-    /// run beside a batch being booked (tokio-postgres sends requests in
-    /// order; a lookup inside the booker's transaction sees what it wrote).
+    /// The ledger connection, shared with the booker.
     client: Arc<Db>,
+    /// A connection of its own for reference lookups the cache cannot
+    /// answer: on the booker's connection each one queued behind the
+    /// batch being booked (tokio-postgres answers requests in order), and
+    /// with many customers — a cold cache after a start, or rows evicted —
+    /// the front spent its time waiting there. It reads what is committed;
+    /// everything a batch not yet committed wrote is in the cache (see
+    /// [`LedgerConsumer::hand_off`]), so a lookup answers as the stream
+    /// stands.
+    lookups: Arc<Db>,
     source: Arc<str>,
     normalizer: Normalizer,
     batch: usize,
@@ -193,6 +200,7 @@ impl LedgerConsumer {
         program: Arc<ProgramSettings>,
     ) -> Result<Self, connect::ConnectError> {
         let client = Arc::new(Db::new(connect::postgres(url, password).await?));
+        let lookups = Arc::new(Db::new(connect::postgres(url, password).await?));
         let source: Arc<str> = Arc::from(source);
         let counts: Arc<ApplyCounts> = Arc::default();
         let booker = Booker {
@@ -213,6 +221,7 @@ impl LedgerConsumer {
             url: url.clone(),
             password: password.cloned(),
             client,
+            lookups,
             source,
             normalizer,
             batch: DEFAULT_BATCH,
@@ -311,7 +320,7 @@ impl LedgerConsumer {
 
     async fn book(&mut self, txn: &mut SourceTxn) -> Result<(), ConsumerError> {
         let mut references = StoredReferences {
-            client: &self.client,
+            client: &self.lookups,
             source: &self.source,
             cache: &mut self.reference_cache,
             pending: &mut self.pending_references,
@@ -933,6 +942,13 @@ impl TxnConsumer for LedgerConsumer {
         }
         *booker.facts() = BatchFacts::default();
         drop(booker);
+        if self.lookups.is_closed() {
+            self.lookups = Arc::new(Db::new(
+                connect::postgres(&self.url, self.password.as_ref())
+                    .await
+                    .map_err(|e| ConsumerError::transient(e.to_string()))?,
+            ));
+        }
         let position = positions::load(self.client.client(), &self.source)
             .await
             .map_err(|e| ConsumerError::transient(e.to_string()))?;
