@@ -274,3 +274,39 @@ async fn ledger_verify_proves_balances_agree_with_entries_and_names_each_that_do
     assert_eq!(verdict["shown"][0]["stored"]["qualifying"], 37);
     assert_eq!(verdict["shown"][0]["stored"]["lifetime"], 30);
 }
+
+/// Migration V12 gives every text column of the ledger's tables byte
+/// order, and leaves a table of something else in the same schema as it
+/// was.
+#[tokio::test]
+async fn ledger_text_compares_by_bytes_and_other_tables_are_left_alone() {
+    let db = PgDatabase::create("ledger").await;
+    let mut client = db.client().await;
+    client
+        .batch_execute("CREATE TABLE someone_elses (note text)")
+        .await
+        .unwrap();
+    ledger::migrate(&mut client).await.unwrap();
+    let collations: Vec<(String, Option<String>)> = client
+        .query(
+            "SELECT table_name::text, collation_name::text FROM information_schema.columns
+              WHERE table_schema = current_schema() AND data_type = 'text'
+                AND table_name <> 'refinery_schema_history'
+              GROUP BY 1, 2 ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let not_c: Vec<&(String, Option<String>)> = collations
+        .iter()
+        .filter(|(_, collation)| collation.as_deref() != Some("C"))
+        .collect();
+    assert_eq!(
+        not_c,
+        [&("someone_elses".to_string(), None)],
+        "every ledger text column is C: {collations:?}"
+    );
+}
