@@ -673,18 +673,7 @@ async fn ledger_verify(path: &Path, limit: i64, json: bool) -> ExitCode {
     let Some(db) = ledger_db(path).await else {
         return ExitCode::FAILURE;
     };
-    // One snapshot for the whole comparison: the entries and the balances
-    // a running service books meanwhile are seen as of one moment.
-    let verdict = async {
-        db.client()
-            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await?;
-        let verdict = ledger::verify::verify(db.client(), limit.max(0)).await?;
-        db.client().batch_execute("COMMIT").await?;
-        Ok::<_, tokio_postgres::Error>(verdict)
-    }
-    .await;
-    let verdict = match verdict {
+    let verdict = match ledger::verify::verify(db.client(), limit).await {
         Ok(verdict) => verdict,
         Err(error) => {
             eprintln!("error: ledger: {}", ledger::db::describe(&error));

@@ -330,6 +330,14 @@ impl LedgerConsumer {
         Ok(())
     }
 
+    /// A new ledger connection, for one that was lost.
+    async fn reconnect(&self) -> Result<Arc<Db>, ConsumerError> {
+        let client = connect::postgres(&self.url, self.password.as_ref())
+            .await
+            .map_err(|e| ConsumerError::transient(e.to_string()))?;
+        Ok(Arc::new(Db::new(client)))
+    }
+
     /// Drops what was taken but is not durable (the reader re-sends it).
     async fn forget_batch(&mut self) {
         if let Some(task) = self.committing.take() {
@@ -928,11 +936,7 @@ impl TxnConsumer for LedgerConsumer {
         self.forget_batch().await;
         let mut booker = self.booker.lock().await;
         if self.client.is_closed() {
-            self.client = Arc::new(Db::new(
-                connect::postgres(&self.url, self.password.as_ref())
-                    .await
-                    .map_err(|e| ConsumerError::transient(e.to_string()))?,
-            ));
+            self.client = self.reconnect().await?;
             booker.client = Arc::clone(&self.client);
             booker.open = false;
         } else if booker.open {
@@ -943,11 +947,7 @@ impl TxnConsumer for LedgerConsumer {
         *booker.facts() = BatchFacts::default();
         drop(booker);
         if self.lookups.is_closed() {
-            self.lookups = Arc::new(Db::new(
-                connect::postgres(&self.url, self.password.as_ref())
-                    .await
-                    .map_err(|e| ConsumerError::transient(e.to_string()))?,
-            ));
+            self.lookups = self.reconnect().await?;
         }
         let position = positions::load(self.client.client(), &self.source)
             .await

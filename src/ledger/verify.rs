@@ -63,8 +63,23 @@ impl Verdict {
 
 /// Recomputes every member's balance from the entries, in one statement
 /// (an aggregate over `ledger_entries`, memory on the server side), and
-/// returns the disagreements, the first `limit` of them in full.
+/// returns the disagreements, the first `limit` of them in full. Runs in
+/// a read-only snapshot of its own: the entries and balances a running
+/// service books meanwhile are seen as of one moment.
 pub async fn verify(
+    client: &tokio_postgres::Client,
+    limit: i64,
+) -> Result<Verdict, tokio_postgres::Error> {
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let verdict = compare(client, limit.max(0)).await;
+    // Read-only: ending it either way keeps nothing.
+    client.batch_execute("COMMIT").await?;
+    verdict
+}
+
+async fn compare(
     client: &tokio_postgres::Client,
     limit: i64,
 ) -> Result<Verdict, tokio_postgres::Error> {
