@@ -31,6 +31,11 @@ use loyalty_cdc::delivery::SystemClock;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
+/// The service binary's allocator (src/main.rs), so the worker is timed
+/// as it runs there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const RUNS: usize = 3;
 const PG: &str = "postgres://postgres@127.0.0.1:5432";
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";

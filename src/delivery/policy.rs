@@ -35,6 +35,14 @@ pub fn lookback(settings: &DeliverySettings) -> Duration {
     Duration::hours(longest)
 }
 
+/// Whether [`judge`] looks at the member's recent sends for a message of
+/// `trigger` on `channel`: only a cooldown of the trigger or a cap of the
+/// channel does.
+pub fn looks_back(settings: &DeliverySettings, channel: Channel, trigger: &str) -> bool {
+    settings.cooldown_hours.contains_key(trigger)
+        || settings.caps_per_day.contains_key(channel.as_str())
+}
+
 /// Judges one message of `(trigger, route)`. `recent` is what the member
 /// was sent within [`lookback`]: `(channel, trigger, route, sent_at)`.
 /// A cooldown counts sends of the same trigger through the same route: the

@@ -425,6 +425,24 @@ impl ProviderTemplate {
             })
     }
 
+    /// A rendered JSON body, checked and written compactly: the body must
+    /// be JSON, and the bytes signed are the compact bytes sent. Streamed
+    /// from the text to the output (`serde_transcode`), in template order,
+    /// without building a tree of values per message.
+    fn compact_json(&self, text: &str, part: &str) -> Result<Vec<u8>, RenderError> {
+        let invalid = |e: serde_json::Error| RenderError {
+            file: self.file.display().to_string(),
+            part: part.to_string(),
+            message: format!("did not render to JSON ({e}); insert values with `| tojson`"),
+        };
+        let mut out = Vec::with_capacity(text.len());
+        let mut reader = serde_json::Deserializer::from_str(text);
+        serde_transcode::transcode(&mut reader, &mut serde_json::Serializer::new(&mut out))
+            .map_err(invalid)?;
+        reader.end().map_err(invalid)?;
+        Ok(out)
+    }
+
     /// The request for one message. `base_url` overrides the template's.
     pub fn render(
         &self,
@@ -448,20 +466,7 @@ impl ProviderTemplate {
         let (content_type, body) = match self.encoding {
             Encoding::Json => {
                 let text = self.render_part("body", context)?;
-                // Parsed and written again: the body must be JSON, and the
-                // bytes signed are the compact bytes sent.
-                let value: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|e| RenderError {
-                        file: self.file.display().to_string(),
-                        part: "body".into(),
-                        message: format!(
-                            "did not render to JSON ({e}); insert values with `| tojson`"
-                        ),
-                    })?;
-                (
-                    "application/json",
-                    serde_json::to_vec(&value).unwrap_or_default(),
-                )
+                ("application/json", self.compact_json(&text, "body")?)
             }
             Encoding::Form => {
                 let mut pairs = Vec::with_capacity(self.form.len());
@@ -522,15 +527,7 @@ impl ProviderTemplate {
             }
             let body = if has_body {
                 let text = self.render_part("erase:body", context)?;
-                let value: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|e| RenderError {
-                        file: self.file.display().to_string(),
-                        part: "erase.body".into(),
-                        message: format!(
-                            "did not render to JSON ({e}); insert values with `| tojson`"
-                        ),
-                    })?;
-                serde_json::to_vec(&value).unwrap_or_default()
+                self.compact_json(&text, "erase.body")?
             } else {
                 Vec::new()
             };
