@@ -641,6 +641,25 @@ body = '{"a": {{ value }}}'
             .render(None, &minijinja::context! { value => "not quoted" })
             .unwrap_err();
         assert!(error.message.contains("tojson"), "{error}");
+        // Written compactly in the template's order; text after the JSON
+        // value is refused, not cut off.
+        let ordered = ProviderTemplate::from_toml(
+            "j.toml",
+            &text.replace(
+                r#"'{"a": {{ value }}}'"#,
+                r#"'{"z": [1, 2],  "a": {{ value }}} {{ tail }}'"#,
+            ),
+        )
+        .unwrap();
+        let ok = ordered
+            .render(None, &minijinja::context! { value => 5, tail => " " })
+            .unwrap();
+        assert_eq!(ok.body, br#"{"z":[1,2],"a":5}"#);
+        let error = ordered
+            .render(None, &minijinja::context! { value => 5, tail => "x" })
+            .unwrap_err();
+        assert_eq!(error.part, "body");
+        assert!(error.message.contains("did not render to JSON"), "{error}");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::outbox::{self, Attempt, Claimed, Outcome};
 use super::policy::{self, Decision};
 use super::sign::SigningKey;
-use super::template::{self, ProviderTemplate, Signing};
+use super::template::{self, Channel, ProviderTemplate, Signing};
 use super::{Clock, DeliverySettings};
 use crate::config::{DatabaseUrl, Secret, Settings, TriggerRoute};
 use crate::connect;
@@ -79,6 +79,11 @@ struct Provider {
 }
 
 impl Provider {
+    /// The channel a message goes out on: its own, else the template's.
+    fn channel_of(&self, message: &Claimed) -> Channel {
+        message.channel.unwrap_or(self.template.channel)
+    }
+
     /// `url` parsed, from the last request's when it is the same.
     fn parsed_url(&self, url: &str) -> Option<reqwest::Url> {
         let mut last = self.last_url.lock().unwrap_or_else(|e| e.into_inner());
@@ -321,10 +326,9 @@ impl Worker {
         let mut judged_by_history: Vec<i64> = batch
             .iter()
             .filter(|m| {
-                let channel = m
-                    .channel
-                    .or_else(|| self.providers.get(&m.provider).map(|p| p.template.channel));
-                channel.is_some_and(|c| policy::looks_back(&self.settings, c, &m.trigger))
+                self.providers.get(&m.provider).is_some_and(|p| {
+                    policy::looks_back(&self.settings, p.channel_of(m), &m.trigger)
+                })
             })
             .filter_map(|m| m.member.and_then(|id| contacts.get(&id)))
             .map(|c| c.member_id)
@@ -398,7 +402,7 @@ impl Worker {
                 ));
                 continue;
             };
-            let channel = message.channel.unwrap_or(provider.template.channel);
+            let channel = provider.channel_of(&message);
             let sent = recent
                 .get(&contact.member_id)
                 .map_or(&[][..], Vec::as_slice);

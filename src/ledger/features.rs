@@ -293,8 +293,8 @@ pub struct MemberCounts {
 /// The next review is a subquery, one probe of its primary key per member:
 /// as a join, a stale row estimate of the members asked (a table that grew
 /// since it was last analyzed, as after a snapshot) had the planner read
-/// every member's review row once per member asked — 60–90 ms a batch with
-/// 5,000 members.
+/// every member's review row once per member asked — 60–230 ms a batch
+/// with 5,000 members.
 pub async fn counts(
     db: &Db,
     members: &[i64],
