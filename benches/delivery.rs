@@ -15,6 +15,15 @@
 //!    from start until it has sent every message (its own count, polled
 //!    every 5 ms; the outbox is checked once at the end).
 //!    Deliveries/s, median of the runs, and the ratio to wrk.
+//! 3. The budget the target leaves (both cores are shared by the worker,
+//!    PostgreSQL and the receiver): the receiver's own CPU per request
+//!    during the wrk run (from /proc), and the recording floor — what
+//!    PostgreSQL spends on delivery's writes alone (`outbox::claim` and
+//!    `outbox::finish_all` of every message as sent, batches of 1,000, in
+//!    one backend, no HTTP, nothing else running). At half of wrk's rate,
+//!    the worker gets what is left of 2 cores / (wrk/2) after the receiver
+//!    and the backend's own CPU for recording (a lower bound: the client's
+//!    encoding, the WAL writer and the commits' flushes come on top).
 //!
 //! Prints JSON lines. Needs wrk (`apt-get install wrk`) and the local
 //! PostgreSQL made ready by docker/setup-local-databases.sh.
@@ -72,7 +81,112 @@ async fn receiver() {
     axum::serve(listener, app).await.unwrap();
 }
 
-fn wrk(port: u16, dir: &std::path::Path) -> f64 {
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in brackets.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// µs per message of recording deliveries alone, every message claimed and
+/// recorded as sent by the worker's own statements, with no HTTP and no
+/// other load: the wall time (client and server one after the other, and
+/// the commits' flushes) and the server backend's own CPU time.
+async fn recording_floor(admin: &tokio_postgres::Client, messages: i64) -> (f64, f64) {
+    use loyalty_cdc::delivery::outbox::{self, Attempt, Finished, Outcome};
+    let database = "lcdc_bench_delivery_floor";
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {database}"))
+        .await
+        .unwrap();
+    let mut ledger = connect(database).await;
+    loyalty_cdc::ledger::migrate(&mut ledger).await.unwrap();
+    ledger.batch_execute(&fill_sql(messages)).await.unwrap();
+    // As the runs' rows: visible to all and on disk before the timing.
+    for statement in ["VACUUM ANALYZE outbox", "CHECKPOINT"] {
+        ledger.batch_execute(statement).await.unwrap();
+    }
+    let backend: i32 = ledger
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let db = loyalty_cdc::ledger::db::Db::new(ledger);
+    let backend_cpu_before = cpu_seconds(backend as u32);
+    let started = Instant::now();
+    let mut recorded = 0;
+    loop {
+        db.batch_execute("BEGIN").await.unwrap();
+        let claimed = outbox::claim(&db, chrono::Utc::now(), 1000, (0, 1))
+            .await
+            .unwrap();
+        if claimed.is_empty() {
+            db.batch_execute("COMMIT").await.unwrap();
+            break;
+        }
+        let now = chrono::Utc::now();
+        let finished: Vec<Finished> = claimed
+            .iter()
+            .map(|m| {
+                Finished::of(
+                    m,
+                    &m.provider,
+                    now,
+                    Outcome::Sent,
+                    Attempt {
+                        requested: true,
+                        status_code: Some(204),
+                        latency_ms: Some(1),
+                        detail: Some("204".into()),
+                    },
+                )
+            })
+            .collect();
+        outbox::finish_all(&db, &finished).await.unwrap();
+        db.batch_execute("COMMIT").await.unwrap();
+        recorded += claimed.len();
+    }
+    let per_message = |seconds: f64| seconds * 1e6 / recorded.max(1) as f64;
+    let wall = per_message(started.elapsed().as_secs_f64());
+    let backend_cpu = per_message(cpu_seconds(backend as u32) - backend_cpu_before);
+    drop(db);
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+        .await
+        .unwrap();
+    (wall, backend_cpu)
+}
+
+/// Members, balances and `messages` pending tier upgrades to the webhook.
+fn fill_sql(messages: i64) -> String {
+    format!(
+        "INSERT INTO members (created_at, tier) SELECT now(), 'gold' FROM generate_series(1, {members});
+         INSERT INTO balances (member_id, available, pending, lifetime, updated_at)
+           SELECT member_id, 1200, 0, 1500, now() FROM members;
+         INSERT INTO outbox (dedupe_key, member_id, trigger, route, provider, channel, occurred_at, payload)
+           SELECT 'bench:' || n, 1 + n % {members}, 'tier_upgrade', 'tier_upgrade_webhook', 'webhook', 'webhook', now(),
+                  jsonb_build_object('trigger', jsonb_build_object('kind', 'tier_upgrade',
+                      'occurred_at', now(), 'data', jsonb_build_object('tier', 'gold', 'previous_tier', 'silver')))
+             FROM generate_series(1, {messages}) n;",
+        members = (messages / 2).max(1)
+    )
+}
+
+/// wrk's requests/s and the receiver's CPU µs per request meanwhile.
+fn wrk(port: u16, receiver: u32, dir: &std::path::Path) -> (f64, f64) {
     let body = format!(
         "{{\"type\":\"loyalty.tier_upgrade\",\"pad\":\"{}\"}}",
         "x".repeat(650)
@@ -85,17 +199,29 @@ fn wrk(port: u16, dir: &std::path::Path) -> f64 {
         ),
     )
     .unwrap();
+    let cpu_before = cpu_seconds(receiver);
     let output = Command::new("wrk")
         .args(["-t2", "-c32", "-d10s", "-s"])
         .arg(&script)
         .arg(format!("http://127.0.0.1:{port}/hook"))
         .output()
         .unwrap_or_else(|e| panic!("wrk: {e}; install it with apt-get install wrk"));
+    let receiver_cpu = cpu_seconds(receiver) - cpu_before;
     let text = String::from_utf8_lossy(&output.stdout);
-    text.lines()
+    let requests_per_s: f64 = text
+        .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no Requests/sec in wrk output: {text}"))
+        .unwrap_or_else(|| panic!("no Requests/sec in wrk output: {text}"));
+    let requests: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.split_once(" requests in ")
+                .map(|(n, _)| n.trim().to_string())
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(requests_per_s * 10.0);
+    (requests_per_s, receiver_cpu * 1e6 / requests.max(1.0))
 }
 
 async fn one_run(
@@ -116,20 +242,7 @@ async fn one_run(
         .unwrap();
     let mut ledger = connect(&database).await;
     loyalty_cdc::ledger::migrate(&mut ledger).await.unwrap();
-    ledger
-        .batch_execute(&format!(
-            "INSERT INTO members (created_at, tier) SELECT now(), 'gold' FROM generate_series(1, {members});
-             INSERT INTO balances (member_id, available, pending, lifetime, updated_at)
-               SELECT member_id, 1200, 0, 1500, now() FROM members;
-             INSERT INTO outbox (dedupe_key, member_id, trigger, route, provider, channel, occurred_at, payload)
-               SELECT 'bench:' || n, 1 + n % {members}, 'tier_upgrade', 'tier_upgrade_webhook', 'webhook', 'webhook', now(),
-                      jsonb_build_object('trigger', jsonb_build_object('kind', 'tier_upgrade',
-                          'occurred_at', now(), 'data', jsonb_build_object('tier', 'gold', 'previous_tier', 'silver')))
-                 FROM generate_series(1, {messages}) n;",
-            members = (messages / 2).max(1)
-        ))
-        .await
-        .unwrap();
+    ledger.batch_execute(&fill_sql(messages)).await.unwrap();
     let path = dir.join(format!("delivery-{run}.toml"));
     let providers = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("connectors/providers");
     std::fs::write(
@@ -200,10 +313,14 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let admin = connect("postgres").await;
 
-    let wrk_rps = wrk(port, dir.path());
+    let (wrk_rps, receiver_us) = wrk(port, child.0.id(), dir.path());
     println!(
         "{}",
-        serde_json::json!({ "reference": "wrk -t2 -c32", "requests_per_s": wrk_rps.round() })
+        serde_json::json!({
+            "reference": "wrk -t2 -c32",
+            "requests_per_s": wrk_rps.round(),
+            "receiver_cpu_us_per_request": (receiver_us * 10.0).round() / 10.0,
+        })
     );
     let mut rates = Vec::new();
     for run in 0..RUNS {
@@ -221,6 +338,21 @@ async fn main() {
             "deliveries_per_s_median": ours.round(),
             "wrk_requests_per_s": wrk_rps.round(),
             "ratio": (ours / wrk_rps * 1000.0).round() / 1000.0,
+        })
+    );
+    let (floor_us, floor_backend_us) = recording_floor(&admin, messages).await;
+    // Both cores at half of wrk's rate: CPU µs per message for everything.
+    let budget_us = 2.0 * 1e6 / (wrk_rps / 2.0);
+    let round = |v: f64| (v * 10.0).round() / 10.0;
+    println!(
+        "{}",
+        serde_json::json!({
+            "budget_at_half_wrk_us_per_message": round(budget_us),
+            "receiver_cpu_us_per_request": round(receiver_us),
+            "recording_floor_us_per_message": round(floor_us),
+            "recording_backend_cpu_us_per_message": round(floor_backend_us),
+            "left_for_worker_us_per_message": round(budget_us - receiver_us - floor_backend_us),
+            "used_now_us_per_message": round(2.0 * 1e6 / ours),
         })
     );
     drop(child);
