@@ -81,20 +81,28 @@ async fn receiver() {
     axum::serve(listener, app).await.unwrap();
 }
 
-/// CPU seconds (user + system) a process has used so far.
+/// CPU seconds (user + system) a process has used so far. A budget from a
+/// process that could not be read would be wrong, not smaller: it panics.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) in brackets.
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    // utime and stime are fields 14 and 15 of the line; counted after the
+    // command name (in brackets, and it may hold spaces), 12 and 13.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
+    let ticks = |i: usize| -> f64 {
         fields
             .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{path}: no field {}", i + 3))
     };
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    // In clock ticks: USER_HZ, 100 on every Linux this runs on.
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// To a tenth, for printing.
+fn tenths(value: f64) -> f64 {
+    (value * 10.0).round() / 10.0
 }
 
 /// µs per message of recording deliveries alone, every message claimed and
@@ -104,18 +112,9 @@ fn cpu_seconds(pid: u32) -> f64 {
 async fn recording_floor(admin: &tokio_postgres::Client, messages: i64) -> (f64, f64) {
     use loyalty_cdc::delivery::outbox::{self, Attempt, Finished, Outcome};
     let database = "lcdc_bench_delivery_floor";
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {database}"))
-        .await
-        .unwrap();
-    let mut ledger = connect(database).await;
-    loyalty_cdc::ledger::migrate(&mut ledger).await.unwrap();
-    ledger.batch_execute(&fill_sql(messages)).await.unwrap();
-    // As the runs' rows: visible to all and on disk before the timing.
+    let ledger = fresh_ledger(admin, database, messages).await;
+    // Vacuumed and on disk before the timing (the runs' rows are not): the
+    // floor errs low, as a floor should.
     for statement in ["VACUUM ANALYZE outbox", "CHECKPOINT"] {
         ledger.batch_execute(statement).await.unwrap();
     }
@@ -163,14 +162,35 @@ async fn recording_floor(admin: &tokio_postgres::Client, messages: i64) -> (f64,
     let wall = per_message(started.elapsed().as_secs_f64());
     let backend_cpu = per_message(cpu_seconds(backend as u32) - backend_cpu_before);
     drop(db);
+    drop_database(admin, database).await;
+    (wall, backend_cpu)
+}
+
+/// A new ledger database `database`, migrated, with members, balances and
+/// `messages` pending tier upgrades to the webhook.
+async fn fresh_ledger(
+    admin: &tokio_postgres::Client,
+    database: &str,
+    messages: i64,
+) -> tokio_postgres::Client {
+    drop_database(admin, database).await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {database}"))
+        .await
+        .unwrap();
+    let mut ledger = connect(database).await;
+    loyalty_cdc::ledger::migrate(&mut ledger).await.unwrap();
+    ledger.batch_execute(&fill_sql(messages)).await.unwrap();
+    ledger
+}
+
+async fn drop_database(admin: &tokio_postgres::Client, database: &str) {
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
         .await
         .unwrap();
-    (wall, backend_cpu)
 }
 
-/// Members, balances and `messages` pending tier upgrades to the webhook.
 fn fill_sql(messages: i64) -> String {
     format!(
         "INSERT INTO members (created_at, tier) SELECT now(), 'gold' FROM generate_series(1, {members});
@@ -215,13 +235,10 @@ fn wrk(port: u16, receiver: u32, dir: &std::path::Path) -> (f64, f64) {
         .unwrap_or_else(|| panic!("no Requests/sec in wrk output: {text}"));
     let requests: f64 = text
         .lines()
-        .find_map(|l| {
-            l.split_once(" requests in ")
-                .map(|(n, _)| n.trim().to_string())
-        })
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(requests_per_s * 10.0);
-    (requests_per_s, receiver_cpu * 1e6 / requests.max(1.0))
+        .find_map(|l| l.split_once(" requests in "))
+        .and_then(|(n, _)| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no request count in wrk output: {text}"));
+    (requests_per_s, receiver_cpu * 1e6 / requests)
 }
 
 async fn one_run(
@@ -232,17 +249,7 @@ async fn one_run(
     dir: &std::path::Path,
 ) -> f64 {
     let database = format!("lcdc_bench_delivery_{run}");
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {database}"))
-        .await
-        .unwrap();
-    let mut ledger = connect(&database).await;
-    loyalty_cdc::ledger::migrate(&mut ledger).await.unwrap();
-    ledger.batch_execute(&fill_sql(messages)).await.unwrap();
+    let ledger = fresh_ledger(admin, &database, messages).await;
     let path = dir.join(format!("delivery-{run}.toml"));
     let providers = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("connectors/providers");
     std::fs::write(
@@ -275,10 +282,7 @@ async fn one_run(
         .get(0);
     assert_eq!(sent, messages, "every message recorded as sent");
     drop(ledger);
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
-        .await
-        .unwrap();
+    drop_database(admin, &database).await;
     messages as f64 / elapsed
 }
 
@@ -319,7 +323,7 @@ async fn main() {
         serde_json::json!({
             "reference": "wrk -t2 -c32",
             "requests_per_s": wrk_rps.round(),
-            "receiver_cpu_us_per_request": (receiver_us * 10.0).round() / 10.0,
+            "receiver_cpu_us_per_request": tenths(receiver_us),
         })
     );
     let mut rates = Vec::new();
@@ -343,16 +347,15 @@ async fn main() {
     let (floor_us, floor_backend_us) = recording_floor(&admin, messages).await;
     // Both cores at half of wrk's rate: CPU µs per message for everything.
     let budget_us = 2.0 * 1e6 / (wrk_rps / 2.0);
-    let round = |v: f64| (v * 10.0).round() / 10.0;
     println!(
         "{}",
         serde_json::json!({
-            "budget_at_half_wrk_us_per_message": round(budget_us),
-            "receiver_cpu_us_per_request": round(receiver_us),
-            "recording_floor_us_per_message": round(floor_us),
-            "recording_backend_cpu_us_per_message": round(floor_backend_us),
-            "left_for_worker_us_per_message": round(budget_us - receiver_us - floor_backend_us),
-            "used_now_us_per_message": round(2.0 * 1e6 / ours),
+            "budget_at_half_wrk_us_per_message": tenths(budget_us),
+            "receiver_cpu_us_per_request": tenths(receiver_us),
+            "recording_floor_us_per_message": tenths(floor_us),
+            "recording_backend_cpu_us_per_message": tenths(floor_backend_us),
+            "left_for_worker_us_per_message": tenths(budget_us - receiver_us - floor_backend_us),
+            "used_now_us_per_message": tenths(2.0 * 1e6 / ours),
         })
     );
     drop(child);
