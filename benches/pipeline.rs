@@ -18,6 +18,10 @@
 //!    kept in the ledger transaction, five segments judged at each
 //!    commit) against it off, on the same orders, back to back (which
 //!    goes first alternates): the ratio must stay above 0.85 (issue 8).
+//!    Each drain also reports the CPU seconds it took, of the service and
+//!    of every PostgreSQL process (from /proc), and the summary their
+//!    ratio (off over on): the machine's other load sways wall times by a
+//!    third between runs minutes apart, the work much less.
 //! 2. Latency: one service streams while a writer commits 1,000 orders/s
 //!    for 10 s; per order, the time from its COMMIT returning at the source
 //!    to the order being visible in the ledger (polled every 2 ms, so
@@ -190,9 +194,66 @@ impl Service {
     }
 }
 
+/// CPU seconds (user + system) of one process so far, from /proc (`None`:
+/// it is gone, or not readable).
+fn process_cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // utime and stime are fields 14 and 15; counted after the command name
+    // (in brackets, and it may hold spaces), 12 and 13. Clock ticks:
+    // USER_HZ, 100 on every Linux this runs on.
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    Some((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// CPU seconds used so far by this process (the service, and the bench's
+/// 2 ms polling) and by every PostgreSQL process on the machine (the
+/// ledger's backends, the source's WAL sender, the background writers):
+/// the work a drain costs, which the machine's other load slows but does
+/// not add to, unlike the wall time. A backend that exits between two
+/// readings takes its share with it (the service's connections live until
+/// it stops, after the second reading).
+fn cpu_seconds() -> (f64, f64) {
+    let service = process_cpu_seconds("self").expect("/proc/self/stat is readable");
+    let mut postgres = 0.0;
+    for entry in std::fs::read_dir("/proc")
+        .expect("/proc is readable")
+        .flatten()
+    {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let is_postgres = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|comm| comm.trim_end() == "postgres");
+        if is_postgres {
+            postgres += process_cpu_seconds(pid).unwrap_or(0.0);
+        }
+    }
+    (service, postgres)
+}
+
+/// One drain: its wall seconds, and the CPU seconds the service and
+/// PostgreSQL used during it.
+struct Drain {
+    seconds: f64,
+    service_cpu: f64,
+    postgres_cpu: f64,
+}
+
+impl Drain {
+    fn cpu(&self) -> f64 {
+        self.service_cpu + self.postgres_cpu
+    }
+}
+
 /// Runs the service until `done` says every order is booked; returns the
-/// seconds from start to then.
-async fn run_until(settings: Settings, ledger: &tokio_postgres::Client, orders: i64) -> f64 {
+/// seconds from start to then, and the CPU it took.
+async fn run_until(settings: Settings, ledger: &tokio_postgres::Client, orders: i64) -> Drain {
     // Orders booked before this run (the enrollment pass) count apart.
     let before: i64 = ledger
         .query_one("SELECT count(*) FROM orders", &[])
@@ -201,6 +262,7 @@ async fn run_until(settings: Settings, ledger: &tokio_postgres::Client, orders: 
         .unwrap_or(0);
     let orders_in_ledger = before + orders;
     settle(ledger).await;
+    let cpu_before = cpu_seconds();
     let started = Instant::now();
     let service = Service::start(settings).await;
     // The service's own count of orders booked and committed batches is
@@ -225,8 +287,13 @@ async fn run_until(settings: Settings, ledger: &tokio_postgres::Client, orders: 
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_after = cpu_seconds();
     service.stop().await;
-    seconds
+    Drain {
+        seconds,
+        service_cpu: cpu_after.0 - cpu_before.0,
+        postgres_cpu: cpu_after.1 - cpu_before.1,
+    }
 }
 
 /// Starts the service on an empty source and stops it once its snapshot
@@ -412,6 +479,8 @@ async fn main() {
     );
     let changes = (orders * 4) as f64;
     let (mut ours, mut theirs, mut personalized) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU seconds of each drain, off and on (service + PostgreSQL).
+    let (mut cpu_off, mut cpu_on) = (Vec::new(), Vec::new());
     for (run, name) in ledgers.iter().enumerate() {
         // Which of the pair goes first alternates from run to run: the
         // first reads the WAL from colder caches.
@@ -421,25 +490,33 @@ async fn main() {
                 let with = format!("p{run}");
                 let settings = bench.settings_existing(&with);
                 let ledger = connect(&bench.ledger(&with)).await;
-                let seconds = run_until(settings, &ledger, orders).await;
+                let drain = run_until(settings, &ledger, orders).await;
+                let seconds = drain.seconds;
                 personalized.push(changes / seconds);
+                cpu_on.push(drain.cpu());
                 let segmented: i64 = ledger
                     .query_one("SELECT count(DISTINCT member_id) FROM member_segments", &[])
                     .await
                     .unwrap()
                     .get(0);
                 println!(
-                    r#"{{"bench":"pipeline","part":"throughput","tool":"loyalty-cdc+personalization","run":{run},"orders":{orders},"row_changes":{changes},"seconds":{seconds:.3},"row_changes_per_second":{:.0},"members_in_segments":{segmented}}}"#,
-                    changes / seconds
+                    r#"{{"bench":"pipeline","part":"throughput","tool":"loyalty-cdc+personalization","run":{run},"orders":{orders},"row_changes":{changes},"seconds":{seconds:.3},"row_changes_per_second":{:.0},"members_in_segments":{segmented},"service_cpu_seconds":{:.2},"postgres_cpu_seconds":{:.2}}}"#,
+                    changes / seconds,
+                    drain.service_cpu,
+                    drain.postgres_cpu
                 );
             } else {
                 let settings = bench.settings_existing(name);
                 let ledger = connect(&bench.ledger(name)).await;
-                let seconds = run_until(settings, &ledger, orders).await;
+                let drain = run_until(settings, &ledger, orders).await;
+                let seconds = drain.seconds;
                 ours.push(changes / seconds);
+                cpu_off.push(drain.cpu());
                 println!(
-                    r#"{{"bench":"pipeline","part":"throughput","tool":"loyalty-cdc","run":{run},"orders":{orders},"row_changes":{changes},"seconds":{seconds:.3},"row_changes_per_second":{:.0}}}"#,
-                    changes / seconds
+                    r#"{{"bench":"pipeline","part":"throughput","tool":"loyalty-cdc","run":{run},"orders":{orders},"row_changes":{changes},"seconds":{seconds:.3},"row_changes_per_second":{:.0},"service_cpu_seconds":{:.2},"postgres_cpu_seconds":{:.2}}}"#,
+                    changes / seconds,
+                    drain.service_cpu,
+                    drain.postgres_cpu
                 );
             }
         }
@@ -461,15 +538,28 @@ async fn main() {
         .zip(&ours)
         .map(|(on, off)| format!("{:.3}", on / off))
         .collect();
+    // The same comparison in CPU: off's CPU seconds over on's, per pair
+    // (what the two drains cost, less swayed by the machine's other load
+    // than their wall times).
+    let cpu_pairs: Vec<f64> = cpu_off
+        .iter()
+        .zip(&cpu_on)
+        .map(|(off, on)| off / on)
+        .collect();
+    let cpu_pairs_text: Vec<String> = cpu_pairs.iter().map(|r| format!("{r:.3}")).collect();
     let (ours, theirs, personalized) = (median(ours), median(theirs), median(personalized));
     println!(
         r#"{{"bench":"pipeline","part":"throughput","summary":true,"median_row_changes_per_second":{{"loyalty-cdc":{ours:.0},"pg_recvlogical":{theirs:.0}}},"ratio":{:.3}}}"#,
         ours / theirs
     );
     println!(
-        r#"{{"bench":"pipeline","part":"personalization","summary":true,"median_row_changes_per_second":{{"off":{ours:.0},"on":{personalized:.0}}},"ratio":{:.3},"run_ratios":[{}]}}"#,
+        r#"{{"bench":"pipeline","part":"personalization","summary":true,"median_row_changes_per_second":{{"off":{ours:.0},"on":{personalized:.0}}},"ratio":{:.3},"run_ratios":[{}],"median_cpu_seconds":{{"off":{:.2},"on":{:.2}}},"cpu_ratio":{:.3},"run_cpu_ratios":[{}]}}"#,
         personalized / ours,
-        pairs.join(",")
+        pairs.join(","),
+        median(cpu_off.clone()),
+        median(cpu_on.clone()),
+        median(cpu_pairs),
+        cpu_pairs_text.join(",")
     );
 
     // 2. Latency at a steady 1,000 orders/s.

@@ -71,6 +71,7 @@ async fn migrate_creates_the_ledger_tables_and_a_second_run_applies_nothing() {
          applied ledger migration V11__price_drop\n\
          applied ledger migration V12__byte_order_keys\n\
          applied ledger migration V13__segment_entry_features_json\n\
+         applied ledger migration V14__features_fillfactor\n\
          ledger schema is current\n"
     );
     assert_eq!(tables(&db).await, LEDGER_TABLES);
@@ -96,7 +97,7 @@ async fn concurrent_migrations_apply_each_version_once() {
     let applied: Vec<i32> = a.iter().chain(b.iter()).map(|m| m.version).collect();
     assert_eq!(
         applied,
-        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13],
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
         "one of the two applied every version, the other nothing"
     );
     let status = ledger::schema_status(&db.client().await).await.unwrap();
