@@ -28,6 +28,9 @@
 //! Prints JSON lines. Needs wrk (`apt-get install wrk`) and the local
 //! PostgreSQL made ready by docker/setup-local-databases.sh.
 
+#[path = "support/proc_cpu.rs"]
+mod proc_cpu;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,20 +87,8 @@ async fn receiver() {
 /// CPU seconds (user + system) a process has used so far. A budget from a
 /// process that could not be read would be wrong, not smaller: it panics.
 fn cpu_seconds(pid: u32) -> f64 {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    // utime and stime are fields 14 and 15 of the line; counted after the
-    // command name (in brackets, and it may hold spaces), 12 and 13.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| -> f64 {
-        fields
-            .get(i)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{path}: no field {}", i + 3))
-    };
-    // In clock ticks: USER_HZ, 100 on every Linux this runs on.
-    (ticks(11) + ticks(12)) / 100.0
+    proc_cpu::seconds(&pid.to_string())
+        .unwrap_or_else(|| panic!("/proc/{pid}/stat: not readable, or no CPU times in it"))
 }
 
 /// To a tenth, for printing.

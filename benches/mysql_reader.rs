@@ -16,6 +16,9 @@
 //! commits take seconds, and restores them. Needs the local MariaDB made
 //! ready by docker/setup-local-databases.sh.
 
+#[path = "support/proc_cpu.rs"]
+mod proc_cpu;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -252,13 +255,7 @@ async fn run_receive_only(url: &str, start: &(String, u64), end: &(String, u64))
 
 /// CPU seconds this process has used (user + system), from /proc.
 fn process_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields, in clock ticks (100 per second on Linux).
-    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after_name.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    ticks as f64 / 100.0
+    proc_cpu::seconds("self").expect("/proc/self/stat holds this process's CPU times")
 }
 
 fn run_mariadb_binlog(start: &(String, u64), end: &(String, u64), raw: bool) -> f64 {

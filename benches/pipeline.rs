@@ -21,7 +21,8 @@
 //!    Each drain also reports the CPU seconds it took, of the service and
 //!    of every PostgreSQL process (from /proc), and the summary their
 //!    ratio (off over on): the machine's other load sways wall times by a
-//!    third between runs minutes apart, the work much less.
+//!    third between runs minutes apart, the CPU seconds less (but they
+//!    still follow it).
 //! 2. Latency: one service streams while a writer commits 1,000 orders/s
 //!    for 10 s; per order, the time from its COMMIT returning at the source
 //!    to the order being visible in the ledger (polled every 2 ms, so
@@ -31,6 +32,9 @@
 //!
 //! Prints JSON lines. Needs the local databases made ready by
 //! docker/setup-local-databases.sh.
+
+#[path = "support/proc_cpu.rs"]
+mod proc_cpu;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -194,28 +198,16 @@ impl Service {
     }
 }
 
-/// CPU seconds (user + system) of one process so far, from /proc (`None`:
-/// it is gone, or not readable).
-fn process_cpu_seconds(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // utime and stime are fields 14 and 15; counted after the command name
-    // (in brackets, and it may hold spaces), 12 and 13. Clock ticks:
-    // USER_HZ, 100 on every Linux this runs on.
-    let after = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
-    Some((ticks(11)? + ticks(12)?) / 100.0)
-}
-
 /// CPU seconds used so far by this process (the service, and the bench's
 /// 2 ms polling) and by every PostgreSQL process on the machine (the
-/// ledger's backends, the source's WAL sender, the background writers):
-/// the work a drain costs, which the machine's other load slows but does
-/// not add to, unlike the wall time. A backend that exits between two
-/// readings takes its share with it (the service's connections live until
-/// it stops, after the second reading).
+/// ledger's backends, the source's WAL sender, the background writers and
+/// autovacuum): the work a drain costs. The machine's other load sways it
+/// too (a slower core takes more CPU seconds for the same work), less than
+/// the wall time. A backend that exits between two readings takes its
+/// share with it (the service's connections live until it stops, after
+/// the second reading).
 fn cpu_seconds() -> (f64, f64) {
-    let service = process_cpu_seconds("self").expect("/proc/self/stat is readable");
+    let service = proc_cpu::seconds("self").expect("/proc/self/stat is readable");
     let mut postgres = 0.0;
     for entry in std::fs::read_dir("/proc")
         .expect("/proc is readable")
@@ -231,7 +223,7 @@ fn cpu_seconds() -> (f64, f64) {
         let is_postgres = std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .is_ok_and(|comm| comm.trim_end() == "postgres");
         if is_postgres {
-            postgres += process_cpu_seconds(pid).unwrap_or(0.0);
+            postgres += proc_cpu::seconds(pid).unwrap_or(0.0);
         }
     }
     (service, postgres)
@@ -539,8 +531,7 @@ async fn main() {
         .map(|(on, off)| format!("{:.3}", on / off))
         .collect();
     // The same comparison in CPU: off's CPU seconds over on's, per pair
-    // (what the two drains cost, less swayed by the machine's other load
-    // than their wall times).
+    // (what the two drains cost).
     let cpu_pairs: Vec<f64> = cpu_off
         .iter()
         .zip(&cpu_on)

@@ -75,6 +75,33 @@ async fn migrate_creates_the_ledger_tables_and_a_second_run_applies_nothing() {
          ledger schema is current\n"
     );
     assert_eq!(tables(&db).await, LEDGER_TABLES);
+    // V14: the counters a purchase updates keep room for HOT updates.
+    let with_room: Vec<(String, Vec<String>)> = db
+        .client()
+        .await
+        .query(
+            "SELECT relname::text, reloptions::text[] FROM pg_class
+              WHERE relname IN ('member_features', 'member_products') ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        with_room,
+        [
+            (
+                "member_features".to_string(),
+                vec!["fillfactor=70".to_string()]
+            ),
+            (
+                "member_products".to_string(),
+                vec!["fillfactor=70".to_string()]
+            ),
+        ]
+    );
 
     let second = run_cli(&config, &["migrate"], &[]).await;
     assert_eq!(second.code, 0, "{}", second.output());
