@@ -24,6 +24,12 @@
 //!    the worker gets what is left of 2 cores / (wrk/2) after the receiver
 //!    and the backend's own CPU for recording (a lower bound: the client's
 //!    encoding, the WAL writer and the commits' flushes come on top).
+//! 4. The client floor, the ceiling of the issue's own stack: the
+//!    worker's client path with no database at all — the generic template
+//!    rendered with minijinja, signed, sent by reqwest, 32 in flight, to
+//!    the same receiver (100,000 messages, twice; and again with the body
+//!    rendered once, only signed and sent). Its ratio to wrk bounds what
+//!    any outbox design can reach on the machine.
 //!
 //! Prints JSON lines. Needs wrk (`apt-get install wrk`) and the local
 //! PostgreSQL made ready by docker/setup-local-databases.sh.
@@ -349,5 +355,124 @@ async fn main() {
             "used_now_us_per_message": tenths(2.0 * 1e6 / ours),
         })
     );
+    // The ceiling of the issue's own stack: the worker's client path with
+    // no database at all, twice each, alternating.
+    let mut floors: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    for render in [false, true, false, true] {
+        floors[usize::from(render)].push(client_floor(port, CLIENT_FLOOR_MESSAGES, render).await);
+    }
+    for (render, runs) in floors.iter().enumerate() {
+        let rate = median(runs.iter().map(|r| r.0).collect());
+        println!(
+            "{}",
+            serde_json::json!({
+                "client_floor": if render == 1 { "render+sign+send" } else { "sign+send" },
+                "messages_per_s_median": rate.round(),
+                "ratio_to_wrk": (rate / wrk_rps * 1000.0).round() / 1000.0,
+                "client_cpu_us_per_message": runs.iter().map(|r| tenths(r.1)).collect::<Vec<_>>(),
+            })
+        );
+    }
     drop(child);
+}
+
+/// Messages per client-floor run: about 2–3 s each at its rate.
+const CLIENT_FLOOR_MESSAGES: usize = 100_000;
+
+/// The worker's client path with no database: `messages` webhooks from
+/// the generic template (`connectors/providers/webhook.toml`), rendered
+/// with minijinja from a context of the worker's shape, signed (Standard
+/// Webhooks) and sent by reqwest with the worker's client settings, 32 in
+/// flight as in the wrk run, to the same receiver. With `render` false the
+/// body is rendered once and only signed and sent per message. No claim,
+/// no policy, no recording: what the issue's own stack (reqwest, minijinja,
+/// HMAC) can deliver on this machine with the database free. Returns
+/// messages/s and this process's CPU µs per message.
+async fn client_floor(port: u16, messages: usize, render: bool) -> (f64, f64) {
+    use loyalty_cdc::delivery::sign::SigningKey;
+    use loyalty_cdc::delivery::template::ProviderTemplate;
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("connectors/providers/webhook.toml");
+    let template = Arc::new(
+        ProviderTemplate::load(&path)
+            .unwrap_or_else(|problems| panic!("{}: {problems:?}", path.display())),
+    );
+    let key = Arc::new(SigningKey::parse(SECRET).unwrap());
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}/hook");
+    let url = reqwest::Url::parse(&base).unwrap();
+    let trigger = serde_json::json!({
+        "kind": "tier_upgrade",
+        "occurred_at": "2026-12-03T11:00:00Z",
+        "data": { "tier": "gold", "previous_tier": "silver" },
+    });
+    // As the worker builds it per message (src/delivery/worker.rs `context`).
+    let context = move |n: usize| {
+        use minijinja::{context, Value};
+        context! {
+            message => context! {
+                id => uuid::Uuid::from_u128(n as u128 + 1).to_string(),
+                created_at => "2026-12-03T11:00:00Z",
+            },
+            trigger => Value::from_serialize(&trigger),
+            offer => Value::from(()),
+            member => context! {
+                id => n as i64, external_id => n.to_string(), tier => "gold",
+                points => context! { available => 1200, pending => 0, lifetime => 1500 },
+            },
+            settings => context! {}, secrets => context! {}, params => context! {},
+        }
+    };
+    let fixed = template.render(Some(&base), &context(0)).unwrap();
+    let next = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_seconds(std::process::id());
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let template = Arc::clone(&template);
+            let key = Arc::clone(&key);
+            let (http, url, base, fixed) = (http.clone(), url.clone(), base.clone(), fixed.clone());
+            let next = Arc::clone(&next);
+            let context = context.clone();
+            tokio::spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if n >= messages {
+                        break;
+                    }
+                    let request = if render {
+                        template.render(Some(&base), &context(n)).unwrap()
+                    } else {
+                        fixed.clone()
+                    };
+                    let id = uuid::Uuid::from_u128(n as u128 + 1).to_string();
+                    let timestamp = chrono::Utc::now().timestamp();
+                    let signature = key.sign(&id, timestamp, &request.body);
+                    let response = http
+                        .post(url.clone())
+                        .header(reqwest::header::CONTENT_TYPE, request.content_type)
+                        .header("webhook-id", id)
+                        .header("webhook-timestamp", timestamp.to_string())
+                        .header("webhook-signature", signature)
+                        .body(request.body)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert!(response.status().is_success(), "{}", response.status());
+                    let _ = response.bytes().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(std::process::id()) - cpu_before;
+    (messages as f64 / elapsed, cpu * 1e6 / messages as f64)
 }
